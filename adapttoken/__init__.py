@@ -1,0 +1,28 @@
+"""AdaptToken: entropy-based adaptive token selection for long-video QA with multimodal LLMs.
+
+Implements arXiv 2603.28696 on transformers' model classes. Imports nothing from ComfyUI.
+
+    from adapttoken import load_model, ask
+    model = load_model("models/LLM/Qwen2.5-VL-7B-Instruct")
+    result = ask(model, "video.mp4", "What happens?", options=["a", "b", "c", "d"])
+"""
+from .budget import Selection, allocate, even_split, uniform_frames
+from .entropy import ScoredGroups, StopRule, early_stop, response_entropy, score_groups
+from .errors import AdaptTokenError, Cancelled, InputError, ModelLoadError, VideoError
+from .features import SliceFeatures, VideoHandle, open_video
+from .groups import Groups, split_groups
+from .models.base import (Hooks, Model, Question, detect_family, download_model, load_model,
+                          supported_families)
+from .pipeline import AdaptTokenConfig, Result, answer, ask, select
+from .rank import RankedGroups
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaptTokenConfig", "AdaptTokenError", "Cancelled", "Groups", "Hooks", "InputError", "Model",
+    "ModelLoadError", "Question", "RankedGroups", "Result", "ScoredGroups", "Selection",
+    "SliceFeatures", "StopRule", "VideoError", "VideoHandle", "allocate", "answer", "ask",
+    "detect_family", "download_model", "early_stop", "even_split", "load_model", "open_video",
+    "response_entropy", "score_groups", "select", "split_groups", "supported_families",
+    "uniform_frames",
+]

@@ -1,0 +1,167 @@
+"""Command line: `python -m adapttoken ask VIDEO "QUESTION" [--option TEXT ...] ...`, `demo`,
+`bench`, `download`. Errors print one line naming the input, exit non-zero, no traceback unless
+--debug."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+BUNDLED_MODEL = Path(__file__).parent / "assets" / "adapttoken-tiny-synth"
+
+
+def default_model_dir() -> str:
+    return os.environ.get("ADAPTTOKEN_MODEL") or str(BUNDLED_MODEL)
+
+
+def _add_method_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="local model folder (default: $ADAPTTOKEN_MODEL or the bundled tiny model)")
+    p.add_argument("--lite", action="store_true", help="AdaptToken-Lite: stop early when certain")
+    p.add_argument("--method", choices=["adapttoken", "lite", "even_split", "uniform"], default=None,
+                   help="selection method (default adapttoken; --lite means lite)")
+    p.add_argument("--frames", type=int, default=None, help="frames sampled uniformly (default 1024)")
+    p.add_argument("--max-fps", type=float, default=None, help="cap on the sampled frame rate")
+    p.add_argument("--start", type=float, default=0.0, help="start time in seconds")
+    p.add_argument("--end", type=float, default=None, help="end time in seconds")
+    p.add_argument("--max-pixels", type=int, default=None, help="per-frame pixel cap (default 308*560)")
+    p.add_argument("--budget", type=int, default=None, help="total visual tokens kept (default 7040)")
+    p.add_argument("--group-size", type=int, default=None, help="temporal slices per group (default 64)")
+    p.add_argument("--layout", choices=["strided", "contiguous"], default="strided")
+    p.add_argument("--layer", type=int, default=None, help="reference layer of the attention probe")
+    p.add_argument("--aggregation", choices=["max", "mean"], default="max")
+    p.add_argument("--relevance", choices=["linear", "softmax", "even"], default="linear")
+    p.add_argument("--redundancy", type=float, default=0.9,
+                   help="cosine threshold for redundancy removal (negative value: off)")
+    p.add_argument("--stop-threshold", type=float, default=0.2, help="Lite: stop when H/Hmax below this")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", default="auto", help="auto, bf16, fp16, fp32")
+    p.add_argument("--attn", default="sdpa", help="attention implementation (sdpa default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m adapttoken",
+                                 description="AdaptToken: answer questions about long videos.")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("ask", help="answer a question about a video")
+    a.add_argument("video")
+    a.add_argument("question")
+    a.add_argument("--option", action="append", default=[],
+                   help="an answer option (repeat: A, B, C... in order)")
+    a.add_argument("--json", action="store_true", help="print one JSON object")
+    a.add_argument("--debug", action="store_true", help="show tracebacks")
+    _add_method_args(a)
+    d = sub.add_parser("demo", help="generate a long synthetic video and run AdaptToken and Lite "
+                                    "with the bundled model")
+    d.add_argument("--frames", type=int, default=2048)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out", default="adapttoken_demo", help="folder for the video and preview")
+    d.add_argument("--model", default=None)
+    d.add_argument("--debug", action="store_true")
+    b = sub.add_parser("bench", help="benchmarks: synthetic (accuracy) or gpu (speed)")
+    b.add_argument("which", choices=["synthetic", "gpu"])
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    dl = sub.add_parser("download", help="explicitly download a model's safetensors from the hub")
+    dl.add_argument("repo_id")
+    dl.add_argument("dest")
+    return ap
+
+
+def config_from_args(args):
+    from .pipeline import AdaptTokenConfig
+    c = AdaptTokenConfig()
+    if args.frames is not None:
+        c.num_frames = args.frames
+    if args.max_pixels is not None:
+        c.max_pixels = args.max_pixels
+    if args.budget is not None:
+        c.budget = args.budget
+    if args.group_size is not None:
+        c.group_size = args.group_size
+    c.max_fps, c.start, c.end = args.max_fps, args.start, args.end
+    c.layout, c.layer, c.aggregation, c.relevance = args.layout, args.layer, args.aggregation, args.relevance
+    c.redundancy_threshold = None if args.redundancy < 0 else args.redundancy
+    c.stop_threshold, c.max_new_tokens = args.stop_threshold, args.max_new_tokens
+    c.do_sample, c.temperature, c.seed = args.sample, args.temperature, args.seed
+    return c
+
+
+def _print_result(res, as_json: bool) -> None:
+    if as_json:
+        print(res.to_json())
+        return
+    print(f"answer: {res.answer}")
+    if res.option_probs:
+        print("options: " + "  ".join(f"{k}={v:.3f}" for k, v in res.option_probs.items()))
+    print(f"method: {res.method}   frames: {res.num_frames}   kept tokens: {len(res.kept_tokens)}"
+          f" / budget {res.budget}   group passes: {res.group_passes}")
+    for g in res.groups:
+        if g.entropy is None:
+            continue
+        print(f"  group {g.group:3d}: entropy {g.entropy:.3f} ({g.entropy_norm:.2f} of max)  "
+              f"relevance {g.relevance:.3f}  budget {g.budget:5d}  kept {g.kept:5d}")
+    if res.skipped_groups:
+        print(f"  skipped groups (Lite): {res.skipped_groups}")
+    print("seconds: " + "  ".join(f"{k}={v:.2f}" for k, v in res.seconds.items()))
+
+
+def cmd_ask(args) -> int:
+    from .errors import InputError
+    from .models.base import Question, load_model
+    from .pipeline import ask
+    if not os.path.exists(args.video):
+        from .errors import VideoError
+        raise VideoError(f"video {args.video!r} does not exist: check the path")
+    q = Question(args.question, tuple(args.option))
+    cfg = config_from_args(args)
+    if cfg.budget <= 0:
+        raise InputError(f"--budget {cfg.budget} must be a positive number of tokens")
+    method = args.method or ("lite" if args.lite else "adapttoken")
+    model = load_model(args.model or default_model_dir(), dtype=args.dtype, device=args.device,
+                       attn_implementation=args.attn)
+    res = ask(model, args.video, q, config=cfg, method=method)
+    _print_result(res, args.json)
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or "--debug" in argv
+    try:
+        if args.cmd == "ask":
+            return cmd_ask(args)
+        if args.cmd == "demo":
+            from .demo import run_demo
+            return run_demo(args)
+        if args.cmd == "bench":
+            if args.which == "synthetic":
+                from .bench.synthetic import main as bench_main
+            else:
+                from .bench.gpu import main as bench_main
+            return bench_main(args.rest)
+        if args.cmd == "download":
+            from .models.base import download_model
+            print(download_model(args.repo_id, args.dest))
+            return 0
+    except KeyboardInterrupt:
+        print("adapttoken: cancelled", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one clear line for users, traceback with --debug
+        from .errors import AdaptTokenError
+        if debug:
+            raise
+        if isinstance(e, AdaptTokenError):
+            print(f"adapttoken: error: {e}", file=sys.stderr)
+            return 2
+        print(f"adapttoken: unexpected error: {type(e).__name__}: {e} (rerun with --debug for the "
+              f"traceback)", file=sys.stderr)
+        return 1
+    return 0

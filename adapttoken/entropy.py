@@ -1,0 +1,127 @@
+"""Entropy score: how certain the model's answer is after seeing one group, and Lite's stop rule.
+
+Multiple choice [paper]: renormalise the first answer token's probabilities over the option
+letters (each letter = logsumexp over its token variants 'A' / ' A'); H in nats, max ln K.
+Open-ended [ours]: entropy of the first answer token over the full vocabulary (max ln V), or the
+mean over the first m greedy tokens. Low entropy = this group holds evidence.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InputError
+
+ENTROPY_MODES = ("auto", "options", "first_token", "greedy_mean")
+
+
+def response_entropy(logits: torch.Tensor, option_ids: list[list[int]] | None = None):
+    """Last-position logits [V] -> (H nats, H_max, option probabilities or None)."""
+    logp = logits.float().log_softmax(-1)
+    if option_ids is None:
+        h = -(logp.exp() * logp).sum(-1)
+        return float(h), math.log(logp.shape[-1]), None
+    lp = torch.stack([logp[ids].logsumexp(-1) for ids in option_ids]).log_softmax(-1)
+    h = -(lp.exp() * lp).sum(-1)
+    return float(h), math.log(len(option_ids)), lp.exp().tolist()
+
+
+@dataclass
+class GroupScore:
+    """One processed group: the pass, its entropy and (for multiple choice) option probabilities."""
+    group: int
+    entropy: float
+    entropy_max: float
+    option_probs: list[float] | None
+    pass_: object              # rank.GroupPass
+
+    @property
+    def normalized(self) -> float:
+        return self.entropy / self.entropy_max if self.entropy_max > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """Lite [paper: concept; ours: rule]: stop after group g when H_g / H_max < threshold and at
+    least `min_groups` groups were processed."""
+    threshold: float = 0.2
+    min_groups: int = 1
+
+    def __post_init__(self):
+        if not 0.0 <= self.threshold <= 1.0:
+            raise InputError(f"stop threshold={self.threshold} must be within 0..1 (a share of "
+                             f"the maximum entropy)")
+        if self.min_groups < 1:
+            raise InputError(f"min_groups={self.min_groups} must be at least 1")
+
+    def should_stop(self, processed: list[GroupScore]) -> bool:
+        return len(processed) >= self.min_groups and processed[-1].normalized < self.threshold
+
+
+class ScoredGroups:
+    """Lazy entropy scores over RankedGroups; `evaluate()` runs the group passes (in order),
+    stopping early when a StopRule is attached. Groups after the stop cost nothing."""
+
+    def __init__(self, ranked, mode: str = "auto", tokens: int = 1, stop: StopRule | None = None):
+        if mode not in ENTROPY_MODES:
+            raise InputError(f"entropy mode={mode!r} is not known: use one of {', '.join(ENTROPY_MODES)}")
+        if tokens < 1:
+            raise InputError(f"entropy tokens m={tokens} must be at least 1")
+        mc = ranked.question.is_multiple_choice
+        if mode == "auto":
+            mode = "options" if mc else "first_token"
+        if mode == "options" and not mc:
+            raise InputError("entropy mode 'options' needs a multiple-choice question: add options "
+                             "or use first_token / greedy_mean")
+        self.ranked, self.mode, self.tokens, self.stop = ranked, mode, tokens, stop
+        self._evaluated: tuple[list[GroupScore], list[int]] | None = None
+
+    def with_stop(self, stop: StopRule | None) -> "ScoredGroups":
+        return ScoredGroups(self.ranked, self.mode, self.tokens, stop)
+
+    @property
+    def question(self):
+        return self.ranked.question
+
+    def score(self, g: int, hooks=None) -> GroupScore:
+        m = self.tokens if self.mode == "greedy_mean" else 1
+        p = self.ranked.run(g, greedy_tokens=m, hooks=hooks)
+        if self.mode == "options":
+            h, hmax, probs = response_entropy(p.logits, self.ranked.prompt.option_token_ids)
+        else:
+            hs = [response_entropy(lg)[0] for lg in [p.logits, *p.greedy_logits]]
+            h, hmax, probs = sum(hs) / len(hs), math.log(p.logits.shape[-1]), None
+        return GroupScore(g, h, hmax, probs, p)
+
+    def evaluate(self, hooks=None) -> tuple[list[GroupScore], list[int]]:
+        """(processed groups in order, skipped group indices). Without a stop rule every slice is
+        decoded and encoded first in temporal order (sequential reading is faster)."""
+        if self._evaluated is not None:
+            return self._evaluated
+        n = len(self.ranked)
+        if self.stop is None:
+            self.ranked.features.prefetch(hooks)
+        done: list[GroupScore] = []
+        for g in range(n):
+            if hooks is not None:
+                hooks.check()
+                hooks.report("group pass", g, n)
+            done.append(self.score(g, hooks))
+            if self.stop is not None and self.stop.should_stop(done):
+                break
+        if hooks is not None:
+            hooks.report("group pass", n, n)
+        skipped = list(range(len(done), n))
+        self._evaluated = (done, skipped)
+        return self._evaluated
+
+
+def score_groups(ranked, mode: str = "auto", tokens: int = 1) -> ScoredGroups:
+    return ScoredGroups(ranked, mode, tokens)
+
+
+def early_stop(scored: ScoredGroups, threshold: float = 0.2, min_groups: int = 1) -> ScoredGroups:
+    """Attach Lite's stop rule: the consumer then processes groups in order and stops early."""
+    return scored.with_stop(StopRule(threshold, min_groups))

@@ -1,0 +1,6 @@
+"""Model families behind one small protocol (base.Adapter)."""
+from .base import (Adapter, ForwardOut, Generation, Hooks, Model, Prompt, Question, detect_family,
+                   download_model, load_adapter, load_model, supported_families)
+
+__all__ = ["Adapter", "ForwardOut", "Generation", "Hooks", "Model", "Prompt", "Question",
+           "detect_family", "download_model", "load_adapter", "load_model", "supported_families"]

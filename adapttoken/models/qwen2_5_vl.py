@@ -1,0 +1,240 @@
+"""Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`): everything the method needs from this family.
+
+- Frames -> the family's own video processor (resize to multiples of 28 within the pixel range,
+  normalise, patchify; on the model's device) -> vision tower -> 2x2-merged tokens, (H/28)*(W/28)
+  per 2-frame slice, raster order (t, row, col). The tower never attends across slices, so slices
+  can be encoded in any chunking with identical results.
+- Positions: explicit 3D M-RoPE ids by Qwen's original rule (positions.py), passed to the model
+  with `inputs_embeds`; `rope_deltas` state is never relied on.
+- The attention probe is a pre-hook on one layer (rank.py); cancellation is a pre-hook on every
+  layer; generation streams through a transformers streamer and stops on a StoppingCriteria.
+"""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+
+from ..errors import Cancelled, ModelLoadError
+from ..positions import build_position_ids
+from ..rank import AttentionProbe, token_scores
+from .base import NO_HOOKS, Adapter, ForwardOut, Generation, Hooks, Prompt, Question
+
+# FlexSelect's measured best reference layer for Qwen2.5-VL-7B: 20 of 28 (ALGORITHM.md step 4).
+REFERENCE_LAYER_FRACTION = 20 / 28
+
+
+class _LayerCancel:
+    """Pre-hooks on every decoder layer that raise Cancelled when the user cancels."""
+
+    def __init__(self, layers, hooks: Hooks):
+        self.layers, self.hooks, self.handles = layers, hooks, []
+
+    def __enter__(self):
+        if self.hooks.cancelled is not None:
+            self.handles = [layer.register_forward_pre_hook(lambda *a: self.hooks.check())
+                            for layer in self.layers]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+class Qwen25VLAdapter(Adapter):
+    family = "qwen2_5_vl"
+    frames_per_slice = 2
+
+    def __init__(self, model, processor):
+        self.model = model.eval()
+        self.processor = processor
+        cfg = model.config
+        self.config = cfg
+        self.vision_config = cfg.vision_config
+        self.merge = cfg.vision_config.spatial_merge_size
+        self.patch = cfg.vision_config.patch_size
+        self.tokens_per_second = cfg.vision_config.tokens_per_second
+        self.video_token_id = cfg.video_token_id
+        self.use_fast_vision = True
+        vp = processor.video_processor
+        self._vp_kwargs = {}
+        params = inspect.signature(vp._preprocess).parameters
+        if "cap_pixels_per_frame" in params:
+            self._vp_kwargs["cap_pixels_per_frame"] = False
+
+    # -- loading -------------------------------------------------------------------------------
+    @classmethod
+    def from_folder(cls, path: Path, dtype: torch.dtype, device: torch.device,
+                    attn_implementation: str = "sdpa") -> "Qwen25VLAdapter":
+        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+        try:
+            processor = AutoProcessor.from_pretrained(str(path), local_files_only=True,
+                                                      trust_remote_code=False)
+        except Exception as e:  # noqa: BLE001 - any failure here means the folder is incomplete
+            raise ModelLoadError(f"model folder {str(path)!r}: its processor/tokenizer files could "
+                                 f"not be loaded ({type(e).__name__}: {e}); copy the tokenizer and "
+                                 f"preprocessor files next to config.json") from None
+        try:
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                str(path), dtype=dtype, attn_implementation=attn_implementation,
+                local_files_only=True, use_safetensors=True, trust_remote_code=False)
+        except Exception as e:  # noqa: BLE001
+            raise ModelLoadError(f"model folder {str(path)!r}: weights could not be loaded "
+                                 f"({type(e).__name__}: {e})") from None
+        return cls(model.to(device), processor)
+
+    # -- shape facts ---------------------------------------------------------------------------
+    @property
+    def text_model(self):
+        return self.model.model.language_model
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.text_model.layers)
+
+    @property
+    def default_layer(self) -> int:
+        return min(self.num_layers - 1, round(self.num_layers * REFERENCE_LAYER_FRACTION))
+
+    def resized_size(self, height, width, min_pixels=None, max_pixels=None):
+        from transformers.models.qwen2_vl.video_processing_qwen2_vl import smart_resize
+        size = self.processor.video_processor.size
+        lo = min_pixels or size["shortest_edge"]
+        hi = max_pixels or size["longest_edge"]
+        return smart_resize(height, width, factor=self.patch * self.merge, min_pixels=lo,
+                            max_pixels=hi)
+
+    def token_grid(self, resized):
+        f = self.patch * self.merge
+        return resized[0] // f, resized[1] // f
+
+    def time_positions(self, slice_times: torch.Tensor) -> torch.Tensor:
+        # floor(seconds * tokens_per_second); a tiny epsilon keeps exact multiples exact in float64
+        return torch.floor(slice_times.double() * self.tokens_per_second + 1e-9).long()
+
+    # -- vision --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(self, frames: torch.Tensor, resized: tuple[int, int]) -> torch.Tensor:
+        dev = self.device
+        h, w = resized
+        vp = self.processor.video_processor
+        # Resize + normalise + patchify on the model's device, at exactly `resized` (min = max).
+        batch = vp(videos=[frames.to(dev)], size={"shortest_edge": h * w, "longest_edge": h * w},
+                   do_sample_frames=False, return_tensors="pt", device=dev, **self._vp_kwargs)
+        pv = batch["pixel_values_videos"].to(dev)
+        grid = batch["video_grid_thw"].to(dev)
+        rows, cols = self.token_grid(resized)
+        if int(grid[0, 1]) != rows * self.merge or int(grid[0, 2]) != cols * self.merge:
+            raise RuntimeError(f"video processor resized to {grid.tolist()} instead of {resized}")
+        visual = self.model.model.visual
+        if self.use_fast_vision:
+            try:
+                from .qwen_vision_fast import fast_video_features, is_supported
+            except ImportError:
+                fast_video_features = None
+            if fast_video_features is not None and is_supported(visual):
+                feats = fast_video_features(visual, pv.to(visual.dtype), grid)
+                return feats.view(int(grid[0, 0]), rows * cols, -1)
+        feats = self.model.model.get_video_features(pv, grid).pooler_output
+        feats = torch.cat(list(feats)) if isinstance(feats, (tuple, list)) else feats
+        return feats.view(int(grid[0, 0]), rows * cols, -1)
+
+    # -- prompt --------------------------------------------------------------------------------
+    def build_prompt(self, question: Question) -> Prompt:
+        proc, tok = self.processor, self.processor.tokenizer
+        text = proc.apply_chat_template(
+            [{"role": "user", "content": [{"type": "video"},
+                                          {"type": "text", "text": question.prompt_text()}]}],
+            add_generation_prompt=True, tokenize=False)
+        video_token = getattr(proc, "video_token", "<|video_pad|>")
+        pre, suf = text.split(video_token)
+        enc = lambda s: torch.tensor(tok.encode(s, add_special_tokens=False), dtype=torch.long)  # noqa: E731
+        opt_ids = None
+        if question.is_multiple_choice:
+            opt_ids = []
+            for letter in question.letters:
+                ids = {t[0] for v in (letter, " " + letter)
+                       if len(t := tok.encode(v, add_special_tokens=False)) == 1}
+                opt_ids.append(sorted(ids))
+        return Prompt(question, enc(pre), enc(suf), opt_ids)
+
+    # -- language model ------------------------------------------------------------------------
+    def _inputs(self, prompt: Prompt, embeds: torch.Tensor, coords: torch.Tensor, extent: int):
+        dev = self.device
+        E = self.model.get_input_embeddings()
+        pre = E(prompt.prefix_ids.to(dev))
+        suf = E(prompt.suffix_ids.to(dev))
+        x = torch.cat([pre, embeds.to(device=dev, dtype=pre.dtype), suf])[None]
+        pos = build_position_ids(len(prompt.prefix_ids), coords.to(dev), extent,
+                                 len(prompt.suffix_ids))[:, None]
+        return x, pos
+
+    @torch.inference_mode()
+    def forward(self, prompt, embeds, coords, extent, probe_layer=None, aggregation="max",
+                hooks: Hooks = NO_HOOKS) -> ForwardOut:
+        x, pos = self._inputs(prompt, embeds, coords, extent)
+        n_pre, n_vis = len(prompt.prefix_ids), embeds.shape[0]
+        with _LayerCancel(self.text_model.layers, hooks):
+            if probe_layer is None:
+                logits = self.model(inputs_embeds=x, position_ids=pos, use_cache=False,
+                                    logits_to_keep=1).logits[0, -1]
+                return ForwardOut(logits.float())
+            with AttentionProbe(self.text_model.layers[probe_layer].self_attn) as probe:
+                logits = self.model(inputs_embeds=x, position_ids=pos, use_cache=False,
+                                    logits_to_keep=1).logits[0, -1]
+        # query rows: every token after the visual span, <|vision_end|> excluded
+        q_idx = torch.arange(n_pre + n_vis + 1, x.shape[1], device=x.device)
+        attn = probe.attention(q_idx, slice(n_pre, n_pre + n_vis))
+        return ForwardOut(logits.float(), token_scores(attn, aggregation)[0])
+
+    @torch.inference_mode()
+    def generate(self, prompt, embeds, coords, extent, max_new_tokens=32, do_sample=False,
+                 temperature=1.0, top_p=1.0, seed=0, hooks: Hooks = NO_HOOKS,
+                 return_logits=True) -> Generation:
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
+
+        tok = self.tokenizer
+        x, pos = self._inputs(prompt, embeds, coords, extent)
+
+        class _Cancel(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kw):
+                stop = hooks.cancelled is not None and hooks.cancelled()
+                return torch.full((input_ids.shape[0],), bool(stop), device=input_ids.device)
+
+        class _Stream(BaseStreamer):
+            def __init__(self):
+                self.ids = []
+
+            def put(self, value):
+                if value.dim() > 1 or value.numel() > 1:
+                    return          # generate first hands over the prompt (empty here)
+                self.ids.append(int(value.reshape(-1)[0]))
+                if hooks.on_text is not None:
+                    hooks.on_text(tok.decode(self.ids, skip_special_tokens=True))
+
+            def end(self):
+                pass
+
+        kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                  pad_token_id=tok.pad_token_id, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+                  output_logits=return_logits, return_dict_in_generate=True,
+                  stopping_criteria=StoppingCriteriaList([_Cancel()]))
+        if do_sample:
+            torch.manual_seed(seed)
+            if torch.cuda.is_available():
+                torch.cuda.manual_seed_all(seed)
+            kw.update(temperature=temperature, top_p=top_p, top_k=0)
+        else:
+            kw.update(temperature=None, top_p=None, top_k=None)
+        with _LayerCancel(self.text_model.layers, hooks):
+            out = self.model.generate(inputs_embeds=x, position_ids=pos,
+                                      attention_mask=torch.ones(x.shape[:2], dtype=torch.long,
+                                                                device=x.device),
+                                      streamer=_Stream() if hooks.on_text else None, **kw)
+        if hooks.cancelled is not None and hooks.cancelled():
+            raise Cancelled("generation cancelled by the user")
+        ids = out.sequences[0].tolist()
+        logits = [lg[0].float() for lg in out.logits] if return_logits else []
+        return Generation(tok.decode(ids, skip_special_tokens=True).strip(), ids, logits)

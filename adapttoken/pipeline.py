@@ -1,0 +1,163 @@
+"""AdaptToken and AdaptToken-Lite composed from the steps, plus the final answer pass.
+
+`ask()` is the whole method in one call; the nodes assemble the same steps one by one:
+open_video -> split_groups -> RankedGroups -> score_groups [-> early_stop] -> allocate -> answer.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .budget import GroupReport, Selection, allocate, even_split, uniform_frames
+from .entropy import early_stop, response_entropy, score_groups
+from .errors import InputError
+from .features import open_video
+from .groups import split_groups
+from .models.base import NO_HOOKS, Hooks, Model, Question
+from .rank import RankedGroups
+
+METHODS = ("adapttoken", "lite", "even_split", "uniform")
+
+
+@dataclass
+class AdaptTokenConfig:
+    """Every knob of the method. [paper] values where the paper states them, else [ours]."""
+    # sampling [ours]
+    num_frames: int = 1024          # paper: 4096; lighter default for consumer GPUs
+    max_fps: float | None = None
+    start: float = 0.0
+    end: float | None = None
+    max_pixels: int | None = 308 * 560   # FlexSelect's cap: 220 tokens per 2-frame slice
+    min_pixels: int | None = None
+    # groups [ours, following FlexSelect]
+    group_size: int = 64            # temporal slices per group
+    layout: str = "strided"
+    # group pass [paper; layer from FlexSelect]
+    layer: int | None = None        # None: the family's default (20 of 28 for Qwen2.5-VL-7B)
+    aggregation: str = "max"
+    entropy_mode: str = "auto"      # options for multiple choice, first_token for open questions
+    entropy_tokens: int = 1         # m for greedy_mean
+    # budget [ours]
+    budget: int = 7040              # FlexSelect's total for Qwen2.5-VL-7B
+    relevance: str = "linear"
+    tau: float = 0.1
+    floor: int = 0
+    redundancy_threshold: float | None = 0.9
+    # Lite [ours]
+    stop_threshold: float = 0.2
+    min_groups: int = 1
+    # answer
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class Result:
+    """The answer and everything needed to see why."""
+    answer: str
+    method: str
+    option_probs: dict[str, float] | None
+    groups: list[GroupReport]
+    skipped_groups: list[int]
+    kept_tokens: list[dict]
+    seconds: dict[str, float]
+    num_frames: int
+    num_slices: int
+    tokens_per_slice: int
+    budget: int
+    redundant_dropped: int = 0
+    group_passes: int = 0
+    decoded_frames: int = 0
+    encoded_slices: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), **kw)
+
+
+def answer(selection: Selection, max_new_tokens: int = 64, do_sample: bool = False,
+           temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+           hooks: Hooks = NO_HOOKS) -> Result:
+    """One pass over the kept tokens in temporal order at their original full-video positions."""
+    if max_new_tokens < 1:
+        raise InputError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    f = selection.features
+    adapter = f.adapter
+    hooks = hooks or NO_HOOKS
+    hooks.check()
+    embeds, coords = f.tokens(selection.gids, hooks)
+    t0 = time.perf_counter()
+    gen = adapter.generate(selection.prompt, embeds, coords, f.extent_of(None),
+                           max_new_tokens=max_new_tokens, do_sample=do_sample,
+                           temperature=temperature, top_p=top_p, seed=seed, hooks=hooks)
+    f.timer.add("answer", time.perf_counter() - t0, sync=adapter.device)
+    probs = None
+    q = selection.question
+    if q.is_multiple_choice and gen.step_logits:
+        _, _, p = response_entropy(gen.step_logits[0], selection.prompt.option_token_ids)
+        probs = {L: round(float(x), 6) for L, x in zip(q.letters, p)}
+    seconds = f.timer.snapshot()
+    seconds["total"] = round(sum(v for k, v in seconds.items() if k != "total"), 6)
+    seconds = {k: round(v, 6) for k, v in seconds.items()}
+    passes = sum(1 for g in selection.groups if g.entropy is not None)
+    return Result(gen.text, selection.method, probs, selection.groups, selection.skipped_groups,
+                  selection.kept_tokens(), seconds, f.video.num_frames, f.num_slices,
+                  f.tokens_per_slice, selection.budget, selection.redundant_dropped, passes,
+                  f.decoded_frames, f.encoded_slices)
+
+
+def select(model: Model, video, question: Question, config: AdaptTokenConfig, method: str,
+           hooks: Hooks = NO_HOOKS) -> Selection:
+    """The selection step of each method, on an opened video."""
+    if method not in METHODS:
+        raise InputError(f"method={method!r} is not known: use one of {', '.join(METHODS)}")
+    if method == "uniform":
+        return uniform_frames(model, video, question, config.budget)
+    groups = split_groups(video, config.group_size, config.layout)
+    ranked = RankedGroups(model, groups, question, config.layer, config.aggregation)
+    scored = score_groups(ranked, config.entropy_mode, config.entropy_tokens)
+    if method == "even_split":
+        return even_split(scored, config.budget, hooks=hooks)
+    if method == "lite":
+        scored = early_stop(scored, config.stop_threshold, config.min_groups)
+    return allocate(scored, config.budget, config.relevance, config.tau, config.floor,
+                    config.redundancy_threshold, hooks=hooks)
+
+
+def ask(model: Model, video_path, question: str | Question, options=(),
+        config: AdaptTokenConfig | None = None, method: str = "adapttoken",
+        hooks: Hooks = NO_HOOKS, fresh_features: bool = False) -> Result:
+    """Answer a question about a video file with AdaptToken ('adapttoken'), AdaptToken-Lite
+    ('lite') or a baseline at the same token budget ('uniform', 'even_split')."""
+    config = config or AdaptTokenConfig()
+    q = question if isinstance(question, Question) else Question(str(question), tuple(options))
+    if config.budget <= 0:
+        raise InputError(f"budget={config.budget} must be a positive number of tokens")
+    t0 = time.perf_counter()
+    video = open_video(video_path, num_frames=config.num_frames, max_fps=config.max_fps,
+                       start=config.start, end=config.end, max_pixels=config.max_pixels,
+                       min_pixels=config.min_pixels,
+                       frames_per_slice=model.adapter.frames_per_slice)
+    probe_s = time.perf_counter() - t0
+    if fresh_features:
+        model.clear_cache()
+    feats = model.features_for(video)
+    feats.reset_stats()
+    feats.timer.add("probe", probe_s)
+    sel = select(model, video, q, config, method, hooks)
+    return answer(sel, config.max_new_tokens, config.do_sample, config.temperature, config.top_p,
+                  config.seed, hooks)
+
+
+def _sync(dev) -> None:
+    if isinstance(dev, torch.device) and dev.type == "cuda":
+        torch.cuda.synchronize(dev)
