@@ -359,14 +359,24 @@ def comfy_server(comfyui_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
             pytest.fail(f"websocket did not connect: {client._ws.failure!r}; log {log_path}", pytrace=False)
         yield client
     finally:
-        client._ws.stop()
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=15)
+        try:
+            client._ws.stop()
+        finally:
+            _stop_server(proc)
+
+
+def _stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's process group, SIGKILL it if it lingers."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=15)
+    except ProcessLookupError:
+        pass
 
 
 @dataclass
