@@ -1,0 +1,795 @@
+"""Video input: probe a file, plan which frames to sample, and decode only those frames.
+
+ALGORITHM.md step 1. Three pieces, used in this order:
+
+- `probe_video(path)` -> `VideoInfo`: size, rate, duration, rotation, plus the presentation time of
+  every frame, taken from the container's packet timestamps (demuxing only: nothing is decoded but
+  the first frame), so variable-frame-rate files get true times.
+- `plan_sampling(info, ...)` -> `SamplingPlan`: which source frames to take (uniform in time) and
+  their true timestamps.
+- `FrameReader(path).read(indices)` -> uint8 frames [N, H, W, 3], upright, plus their timestamps.
+  Decodes only what the request needs and holds only the requested frames in memory.
+
+Frame index i always means the i-th frame in presentation order among the frames that are really in
+the file (a truncated download has fewer frames than its header claims; see `probe_video`).
+Timestamps are seconds from the first frame's presentation time, as float64.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Iterator, Sequence
+
+import av
+import numpy as np
+import torch
+
+from adapttoken.errors import InputError, VideoError
+
+__all__ = [
+    "VideoInfo",
+    "FrameIndex",
+    "SamplingPlan",
+    "FrameReader",
+    "probe_video",
+    "plan_sampling",
+    "SEEK_COST_FRAMES",
+]
+
+logger = logging.getLogger(__name__)
+
+# PyAV backend, strategy "auto": seek to the target's keyframe only when that skips more than this
+# many frames that sequential reading would decode and throw away. Measured on the 2-core dev machine
+# with 640x360 H.264: seek + decoder flush + refilling the threaded decoder costs about 10 ms, decoding
+# one frame about 1 ms, so a seek pays off once it saves more than about 10 frames.
+SEEK_COST_FRAMES = 10
+
+_EPS = 1e-9  # seconds; absorbs float rounding when comparing frame times with sampling targets
+
+
+# --------------------------------------------------------------------------------------------------
+# Probe
+
+
+@dataclass(frozen=True, eq=False)
+class FrameIndex:
+    """Per-frame table of one video stream, in presentation order (built by demuxing, no decoding).
+
+    pts: int64 presentation timestamps in `time_base` units; times: float64 seconds from the first
+    frame; keyframes: sorted presentation indices of keyframes (decoding can start there);
+    pts_reliable: False when the container gives no usable per-frame timestamps (missing or
+    duplicated): frames are then counted in decode output order, times assume a constant rate and the
+    PyAV backend never seeks.
+    """
+
+    stream_index: int
+    time_base: Fraction
+    pts: np.ndarray
+    times: np.ndarray
+    keyframes: np.ndarray
+    pts_reliable: bool
+
+    def keyframe_before(self, i: int) -> int:
+        """Presentation index of the last keyframe at or before frame i (0 when none is known)."""
+        pos = int(np.searchsorted(self.keyframes, i, side="right")) - 1
+        return int(self.keyframes[pos]) if pos >= 0 else 0
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What `probe_video` learned about a file. width/height are the display size (rotation applied).
+
+    rotation: clockwise degrees (0/90/180/270) a player turns the stored picture to show it upright
+    (the legacy "rotate" tag convention; a phone's portrait video is 90). Extra fields beyond the
+    agreed API: codec, file_size and mtime_ns (for cache keys) and frame_index (per-frame table;
+    None when a VideoInfo is built by hand: a constant rate is then assumed).
+    """
+
+    path: str
+    num_frames: int
+    fps: float
+    duration: float
+    width: int
+    height: int
+    rotation: int
+    codec: str = ""
+    file_size: int = 0
+    mtime_ns: int = 0
+    frame_index: FrameIndex | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def frame_times(self) -> np.ndarray:
+        """float64 seconds of every frame from the first one (index/fps when no table is known)."""
+        if self.frame_index is not None:
+            return self.frame_index.times
+        return np.arange(self.num_frames, dtype=np.float64) / self.fps
+
+
+@dataclass(frozen=True)
+class _Probed:
+    """Cached result of scanning one file version (everything but the caller's spelling of the path)."""
+
+    index: FrameIndex
+    fps: float
+    duration: float
+    stored_width: int
+    stored_height: int
+    rotation: int
+    codec: str
+
+
+_CACHE_SIZE = 16
+_cache: OrderedDict[tuple[str, int, int], _Probed] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def _stat(path: str) -> os.stat_result:
+    """os.stat with the library's errors for missing files, folders and empty files."""
+    if not os.path.exists(path):
+        raise VideoError(f"video file not found: {path}: check the path (relative paths start at {os.getcwd()})")
+    if os.path.isdir(path):
+        raise VideoError(f"video path is a folder, not a file: {path}: give the path of one video file")
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise VideoError(f"cannot read video file {path}: {e.strerror}: check its permissions") from e
+    if st.st_size == 0:
+        raise VideoError(f"video file {path} is empty (0 bytes): re-download or re-export it")
+    return st
+
+
+def _open(path: str) -> av.container.InputContainer:
+    """Open a file with PyAV, turning its failures into a one-line VideoError."""
+    try:
+        return av.open(path, mode="r")
+    except av.error.FFmpegError as e:
+        raise VideoError(
+            f"cannot read {path} as a video ({e.strerror or type(e).__name__}): it is not a video file, "
+            "or a download that stopped early: check the file or re-download it"
+        ) from e
+
+
+def _video_stream(container: av.container.InputContainer, path: str) -> av.video.stream.VideoStream:
+    """The first real video stream (cover art in audio files does not count)."""
+    if container.format.name == "tty":  # FFmpeg's ANSI-art demuxer opens plain text files as "video"
+        raise VideoError(f"{path} is a text file, not a video: give the path of a video file")
+    for stream in container.streams.video:
+        attached_pic = getattr(getattr(av.stream, "Disposition", None), "attached_pic", 0)
+        if not (attached_pic and int(stream.disposition) & int(attached_pic)):
+            return stream
+    kinds = ", ".join(sorted({s.type for s in container.streams})) or "none"
+    raise VideoError(
+        f"{path} has no video stream (streams: {kinds}): give a video file; if this one is a video, "
+        "it is damaged or cut short: re-download it"
+    )
+
+
+def _rotation_cw(frame_rotation: float, metadata: dict[str, str]) -> int:
+    """Clockwise display rotation from the decoded frame's display matrix (counter-clockwise degrees),
+    falling back to a legacy "rotate" tag; snapped to a multiple of 90."""
+    ccw = float(frame_rotation or 0.0)
+    if ccw == 0.0 and metadata.get("rotate"):
+        try:
+            ccw = -float(metadata["rotate"])
+        except ValueError:
+            ccw = 0.0
+    return int(round(-ccw / 90.0)) % 4 * 90
+
+
+def _scan(path: str) -> _Probed:
+    """Demux every packet of the video stream (no decoding except the first frame) into a FrameIndex."""
+    container = _open(path)
+    try:
+        stream = _video_stream(container, path)
+        stream.codec_context.thread_type = "AUTO"
+        tb = stream.time_base or Fraction(1, 90000)
+        pts_list: list[int | None] = []
+        dts_list: list[int | None] = []
+        key_list: list[bool] = []
+        last_duration = 0
+        corrupt = 0
+        first = None
+        try:
+            for packet in container.demux(stream):
+                if first is None:  # decode until the first frame: rotation, true size, decodability
+                    try:
+                        frames = packet.decode()
+                    except av.error.FFmpegError:
+                        frames = []
+                    if frames:
+                        first = frames[0]
+                if packet.size == 0:  # the flush packet at the end
+                    continue
+                if packet.is_corrupt:  # a partial packet (file cut short): not a usable frame
+                    corrupt += 1
+                    continue
+                if getattr(packet, "is_discard", False):  # dropped by an edit list: never output
+                    continue
+                pts_list.append(packet.pts)
+                dts_list.append(packet.dts)
+                key_list.append(bool(packet.is_keyframe))
+                last_duration = packet.duration or 0
+        except av.error.FFmpegError as e:  # a read error in the middle: keep what came before it
+            logger.warning("%s: reading stopped after %d frames (%s): the file looks truncated or damaged: "
+                           "re-download it", path, len(pts_list), e.strerror or type(e).__name__)
+        if not pts_list:
+            raise VideoError(f"{path} has a video stream but no frames: re-export or re-download the video")
+        if first is None:
+            raise VideoError(
+                f"no frame of {path} could be decoded (codec {stream.codec_context.name}): "
+                "the file is damaged or uses a codec this FFmpeg build lacks: re-encode it to H.264"
+            )
+        declared = stream.frames or 0
+        if corrupt or declared > len(pts_list) + 1:
+            logger.warning("%s: %d frames are readable but the header declares %d: the file looks truncated: "
+                           "re-download it (using the readable part)", path, len(pts_list), declared)
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        index = _build_index(stream.index, tb, pts_list, dts_list, key_list, rate)
+        n = len(index.times)
+        last = (last_duration * tb) if last_duration > 0 else None
+        if last is None:
+            diffs = np.diff(index.times)
+            last = float(np.median(diffs)) if len(diffs) else (1.0 / float(rate) if rate else 1.0)
+        duration = float(index.times[-1]) + float(last)
+        fps = n / duration
+        if rate and abs(float(rate) * duration - n) <= max(1.0, 0.01 * n):
+            fps = float(rate)  # the container's nominal rate, exact for constant-rate files
+        return _Probed(
+            index=index,
+            fps=fps,
+            duration=duration,
+            stored_width=first.width,
+            stored_height=first.height,
+            rotation=_rotation_cw(getattr(first, "rotation", 0), dict(stream.metadata)),
+            codec=stream.codec_context.name,
+        )
+    finally:
+        container.close()
+
+
+def _build_index(
+    stream_index: int,
+    tb: Fraction,
+    pts_list: list[int | None],
+    dts_list: list[int | None],
+    key_list: list[bool],
+    rate: Fraction | None,
+) -> FrameIndex:
+    """Sort packets into presentation order; fall back to decode-order counting without usable pts."""
+    raw = pts_list if all(p is not None for p in pts_list) else dts_list
+    keys = np.asarray(key_list, dtype=bool)
+    if all(p is not None for p in raw) and len(set(raw)) == len(raw):
+        pts = np.asarray(raw, dtype=np.int64)
+        order = np.argsort(pts, kind="stable")
+        pts = pts[order]
+        keyframes = np.flatnonzero(keys[order])
+        times = (pts - pts[0]).astype(np.float64) * (tb.numerator / tb.denominator)
+        # exact rationals would be nicer, but float64 of an int64 product is exact to ~1e-12 s here
+        reliable = True
+    else:
+        step = 1.0 / float(rate) if rate else 1.0 / 25.0
+        times = np.arange(len(raw), dtype=np.float64) * step
+        pts = np.arange(len(raw), dtype=np.int64)
+        keyframes = np.zeros(1, dtype=np.int64)
+        reliable = False
+    if len(keyframes) == 0 or keyframes[0] != 0:
+        keyframes = np.concatenate([[0], keyframes]).astype(np.int64)
+    for arr in (pts, times, keyframes):
+        arr.setflags(write=False)
+    return FrameIndex(stream_index, tb, pts, times, keyframes.astype(np.int64), reliable)
+
+
+def probe_video(path: str | os.PathLike) -> VideoInfo:
+    """Read a video's size, rate, duration, rotation and per-frame times without decoding it.
+
+    Demuxes the whole file once (packets only, plus the first frame) and caches the result per
+    (path, size, mtime), so a later FrameReader or a second probe costs nothing. Raises VideoError for
+    a missing, empty, non-video, audio-only, frameless or undecodable file.
+    """
+    path = os.fspath(path)
+    st = _stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    with _cache_lock:
+        probed = _cache.get(key)
+        if probed is not None:
+            _cache.move_to_end(key)
+    if probed is None:
+        probed = _scan(path)
+        with _cache_lock:
+            _cache[key] = probed
+            while len(_cache) > _CACHE_SIZE:
+                _cache.popitem(last=False)
+    w, h = probed.stored_width, probed.stored_height
+    if probed.rotation in (90, 270):
+        w, h = h, w
+    return VideoInfo(
+        path=path,
+        num_frames=len(probed.index.times),
+        fps=probed.fps,
+        duration=probed.duration,
+        width=w,
+        height=h,
+        rotation=probed.rotation,
+        codec=probed.codec,
+        file_size=st.st_size,
+        mtime_ns=st.st_mtime_ns,
+        frame_index=probed.index,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling plan
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """Which source frames to feed the model, with their true presentation times (seconds).
+
+    indices are non-decreasing; their count is a multiple of the `multiple_of` used to build the plan
+    (padded by repeating the last index). max_pixels/min_pixels are carried for the model adapter.
+    """
+
+    info: VideoInfo
+    indices: tuple[int, ...]
+    timestamps: tuple[float, ...]
+    start: float
+    end: float
+    max_pixels: int | None
+    min_pixels: int | None
+
+    @property
+    def sampled_fps(self) -> float:
+        """Distinct sampled frames per second of the sampled range (for reports only)."""
+        span = self.end - self.start
+        return len(set(self.indices)) / span if span > 0 else 0.0
+
+    @property
+    def key(self) -> str:
+        """Stable hash of (file, size, mtime, indices, pixel caps): a cache key for features."""
+        payload = json.dumps(
+            [os.path.realpath(self.info.path), self.info.file_size, self.info.mtime_ns,
+             list(self.indices), self.max_pixels, self.min_pixels],
+            separators=(",", ":"),
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def _check_int(name: str, value: object, minimum: int, allow_none: bool = False) -> int | None:
+    """An int >= minimum (bools rejected), else InputError naming the parameter."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise InputError(f"{name} must be an integer >= {minimum} (got {value!r}): change {name}")
+    return int(value)
+
+
+def plan_sampling(
+    info: VideoInfo,
+    num_frames: int = 1024,
+    max_fps: float | None = None,
+    start: float = 0.0,
+    end: float | None = None,
+    max_pixels: int | None = None,
+    min_pixels: int | None = None,
+    multiple_of: int = 2,
+) -> SamplingPlan:
+    """Choose up to `num_frames` frames uniformly in time over [start, end) seconds.
+
+    Rule: split [start, end) into n equal segments and take, for each, the frame on screen at the
+    segment's centre (the last frame starting at or before it). For a constant-rate file from 0 this
+    is frame floor((k + 0.5) * N / n): a centred linspace, not qwen-vl-utils' endpoint-inclusive one.
+    n = min(num_frames, floor(max_fps * (end - start)) (at least 1), frames starting in the range);
+    when n reaches the frames in range, all of them are taken. With a strongly variable rate two
+    centres can land on one long-lasting frame: it is taken once, so the plan may hold fewer than n
+    distinct frames (never a frame twice, except for padding). `end` beyond the duration is clamped
+    to it. Timestamps are the frames' true presentation times.
+    """
+    n_req = _check_int("num_frames", num_frames, 1)
+    step = _check_int("multiple_of", multiple_of, 1)
+    max_px = _check_int("max_pixels", max_pixels, 1, allow_none=True)
+    min_px = _check_int("min_pixels", min_pixels, 1, allow_none=True)
+    if max_px is not None and min_px is not None and min_px > max_px:
+        raise InputError(f"min_pixels ({min_px}) is larger than max_pixels ({max_px}): lower min_pixels")
+    if max_fps is not None and not (isinstance(max_fps, (int, float)) and math.isfinite(max_fps) and max_fps > 0):
+        raise InputError(f"max_fps must be a positive number or None (got {max_fps!r}): change max_fps")
+    if not (isinstance(start, (int, float)) and math.isfinite(start) and start >= 0):
+        raise InputError(f"start must be a number of seconds >= 0 (got {start!r}): change start")
+    duration = float(info.duration)
+    if start >= duration:
+        raise InputError(
+            f"start={start:g} s is at or beyond the end of {info.path} (duration {duration:.3f} s): "
+            f"use a start below {duration:.3f}"
+        )
+    if end is None:
+        end = duration
+    if not (isinstance(end, (int, float)) and not math.isnan(end)):
+        raise InputError(f"end must be a number of seconds or None (got {end!r}): change end")
+    if end <= start:
+        raise InputError(f"end ({end:g} s) must be greater than start ({start:g} s): change start or end")
+    end = min(float(end), duration)
+    start = float(start)
+
+    times = info.frame_times
+    lo = int(np.searchsorted(times, start - _EPS, side="left"))
+    hi = int(np.searchsorted(times, end - _EPS, side="left"))
+    available = hi - lo
+    if available <= 0:
+        raise InputError(
+            f"no frame of {info.path} starts in [start={start:g}, end={end:g}) s: widen the range"
+        )
+    n = min(n_req, available)
+    if max_fps is not None:
+        n = min(n, max(1, math.floor(max_fps * (end - start) + 1e-9)))
+    if n == available:
+        chosen = np.arange(lo, hi, dtype=np.int64)
+    else:
+        centres = start + (np.arange(n, dtype=np.float64) + 0.5) * ((end - start) / n)
+        chosen = np.searchsorted(times, centres + _EPS, side="right") - 1
+        chosen = np.unique(np.clip(chosen, lo, hi - 1))
+    indices = [int(i) for i in chosen]
+    while len(indices) % step:
+        indices.append(indices[-1])
+    return SamplingPlan(
+        info=info,
+        indices=tuple(indices),
+        timestamps=tuple(float(times[i]) for i in indices),
+        start=start,
+        end=end,
+        max_pixels=max_px,
+        min_pixels=min_px,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoding
+
+
+def _upright(img: np.ndarray, rotation: int) -> np.ndarray:
+    """Turn a stored [H, W, 3] picture clockwise by `rotation` degrees (np.rot90 turns counter-clockwise)."""
+    return np.rot90(img, k=-(rotation // 90)) if rotation else img
+
+
+def _truncated(path: str, frame: int, detail: str) -> VideoError:
+    return VideoError(
+        f"frame {frame} of {path} could not be decoded ({detail}): the file looks truncated or damaged: "
+        "re-download it"
+    )
+
+
+class _PyAVSource:
+    """Decodes frames with PyAV, reading sequentially and seeking only where it saves work."""
+
+    name = "pyav"
+
+    def __init__(self, path: str, info: VideoInfo) -> None:
+        self.path, self.info = path, info
+        self.index = info.frame_index
+        turned = info.rotation in (90, 270)
+        self.width, self.height = (info.height, info.width) if turned else (info.width, info.height)
+        self.container: av.container.InputContainer | None = None
+        self.frames: Iterator[av.VideoFrame] | None = None
+        self.last = -1  # presentation index of the last frame taken from `frames`
+        self.count = -1  # decode-output counter (frame numbering when pts are unreliable)
+        self.errors: list[str] = []
+        self._restart()
+
+    def _restart(self) -> None:
+        """(Re)open the file and position before frame 0."""
+        self.close()
+        self.container = _open(self.path)
+        stream = self.container.streams[self.index.stream_index]
+        stream.codec_context.thread_type = "AUTO"
+        self.stream = stream
+        self.frames = self._decode()
+        self.last = self.count = -1
+
+    def _decode(self) -> Iterator[av.VideoFrame]:
+        """Frames in output order. Partial packets (a cut-off file) are not fed to the decoder: they
+        are not in the frame table, and with frame threading an error can swallow the frames still in
+        flight. A packet the decoder rejects is skipped and remembered for the error message."""
+        for packet in self.container.demux(self.stream):
+            if packet.is_corrupt:
+                self.errors.append("partial packet: the file is cut short")
+                continue
+            try:
+                out = packet.decode()
+            except av.error.FFmpegError as e:
+                self.errors.append(e.strerror or type(e).__name__)
+                continue
+            yield from out
+
+    def _frame_number(self, frame: av.VideoFrame) -> int | None:
+        """Presentation index of a decoded frame, or None when its pts is not in the table."""
+        self.count += 1
+        if not self.index.pts_reliable:
+            return self.count
+        if frame.pts is None:
+            return self.last + 1
+        i = int(np.searchsorted(self.index.pts, frame.pts))
+        return i if i < len(self.index.pts) and self.index.pts[i] == frame.pts else None
+
+    def _seek(self, keyframe: int) -> None:
+        """Seek so that decoding resumes at `keyframe` (or earlier); restart from 0 if seeking fails."""
+        if keyframe == 0 or not self.index.pts_reliable:
+            self._restart()
+            return
+        try:
+            self.container.seek(int(self.index.pts[keyframe]), stream=self.stream, backward=True)
+        except av.error.FFmpegError:
+            self._restart()
+            return
+        self.frames = self._decode()
+        self.last = keyframe - 1  # a guess until the first frame arrives; checked in _advance
+
+    def _advance(self, target: int) -> np.ndarray | None:
+        """Decode forward to `target`; None if the stream ends or runs past it (frame missing)."""
+        for frame in self.frames:
+            i = self._frame_number(frame)
+            if i is None or i < target:
+                if i is not None:
+                    self.last = i
+                continue
+            self.last = i
+            if i > target:
+                return None
+            if frame.is_corrupt:
+                logger.warning("%s: frame %d was decoded with errors (damaged data)", self.path, target)
+            if (frame.width, frame.height) != (self.width, self.height):  # size changed mid-stream
+                return frame.to_ndarray(format="rgb24", width=self.width, height=self.height)
+            return frame.to_ndarray(format="rgb24")
+        return None
+
+    def read(self, targets: Sequence[int], strategy: str) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (index, stored RGB picture) for sorted, distinct targets."""
+        self.errors = []
+        for t in targets:
+            k = self.index.keyframe_before(t)
+            if t <= self.last:
+                seek = True  # going back (an earlier read left the decoder past t)
+            elif strategy == "seek":
+                seek = True
+            elif strategy == "sequential":
+                seek = False
+            else:  # frames decoded and thrown away before reaching the keyframe vs the cost of a seek
+                seek = k - self.last - 1 > SEEK_COST_FRAMES
+            if seek:
+                self._seek(k)
+            from_start = self.last < 0  # a fresh open (or a "seek" to frame 0, which reopens)
+            img = self._advance(t)
+            if img is None and not from_start:
+                # The seek landed after the target (inexact index) or the decoder ran dry: decode
+                # from the start of the file instead (slow, but only on such files).
+                self._restart()
+                img = self._advance(t)
+            if img is None:
+                detail = "; ".join(dict.fromkeys(self.errors)) or "the stream ended before it"
+                raise _truncated(self.path, t, detail)
+            yield t, img
+
+    def close(self) -> None:
+        if self.container is not None:
+            self.container.close()
+            self.container = None
+            self.frames = None
+
+
+class _DecordSource:
+    """Decodes frames with decord; frame numbering is checked against the PyAV-built FrameIndex."""
+
+    name = "decord"
+
+    def __init__(self, path: str, info: VideoInfo) -> None:
+        import decord  # noqa: F401  (ImportError tells the caller decord is missing)
+
+        self.path, self.info = path, info
+        try:
+            self.vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=0)
+        except Exception as e:  # decord raises RuntimeError / DECORDError / AssertionError
+            raise VideoError(f"decord cannot open {path} ({_short(e)}): use backend='pyav'") from e
+        n = len(self.vr)
+        if n != info.num_frames:
+            raise VideoError(
+                f"decord counts {n} frames in {path} but {info.num_frames} are readable: use backend='pyav'"
+            )
+        ts = self.vr.get_frame_timestamp(np.arange(n))[:, 0].astype(np.float64)
+        drift = float(np.max(np.abs((ts - ts[0]) - info.frame_times))) if n else 0.0
+        if drift > 2e-3:  # decord's times are float32: allow rounding, not a different frame order
+            raise VideoError(
+                f"decord's frame times for {path} differ from the container's by {drift:.3f} s: use backend='pyav'"
+            )
+        self.pos = 0  # index of the frame vr.next() returns
+        self.rotate = self._rotation_needed() if info.rotation else 0
+
+    def _rotation_needed(self) -> int:
+        """Degrees we still have to turn decord's frames: decord >= 0.6 applies rotation itself, older
+        builds do not. Decide by comparing frame 0 with PyAV's upright frame 0."""
+        first = self._next(0)
+        ref = _reference_frame(self.path, self.info)
+        for rot in (0, self.info.rotation):
+            cand = _upright(first, rot)
+            if cand.shape == ref.shape and np.abs(cand.astype(np.int16) - ref).mean() < 12:
+                return rot
+        raise VideoError(f"decord's frames of {self.path} do not match the file's rotation: use backend='pyav'")
+
+    def _next(self, target: int) -> np.ndarray:
+        try:
+            img = self.vr.next().asnumpy()
+        except Exception as e:
+            raise _truncated(self.path, target, _short(e)) from e
+        self.pos = target + 1
+        return img
+
+    def read(self, targets: Sequence[int], strategy: str) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (index, picture). "seek": decord's accurate seek per frame; otherwise decord's
+        skip_frames, which decodes forward and jumps to a keyframe only when it passes one."""
+        for t in targets:
+            try:
+                if strategy == "seek" or t < self.pos:
+                    self.vr.seek_accurate(int(t))
+                elif t > self.pos:
+                    self.vr.skip_frames(int(t - self.pos))
+            except Exception as e:
+                raise _truncated(self.path, t, _short(e)) from e
+            yield t, _upright(self._next(t), self.rotate)
+
+    def close(self) -> None:
+        self.vr = None
+
+
+def _short(e: BaseException) -> str:
+    """First line of an exception message, without decord's long C++ prefixes."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text.split("] ")[-1][:160]
+
+
+def _reference_frame(path: str, info: VideoInfo) -> np.ndarray:
+    """Frame 0 decoded by PyAV and turned upright (used to check another backend)."""
+    src = _PyAVSource(path, info)
+    try:
+        (_, img), = src.read([0], "sequential")
+        return _upright(img, info.rotation).astype(np.int16)
+    finally:
+        src.close()
+
+
+def _changed(info: VideoInfo) -> bool:
+    """True when the file on disk is not the version `info` describes (size or mtime differ)."""
+    try:
+        st = os.stat(info.path)
+    except OSError:
+        return True
+    return (st.st_size, st.st_mtime_ns) != (info.file_size, info.mtime_ns)
+
+
+_BACKENDS = ("auto", "decord", "pyav")
+_STRATEGIES = ("auto", "sequential", "seek")
+
+
+class FrameReader:
+    """One open video file; `read(indices)` decodes just those frames. Not thread-safe.
+
+    backend: "auto" (decord, else PyAV when decord is missing, disagrees with the container's frame
+    table, or fails on the file, also in the middle of a read), "decord" or "pyav". `backend_used`
+    says which one is active. Frames come back upright (rotation metadata applied) as RGB uint8.
+    """
+
+    def __init__(self, path: str | os.PathLike, backend: str = "auto", *, info: VideoInfo | None = None) -> None:
+        if backend not in _BACKENDS:
+            raise InputError(f"backend must be one of {', '.join(_BACKENDS)} (got {backend!r}): change backend")
+        self.path = os.fspath(path)
+        if info is None or info.frame_index is None or os.fspath(info.path) != self.path or _changed(info):
+            info = probe_video(self.path)
+        self.info: VideoInfo = info
+        self.backend = backend
+        self._source: _PyAVSource | _DecordSource | None = None
+        self._source = self._open_source(backend)
+        self.backend_used: str = self._source.name
+
+    def _open_source(self, backend: str) -> _PyAVSource | _DecordSource:
+        if backend == "pyav":
+            return _PyAVSource(self.path, self.info)
+        try:
+            return _DecordSource(self.path, self.info)
+        except ImportError as e:
+            if backend == "decord":
+                raise InputError("backend='decord' but decord is not installed: pip install decord, "
+                                 "or use backend='auto' or 'pyav'") from e
+            logger.info("decord is not installed: reading %s with PyAV", self.path)
+        except VideoError as e:
+            if backend == "decord":
+                raise
+            logger.info("%s; reading with PyAV instead", e)
+        return _PyAVSource(self.path, self.info)
+
+    def __enter__(self) -> FrameReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def read(self, indices: Sequence[int], *, strategy: str = "auto") -> tuple[torch.Tensor, np.ndarray]:
+        """Decode the frames at `indices` (any order, repeats allowed).
+
+        Returns (uint8 CPU tensor [N, H, W, 3], upright RGB, in the requested order; float64 array of
+        their presentation times in seconds). Each distinct frame is decoded once and only the
+        requested frames are held. strategy, PyAV: "auto" reads on and seeks only when the next wanted
+        frame's keyframe is more than SEEK_COST_FRAMES frames ahead (right for dense and sparse
+        sampling alike), "sequential" never seeks, "seek" seeks to the keyframe before every frame.
+        decord: "auto" and "sequential" use decord's skip_frames (reads on, jumps only to a keyframe
+        it would pass anyway), "seek" its accurate seek per frame. All return the same frames.
+        """
+        if self._source is None:
+            raise InputError(f"the FrameReader for {self.path} is closed: open a new one")
+        if strategy not in _STRATEGIES:
+            raise InputError(f"strategy must be one of {', '.join(_STRATEGIES)} (got {strategy!r}): change strategy")
+        n = self.info.num_frames
+        if hasattr(indices, "tolist"):  # numpy array or torch tensor
+            indices = indices.tolist()
+        wanted = [_check_int("indices", i, 0) for i in indices]
+        if wanted and _changed(self.info):
+            # decord would silently return other frames from a file cut after opening: refuse.
+            now = os.path.getsize(self.path) if os.path.exists(self.path) else 0
+            raise VideoError(
+                f"cannot read frame {wanted[0]} of {self.path}: the file changed on disk since it was opened "
+                f"({self.info.file_size} -> {now} bytes): it looks truncated or still being written: "
+                "re-download it (or wait until it is complete) and open it again"
+            )
+        bad = [i for i in wanted if i >= n]
+        if bad:
+            raise InputError(
+                f"indices {bad[:5]} are out of range for {self.path}, which has {n} readable frames "
+                f"(0..{n - 1}): plan the indices with plan_sampling on this file"
+            )
+        out = torch.empty((len(wanted), self.info.height, self.info.width, 3), dtype=torch.uint8)
+        times = self.info.frame_times[np.asarray(wanted, dtype=np.int64)].astype(np.float64)
+        if not wanted:
+            return out, times
+        slots: dict[int, list[int]] = {}
+        for pos, i in enumerate(wanted):
+            slots.setdefault(i, []).append(pos)
+        targets = sorted(slots)
+        try:
+            self._fill(out, targets, slots, strategy)
+        except VideoError:
+            if self.backend != "auto" or self._source.name != "decord":
+                raise
+            logger.warning("decord failed on %s; reading it with PyAV instead", self.path)
+            self._source.close()
+            self._source = _PyAVSource(self.path, self.info)
+            self.backend_used = self._source.name
+            self._fill(out, targets, slots, strategy)
+        return out, times
+
+    def _fill(self, out: torch.Tensor, targets: list[int], slots: dict[int, list[int]], strategy: str) -> None:
+        """Decode `targets` with the active source and copy each into its output slots."""
+        rotation = self.info.rotation if self._source.name == "pyav" else 0
+        expected = tuple(out.shape[1:])
+        for t, img in self._source.read(targets, strategy):
+            img = _upright(img, rotation)
+            if img.shape != expected:
+                raise VideoError(
+                    f"frame {t} of {self.path} is {img.shape[1]}x{img.shape[0]}, the video is "
+                    f"{expected[1]}x{expected[0]}: the size changes mid-stream: re-encode the file"
+                )
+            frame = torch.from_numpy(np.ascontiguousarray(img))
+            for pos in slots[t]:
+                out[pos] = frame
+
+    def close(self) -> None:
+        """Release the file (safe to call twice)."""
+        if self._source is not None:
+            self._source.close()
+            self._source = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
