@@ -43,6 +43,13 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", default="auto", help="auto, bf16, fp16, fp32")
     p.add_argument("--attn", default="sdpa", help="attention implementation (sdpa default)")
+    p.add_argument("--cache-dir", default=None,
+                   help="on-disk vision-feature cache folder: a later run on the same video and "
+                        "sampling skips decoding and the vision tower")
+    p.add_argument("--feature-device", choices=["auto", "gpu", "cpu"], default="auto",
+                   help="where vision features are kept (auto: GPU up to 4 GiB, else CPU memory)")
+    p.add_argument("--decode-workers", type=int, default=None,
+                   help="video decoding threads (default: half the cores, 1-8; 0: no threads)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +97,9 @@ def config_from_args(args):
     c.redundancy_threshold = None if args.redundancy < 0 else args.redundancy
     c.stop_threshold, c.max_new_tokens = args.stop_threshold, args.max_new_tokens
     c.do_sample, c.temperature, c.seed = args.sample, args.temperature, args.seed
+    c.cache_dir = getattr(args, "cache_dir", None)
+    c.feature_device = getattr(args, "feature_device", "auto")
+    c.decode_workers = getattr(args, "decode_workers", None)
     return c
 
 

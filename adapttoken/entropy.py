@@ -104,13 +104,24 @@ class ScoredGroups:
         if self.stop is None:
             self.ranked.features.prefetch(hooks)
         done: list[GroupScore] = []
-        for g in range(n):
-            if hooks is not None:
-                hooks.check()
-                hooks.report("group pass", g, n)
-            done.append(self.score(g, hooks))
-            if self.stop is not None and self.stop.should_stop(done):
-                break
+        feats = self.ranked.features
+        slices = self.ranked.groups.slices
+        try:
+            for g in range(n):
+                if hooks is not None:
+                    hooks.check()
+                    hooks.report("group pass", g, n)
+                if self.stop is not None:   # decode group g+1 on CPU threads during group g's work
+                    if g == 0:
+                        feats.lookahead(slices[0])
+                    if g + 1 < n:
+                        feats.lookahead(slices[g + 1])
+                done.append(self.score(g, hooks))
+                if self.stop is not None and self.stop.should_stop(done):
+                    break
+        finally:
+            if self.stop is not None:
+                feats.drop_lookahead()
         if hooks is not None:
             hooks.report("group pass", n, n)
         skipped = list(range(len(done), n))

@@ -7,7 +7,11 @@ chunks, so frames of a 10,000-frame plan never sit in memory at once.
 """
 from __future__ import annotations
 
+import os
+import threading
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,10 +106,182 @@ def open_video(path, num_frames: int = 1024, max_fps: float | None = None, start
     return VideoHandle(plan, frames_per_slice, backend)
 
 
-class SliceFeatures:
-    """Vision features of one video for one model, computed per slice on demand and kept."""
+def default_decode_workers() -> int:
+    """Decoder threads per video: half the CPU cores, 1 to 8 (each has its own FrameReader)."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
 
-    def __init__(self, adapter, video: VideoHandle, chunk_slices: int = 32):
+
+class _DecodeJob:
+    """Frames of some plan positions being decoded on worker threads into one (pinned) tensor."""
+
+    def __init__(self, positions: np.ndarray, out: torch.Tensor, futures: list[Future],
+                 cancel: threading.Event):
+        self.positions, self.out, self.futures, self._cancel = positions, out, futures, cancel
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.positions)
+
+    def result(self) -> torch.Tensor:
+        """The frames (re-raising a worker's exception in the caller's thread)."""
+        for f in self.futures:
+            f.result()
+        return self.out
+
+    def cancel(self) -> None:
+        """Stop as soon as possible: queued parts never start, running parts stop within a read."""
+        self._cancel.set()
+        for f in self.futures:
+            f.cancel()
+
+    def wait(self) -> None:
+        """Block until no worker touches this job any more (its result is not wanted)."""
+        for f in self.futures:
+            if not f.cancelled():
+                try:
+                    f.result()
+                except BaseException:  # noqa: BLE001 - the error belongs to an abandoned job
+                    pass
+
+
+class FrameDecoder:
+    """Decodes a video's sampled frames on `workers` lanes: a lane is one thread with its own
+    FrameReader (readers are never shared between threads), so a lane that is given consecutive
+    requests reads on sequentially, as one reader would.
+
+    `submit(positions, lane=None)`: on one lane, or (lane None) split into contiguous parts of at
+    least `min_part` frames, one per lane. The frames land in one tensor, pinned when `pin` (fast,
+    asynchronous copies to the GPU). Each part reads `read_frames` at a time and checks its cancel
+    flag between reads. Exceptions come back through `_DecodeJob.result()`.
+    """
+
+    def __init__(self, video: "VideoHandle", workers: int, pin: bool = False,
+                 min_part: int = 16, read_frames: int = 16):
+        self.video, self.workers, self.pin = video, max(1, int(workers)), pin
+        self.min_part, self.read_frames = max(1, min_part), max(1, read_frames)
+        self._lanes: list[ThreadPoolExecutor | None] = [None] * self.workers
+        self._readers: list = [None] * self.workers
+        self._lock = threading.Lock()
+        self._next_lane = 0
+        self.busy_seconds = 0.0          # summed over lanes (can exceed wall time)
+        self.frames_read = 0
+
+    def _lane(self, j: int) -> ThreadPoolExecutor:
+        if self._lanes[j] is None:
+            self._lanes[j] = ThreadPoolExecutor(1, thread_name_prefix=f"adapttoken-decode{j}")
+        return self._lanes[j]
+
+    def _reader(self, j: int):
+        r = self._readers[j]
+        if r is None:
+            from .video import FrameReader
+            info = self.video.plan.info
+            r = FrameReader(info.path, backend=self.video.backend, info=info)
+            self._readers[j] = r
+        return r
+
+    def _frame_shape(self) -> tuple[int, ...]:
+        if self.video.frames is not None:
+            return tuple(self.video.frames.shape[1:])
+        info = self.video.plan.info
+        return (info.height, info.width, 3)
+
+    def _read_part(self, j: int, out: torch.Tensor, start: int, positions: np.ndarray,
+                   cancel: threading.Event) -> None:
+        t0 = time.perf_counter()
+        step = self.read_frames
+        for i in range(0, len(positions), step):
+            if cancel.is_set():
+                return
+            pos = positions[i:i + step]
+            if self.video.frames is not None:
+                frames = self.video.frames[torch.as_tensor(pos, dtype=torch.long)]
+            else:
+                frames, _ = self._reader(j).read([self.video.plan.indices[int(p)] for p in pos])
+            out[start + i:start + i + len(pos)] = frames
+        with self._lock:
+            self.busy_seconds += time.perf_counter() - t0
+            self.frames_read += len(positions)
+
+    def submit(self, positions, lane: int | None = None) -> _DecodeJob:
+        positions = np.asarray(positions, dtype=np.int64)
+        n = len(positions)
+        out = torch.empty((n, *self._frame_shape()), dtype=torch.uint8, pin_memory=self.pin)
+        cancel = threading.Event()
+        if lane is not None:
+            j = lane % self.workers
+            futures = [self._lane(j).submit(self._read_part, j, out, 0, positions, cancel)]
+            return _DecodeJob(positions, out, futures, cancel)
+        parts = max(1, min(self.workers, n // self.min_part))
+        bounds = np.linspace(0, n, parts + 1).round().astype(int)
+        futures = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            if b > a:
+                j = self._next_lane
+                self._next_lane = (j + 1) % self.workers
+                futures.append(self._lane(j).submit(self._read_part, j, out, int(a),
+                                                    positions[a:b], cancel))
+        return _DecodeJob(positions, out, futures, cancel)
+
+    def close(self) -> None:
+        for j, lane in enumerate(self._lanes):
+            if lane is not None:
+                lane.shutdown(wait=True, cancel_futures=True)
+            self._lanes[j] = None
+        for j, r in enumerate(self._readers):
+            if r is not None:
+                r.close()
+            self._readers[j] = None
+
+
+class _SyncJob:
+    """A decode done in the caller's thread (decode_workers=0): same interface as _DecodeJob."""
+
+    def __init__(self, video: "VideoHandle", positions):
+        self.positions = np.asarray(positions, dtype=np.int64)
+        self._video = video
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.positions)
+
+    def result(self) -> torch.Tensor:
+        return self._video.read(self.positions)
+
+    def cancel(self) -> None:
+        pass
+
+    def wait(self) -> None:
+        pass
+
+
+FEATURE_DEVICES = ("auto", "gpu", "cpu")
+DEFAULT_GPU_FEATURE_BYTES = 4 * 2 ** 30
+
+
+class SliceFeatures:
+    """Vision features of one video for one model, computed per slice on demand and kept.
+
+    Options (see `configure`):
+    - feature_device: where the computed features live. "auto" (default) keeps them on the model's
+      device while all slices of the video would take at most `gpu_feature_bytes` (4 GiB, and at
+      most 20% of the card), else in CPU memory, copied to the device per group pass through a
+      pinned buffer; "gpu" / "cpu" force one. 10,000 frames at 308x560 for Qwen2.5-VL-7B are
+      5000 slices * 220 tokens * 3584 * 2 bytes = 7.9 GB: CPU memory under "auto".
+    - decode_workers: decoder threads, each with its own FrameReader (0: decode in the calling
+      thread, no overlap).
+    - overlap: decode chunk i+1 on the decoder threads while the model encodes chunk i (at most two
+      chunks of decoded frames wait at any time, plus at most `lookahead` chunks decoded ahead for
+      the next group pass: see `lookahead()`).
+    - cache_dir: an on-disk cache of the features (feature_cache.py), keyed by the file's content,
+      the sampling and the model; another process with the same video and sampling loads them
+      instead of decoding and encoding.
+    """
+
+    def __init__(self, adapter, video: VideoHandle, chunk_slices: int = 32, *,
+                 feature_device: str = "auto", decode_workers: int | None = None,
+                 overlap: bool = True, cache_dir=None, lookahead_chunks: int = 2,
+                 gpu_feature_bytes: int = DEFAULT_GPU_FEATURE_BYTES, pad_chunks: bool = False):
         self.adapter, self.video = adapter, video
         info, plan = video.info, video.plan
         self.resized = adapter.resized_size(info.height, info.width, plan.min_pixels, plan.max_pixels)
@@ -115,16 +291,75 @@ class SliceFeatures:
         self.chunk_slices = chunk_slices
         times = torch.as_tensor(video.slice_times())
         self.t_pos = adapter.time_positions(times)                 # [num_slices] long
-        self._feats: torch.Tensor | None = None                     # [num_slices, tps, D]
+        self._blocks: list[torch.Tensor | None] = [None] * (-(-self.num_slices // chunk_slices))
+        self._store_device: torch.device | None = None
         self._have = torch.zeros(self.num_slices, dtype=torch.bool)
-        self.timer = Timer()
-        self.decoded_frames = 0
-        self.encoded_slices = 0
+        self._decoder: FrameDecoder | None = None
+        self._ahead: dict[tuple[int, ...], object] = {}
+        self._disk = None
+        self._cache_dir = None
+        self.feature_device = "auto"
+        self.decode_workers = default_decode_workers()
+        self.overlap = True
+        self.lookahead_chunks = lookahead_chunks
+        self.gpu_feature_bytes = gpu_feature_bytes
+        self.pad_chunks = pad_chunks
+        self.configure(feature_device=feature_device, decode_workers=decode_workers,
+                       overlap=overlap, cache_dir=cache_dir)
+        self.reset_stats()
+
+    # -- options -------------------------------------------------------------------------------
+    def configure(self, *, feature_device: str | None = None, decode_workers: int | None = None,
+                  overlap: bool | None = None, cache_dir=None, pad_chunks: bool | None = None,
+                  gpu_feature_bytes: int | None = None) -> "SliceFeatures":
+        """Change options (None leaves one as it is). Features already computed stay valid: they
+        move when the storage device changes."""
+        if feature_device is not None:
+            if feature_device not in FEATURE_DEVICES:
+                raise InputError(f"feature_device={feature_device!r} is not known: use one of "
+                                 f"{', '.join(FEATURE_DEVICES)}")
+            if feature_device != self.feature_device:
+                self.feature_device = feature_device
+                if self._store_device is not None:
+                    self._move_storage(self._pick_store_device(self._slice_bytes()))
+        if gpu_feature_bytes is not None:
+            self.gpu_feature_bytes = int(gpu_feature_bytes)
+        if decode_workers is not None:
+            if decode_workers < 0:
+                raise InputError(f"decode_workers={decode_workers} must be >= 0 (0: no threads)")
+            if decode_workers != self.decode_workers and self._decoder is not None:
+                self.drop_lookahead()
+                self._decoder.close()
+                self._decoder = None
+            self.decode_workers = int(decode_workers)
+        if overlap is not None:
+            self.overlap = bool(overlap)
+        if pad_chunks is not None:
+            self.pad_chunks = bool(pad_chunks)
+        if cache_dir is not None and self.video.frames is None:
+            cache_dir = os.fspath(cache_dir)
+            if cache_dir != self._cache_dir:
+                from .feature_cache import DiskFeatureCache, cache_key
+                if self._disk is not None:
+                    self._disk.close()
+                key = cache_key(self.adapter, self.video, self.resized)
+                self._disk = DiskFeatureCache(cache_dir, key, self.tokens_per_slice)
+                self._cache_dir = cache_dir
+        return self
 
     # -- bookkeeping ---------------------------------------------------------------------------
     @property
     def num_tokens(self) -> int:
         return self.num_slices * self.tokens_per_slice
+
+    @property
+    def storage_device(self) -> torch.device | None:
+        """Where the features live (None until the first slice is computed)."""
+        return self._store_device
+
+    @property
+    def disk_cache(self):
+        return self._disk
 
     def extent_of(self, slices=None) -> int:
         """max(t_max, rows-1, cols-1) over the given slices (all slices when None)."""
@@ -148,48 +383,303 @@ class SliceFeatures:
         self.timer = Timer()
         self.decoded_frames = 0
         self.encoded_slices = 0
+        self.stats = {"cache_loaded_slices": 0, "lookahead_frames": 0, "lookahead_wasted_frames": 0,
+                      "decode_busy_s": 0.0, "h2d_bytes": 0, "d2h_bytes": 0}
+        self._busy0 = self._decoder.busy_seconds if self._decoder is not None else 0.0
+
+    def decode_busy_seconds(self) -> float:
+        """Seconds the decoder threads worked since reset_stats (summed over threads)."""
+        if self._decoder is None:
+            return 0.0
+        return self._decoder.busy_seconds - self._busy0
 
     def release(self) -> None:
-        self._feats = None
+        self.drop_lookahead()
+        if self._decoder is not None:
+            self._decoder.close()
+            self._decoder = None
+        if self._disk is not None:
+            self._disk.close()
+        self._blocks = [None] * len(self._blocks)
+        self._store_device = None
         self._have.zero_()
         self.video.close()
 
+    # -- storage -------------------------------------------------------------------------------
+    def _compute_device(self) -> torch.device:
+        return self.adapter.device
+
+    def _slice_bytes(self) -> int:
+        for b in self._blocks:
+            if b is not None:
+                return b[0].numel() * b.element_size()
+        return 0
+
+    def _pick_store_device(self, slice_bytes: int) -> torch.device:
+        dev = self._compute_device()
+        if self.feature_device == "cpu":
+            return torch.device("cpu")
+        if self.feature_device == "gpu" or dev.type != "cuda":
+            return dev
+        total = slice_bytes * self.num_slices
+        limit = self.gpu_feature_bytes
+        try:
+            limit = min(limit, int(0.2 * torch.cuda.get_device_properties(dev).total_memory))
+        except Exception:  # noqa: BLE001
+            pass
+        return dev if total <= limit else torch.device("cpu")
+
+    def _move_storage(self, dev: torch.device) -> None:
+        if dev == self._store_device:
+            return
+        self._blocks = [None if b is None else b.to(dev) for b in self._blocks]
+        self._store_device = dev
+
+    def _block(self, b: int, like: torch.Tensor) -> torch.Tensor:
+        blk = self._blocks[b]
+        if blk is None:
+            blk = torch.empty(self.chunk_slices, *like.shape[1:], dtype=like.dtype,
+                              device=self._store_device)
+            self._blocks[b] = blk
+        return blk
+
+    def _store(self, slices: np.ndarray, feats: torch.Tensor) -> torch.Tensor:
+        """Keep features [n, tps, D] of the sorted `slices`; returns them on the storage device."""
+        if self._store_device is None:
+            self._store_device = self._pick_store_device(feats[0].numel() * feats.element_size())
+        if feats.device != self._store_device:
+            if self._store_device.type == "cpu":
+                self.stats["d2h_bytes"] += feats.numel() * feats.element_size()
+            feats = feats.to(self._store_device)
+        cs = self.chunk_slices
+        blocks = slices // cs
+        for b in np.unique(blocks):
+            sel = np.nonzero(blocks == b)[0]
+            rows = torch.as_tensor(slices[sel] - b * cs, device=feats.device)
+            self._block(int(b), feats).index_copy_(0, rows, feats[torch.as_tensor(sel, device=feats.device)])
+        self._have[torch.as_tensor(slices)] = True
+        return feats
+
+    def _to_compute(self, x: torch.Tensor) -> torch.Tensor:
+        dev = self._compute_device()
+        if x.device == dev:
+            return x
+        self.stats["h2d_bytes"] += x.numel() * x.element_size()
+        return x.to(dev, non_blocking=x.is_pinned())
+
+    def _pinned_like(self, shape, dtype) -> torch.Tensor:
+        pin = self._store_device.type == "cpu" and self._compute_device().type == "cuda"
+        return torch.empty(shape, dtype=dtype, pin_memory=pin)
+
+    def _gather_slices(self, slices: np.ndarray) -> torch.Tensor:
+        """[n * tps, D] features of the given slices (in that order) on the compute device."""
+        cs = self.chunk_slices
+        parts = [self._blocks[int(s) // cs][int(s) % cs] for s in slices]
+        D, dtype = parts[0].shape[-1], parts[0].dtype
+        if self._store_device.type == "cpu":
+            out = self._pinned_like((len(parts), self.tokens_per_slice, D), dtype)
+            torch.stack(parts, out=out)
+        else:
+            out = torch.stack(parts)
+        return self._to_compute(out.view(-1, D))
+
+    def _gather_rows(self, gids: torch.Tensor) -> torch.Tensor:
+        """[n, D] features of global token ids on the compute device (one copy per storage block,
+        no host round trip per block)."""
+        tps, cs = self.tokens_per_slice, self.chunk_slices
+        gids = gids.long()
+        blk_of = gids // (tps * cs)
+        order = torch.argsort(blk_of, stable=True)
+        sb = blk_of[order]
+        rows = (gids[order] - sb * (tps * cs))
+        ub, counts = torch.unique_consecutive(sb, return_counts=True)
+        first = next(x for x in self._blocks if x is not None)
+        D, dtype, dev = first.shape[-1], first.dtype, first.device
+        if dev.type == "cpu":
+            out = self._pinned_like((len(gids), D), dtype)
+        else:
+            out = torch.empty(len(gids), D, dtype=dtype, device=dev)
+            rows = rows.to(dev, non_blocking=True)
+        sorted_out = torch.empty_like(out) if dev.type != "cpu" else torch.empty(len(gids), D, dtype=dtype)
+        a = 0
+        for b_, n_ in zip(ub.tolist(), counts.tolist()):
+            torch.index_select(self._blocks[b_].view(-1, D), 0, rows[a:a + n_], out=sorted_out[a:a + n_])
+            a += n_
+        out[order.to(dev)] = sorted_out
+        return self._to_compute(out)
+
     # -- compute -------------------------------------------------------------------------------
+    def _chunks(self, need: list[int]) -> list[np.ndarray]:
+        return [np.asarray(need[i:i + self.chunk_slices], dtype=np.int64)
+                for i in range(0, len(need), self.chunk_slices)]
+
+    def _missing(self, slices) -> list[int]:
+        u = np.unique(np.asarray(slices, dtype=np.int64))
+        need = u[~self._have.numpy()[u]].tolist()
+        if self._disk is not None:
+            need = [s for s in need if not self._disk.has(s)]
+        return need
+
+    def _get_decoder(self) -> FrameDecoder | None:
+        if self.decode_workers <= 0:
+            return None
+        if self._decoder is None:
+            pin = self._compute_device().type == "cuda" and torch.cuda.is_available()
+            self._decoder = FrameDecoder(self.video, self.decode_workers, pin=pin)
+        return self._decoder
+
+    def lookahead(self, slices) -> None:
+        """Start decoding (not encoding) the first chunks of `slices` on the decoder threads, so the
+        next `ensure(slices)` finds its frames ready: Lite calls it for group g+1 before group g's
+        pass. Frames decoded ahead count in `decoded_frames` only when used."""
+        if not self.overlap or self.lookahead_chunks <= 0 or self._get_decoder() is None:
+            return
+        for chunk in self._chunks(self._missing(slices))[: self.lookahead_chunks]:
+            key = tuple(chunk.tolist())
+            if key in self._ahead:
+                continue
+            while len(self._ahead) >= self.lookahead_chunks:       # bound the frames held
+                old = self._ahead.pop(next(iter(self._ahead)))
+                old.cancel()
+                self.stats["lookahead_wasted_frames"] += old.num_frames
+            self._ahead[key] = self._submit(chunk, None)
+            self.stats["lookahead_frames"] += len(chunk) * self.video.frames_per_slice
+
+    def drop_lookahead(self) -> None:
+        """Cancel frames decoded ahead that nobody asked for (Lite stopped)."""
+        for job in self._ahead.values():
+            job.cancel()
+            self.stats["lookahead_wasted_frames"] += job.num_frames
+        self._ahead.clear()
+
+    def _load_from_disk(self, slices) -> None:
+        t0 = time.perf_counter()
+        want = [s for s in self._disk.present(slices) if not self._have[s]]
+        if not want:
+            return
+        dtype = self.adapter.dtype
+        got, feats = self._disk.load(want, dtype)
+        if got:
+            order = np.argsort(got)
+            got_arr = np.asarray(got, dtype=np.int64)[order]
+            self._store(got_arr, feats[torch.as_tensor(order)])
+            self.stats["cache_loaded_slices"] += len(got)
+        self.timer.add("cache_load", time.perf_counter() - t0)
+
+    def _encode(self, chunk: np.ndarray, frames: torch.Tensor) -> None:
+        dev = self._compute_device()
+        t0 = time.perf_counter()
+        n = len(chunk)
+        if self.pad_chunks and n < self.chunk_slices:   # fixed shapes (torch.compile): repeat last
+            fps = self.video.frames_per_slice
+            pad = frames[-1:].expand((self.chunk_slices - n) * fps, *frames.shape[1:])
+            frames = torch.cat([frames, pad])
+        if frames.device != dev:
+            frames = frames.to(dev, non_blocking=frames.is_pinned())
+        if hasattr(self.adapter, "preprocess") and hasattr(self.adapter, "encode_pixels"):
+            pixels = self.adapter.preprocess(frames, self.resized)
+            self.timer.add("preprocess", time.perf_counter() - t0, sync=dev)
+            t0 = time.perf_counter()
+            feats = self.adapter.encode_pixels(pixels, self.resized)
+        else:
+            feats = self.adapter.encode(frames, self.resized)       # [n, tps, D]
+        feats = feats[:n]
+        stored = self._store(chunk, feats)
+        self.encoded_slices += n
+        self.timer.add("vision", time.perf_counter() - t0, sync=dev)
+        if self._disk is not None:
+            self._disk.write_async(chunk.tolist(), stored if stored.device.type == "cpu" else feats.cpu())
+
+    def _schedule(self, chunks: list[np.ndarray]) -> list[tuple[np.ndarray, int | None]]:
+        """(chunk, lane) in the order they are encoded. Many chunks: split them into contiguous runs,
+        one per decoder lane, and encode round-robin over the lanes, so every lane reads its part of
+        the video sequentially while the others do theirs. Few chunks: lane None (each chunk is
+        split over the lanes)."""
+        workers = self.decode_workers if self._get_decoder() is not None else 0
+        lanes = min(workers, len(chunks) // 2) if self.overlap else 0
+        if lanes < 2:
+            return [(c, None) for c in chunks]
+        bounds = np.linspace(0, len(chunks), lanes + 1).round().astype(int)
+        runs = [chunks[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        order = []
+        for k in range(max(len(r) for r in runs)):
+            for j, r in enumerate(runs):
+                if k < len(r):
+                    order.append((r[k], j))
+        return order
+
+    def _submit(self, chunk: np.ndarray, lane: int | None):
+        job = self._ahead.pop(tuple(chunk.tolist()), None)
+        if job is not None:
+            return job
+        positions = self.video.frame_positions(chunk)
+        dec = self._get_decoder()
+        if dec is None:
+            return _SyncJob(self.video, positions)
+        return dec.submit(positions, lane)
+
     def ensure(self, slices, hooks=None) -> None:
-        """Decode and encode the slices not computed yet, in temporal chunks."""
-        need = [int(s) for s in np.unique(np.asarray(slices)) if not self._have[int(s)]]
-        for i in range(0, len(need), self.chunk_slices):
-            if hooks is not None:
-                hooks.check()
-            chunk = np.asarray(need[i:i + self.chunk_slices])
-            t0 = time.perf_counter()
-            frames = self.video.read(self.video.frame_positions(chunk))
-            self.timer.add("decode", time.perf_counter() - t0)
-            self.decoded_frames += frames.shape[0]
-            t0 = time.perf_counter()
-            feats = self.adapter.encode(frames, self.resized)      # [len(chunk), tps, D]
-            if self._feats is None:
-                self._feats = torch.empty(self.num_slices, *feats.shape[1:], dtype=feats.dtype,
-                                          device=feats.device)
-            idx = torch.as_tensor(chunk, device=feats.device)
-            self._feats[idx] = feats
-            self._have[torch.as_tensor(chunk)] = True
-            self.encoded_slices += len(chunk)
-            self.timer.add("vision", time.perf_counter() - t0, sync=feats.device)
+        """Decode and encode the slices not computed yet, in chunks. With `overlap`, the decoder
+        lanes read ahead while the model encodes: one chunk ahead per lane (see `_schedule`), so at
+        most lanes + 1 chunks of frames are held (2 when the request is a single group)."""
+        if self._disk is not None:
+            self._load_from_disk(np.unique(np.asarray(slices)))
+        chunks = self._chunks(self._missing(slices))
+        if not chunks:
+            return
+        order = self._schedule(chunks)
+        lane_of = [lane for _, lane in order]
+        inflight: dict[int, object] = {}        # position in `order` -> job
+        nxt = 0
+
+        def submit_next():
+            nonlocal nxt
+            inflight[nxt] = self._submit(*order[nxt])
+            nxt += 1
+
+        try:
+            lanes = len({lane for lane in lane_of if lane is not None})
+            while nxt < min(len(order), lanes if self.overlap and lanes else 1):
+                submit_next()                     # one chunk per lane (or one chunk) in flight
+            for i in range(len(order)):
+                if hooks is not None:
+                    hooks.check()
+                while nxt <= i:
+                    submit_next()
+                job = inflight.pop(i)
+                chunk = order[i][0]
+                t0 = time.perf_counter()
+                frames = job.result()
+                self.timer.add("decode", time.perf_counter() - t0)
+                self.decoded_frames += frames.shape[0]
+                if self.overlap and nxt < len(order):    # the next chunk decodes during this encode
+                    submit_next()
+                self._encode(chunk, frames)
+                del frames
+        except BaseException:
+            for job in inflight.values():
+                job.cancel()
+            for job in inflight.values():
+                job.wait()               # no worker keeps writing into frames nobody holds
+            raise
+        finally:
+            if self._disk is not None:
+                self._disk.flush()
 
     def prefetch(self, hooks=None) -> None:
         """Compute every slice in temporal order (sequential decoding: the full method needs all)."""
         self.ensure(np.arange(self.num_slices), hooks)
 
     def tokens(self, gids: torch.Tensor, hooks=None):
-        """(embeds [n, D], coords [3, n]) of the given global token ids (computing what is missing)."""
+        """(embeds [n, D], coords [3, n]) of the given global token ids (computing what is missing),
+        embeds on the model's device."""
         gids = gids.cpu()
         self.ensure(torch.unique(gids // self.tokens_per_slice).numpy(), hooks)
-        flat = self._feats.view(-1, self._feats.shape[-1])
-        return flat[gids.to(flat.device)], self.coords_of(gids)
+        return self._gather_rows(gids), self.coords_of(gids)
 
     def tokens_of_slices(self, slices, hooks=None):
         """(embeds, coords, gids) of every token of the given slices, in temporal order."""
-        gids = self.gids_of_slices(np.sort(np.asarray(slices)))
-        embeds, coords = self.tokens(gids, hooks)
-        return embeds, coords, gids
+        slices = np.sort(np.asarray(slices))
+        gids = self.gids_of_slices(slices)
+        self.ensure(slices, hooks)
+        return self._gather_slices(slices), self.coords_of(gids), gids

@@ -55,6 +55,11 @@ class AdaptTokenConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+    # performance [ours]: where features live, decoding threads, on-disk feature cache
+    feature_device: str = "auto"    # auto: on the GPU up to 4 GiB of features, else CPU memory
+    decode_workers: int | None = None   # decoder threads (None: half the cores, 1..8; 0: none)
+    overlap: bool = True            # decode the next chunk / group while the GPU works
+    cache_dir: str | None = None    # on-disk vision-feature cache (safetensors); None: memory only
 
 
 @dataclass
@@ -109,10 +114,15 @@ def answer(selection: Selection, max_new_tokens: int = 64, do_sample: bool = Fal
     seconds["total"] = round(sum(v for k, v in seconds.items() if k != "total"), 6)
     seconds = {k: round(v, 6) for k, v in seconds.items()}
     passes = sum(1 for g in selection.groups if g.entropy is not None)
-    return Result(gen.text, selection.method, probs, selection.groups, selection.skipped_groups,
-                  selection.kept_tokens(), seconds, f.video.num_frames, f.num_slices,
-                  f.tokens_per_slice, selection.budget, selection.redundant_dropped, passes,
-                  f.decoded_frames, f.encoded_slices)
+    res = Result(gen.text, selection.method, probs, selection.groups, selection.skipped_groups,
+                 selection.kept_tokens(), seconds, f.video.num_frames, f.num_slices,
+                 f.tokens_per_slice, selection.budget, selection.redundant_dropped, passes,
+                 f.decoded_frames, f.encoded_slices)
+    stats = getattr(f, "stats", None)
+    if stats is not None:
+        res.extra["features"] = {**stats, "decode_busy_s": round(f.decode_busy_seconds(), 6),
+                                 "storage": str(f.storage_device)}
+    return res
 
 
 def select(model: Model, video, question: Question, config: AdaptTokenConfig, method: str,
@@ -151,6 +161,8 @@ def ask(model: Model, video_path, question: str | Question, options=(),
     if fresh_features:
         model.clear_cache()
     feats = model.features_for(video)
+    feats.configure(feature_device=config.feature_device, decode_workers=config.decode_workers,
+                    overlap=config.overlap, cache_dir=config.cache_dir)
     feats.reset_stats()
     feats.timer.add("probe", probe_s)
     sel = select(model, video, q, config, method, hooks)

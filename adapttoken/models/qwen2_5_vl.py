@@ -57,6 +57,7 @@ class Qwen25VLAdapter(Adapter):
         self.tokens_per_second = cfg.vision_config.tokens_per_second
         self.video_token_id = cfg.video_token_id
         self.use_fast_vision = True
+        self.compile_vision = False     # torch.compile the fast tower's blocks (slow first call)
         vp = processor.video_processor
         self._vp_kwargs = {}
         params = inspect.signature(vp._preprocess).parameters
@@ -115,11 +116,12 @@ class Qwen25VLAdapter(Adapter):
 
     # -- vision --------------------------------------------------------------------------------
     @torch.inference_mode()
-    def encode(self, frames: torch.Tensor, resized: tuple[int, int]) -> torch.Tensor:
+    def preprocess(self, frames: torch.Tensor, resized: tuple[int, int]):
+        """Resize + normalise + patchify on the model's device, at exactly `resized` (min = max):
+        (pixel_values_videos, video_grid_thw)."""
         dev = self.device
         h, w = resized
         vp = self.processor.video_processor
-        # Resize + normalise + patchify on the model's device, at exactly `resized` (min = max).
         batch = vp(videos=[frames.to(dev)], size={"shortest_edge": h * w, "longest_edge": h * w},
                    do_sample_frames=False, return_tensors="pt", device=dev, **self._vp_kwargs)
         pv = batch["pixel_values_videos"].to(dev)
@@ -127,6 +129,13 @@ class Qwen25VLAdapter(Adapter):
         rows, cols = self.token_grid(resized)
         if int(grid[0, 1]) != rows * self.merge or int(grid[0, 2]) != cols * self.merge:
             raise RuntimeError(f"video processor resized to {grid.tolist()} instead of {resized}")
+        return pv, grid
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels, resized: tuple[int, int]) -> torch.Tensor:
+        """The vision tower on preprocessed pixels -> [slices, rows*cols, D]."""
+        pv, grid = pixels
+        rows, cols = self.token_grid(resized)
         visual = self.model.model.visual
         if self.use_fast_vision:
             try:
@@ -134,11 +143,15 @@ class Qwen25VLAdapter(Adapter):
             except ImportError:
                 fast_video_features = None
             if fast_video_features is not None and is_supported(visual):
-                feats = fast_video_features(visual, pv.to(visual.dtype), grid)
+                kw = {"compile": True} if self.compile_vision else {}
+                feats = fast_video_features(visual, pv.to(visual.dtype), grid, **kw)
                 return feats.view(int(grid[0, 0]), rows * cols, -1)
         feats = self.model.model.get_video_features(pv, grid).pooler_output
         feats = torch.cat(list(feats)) if isinstance(feats, (tuple, list)) else feats
         return feats.view(int(grid[0, 0]), rows * cols, -1)
+
+    def encode(self, frames: torch.Tensor, resized: tuple[int, int]) -> torch.Tensor:
+        return self.encode_pixels(self.preprocess(frames, resized), resized)
 
     # -- prompt --------------------------------------------------------------------------------
     def build_prompt(self, question: Question) -> Prompt:
