@@ -1,0 +1,452 @@
+"""Fast forward of the Qwen2.5-VL vision tower (``model.model.visual``) for video features.
+
+``fast_video_features(visual, pixel_values, grid_thw)`` returns what
+``model.model.get_video_features(pixel_values, grid_thw).pooler_output`` returns, concatenated over
+the videos (merged tokens in raster order t, row, col), computed with the module's own weights and
+submodules (norms, qkv/proj, rotary, MLP, merger). What changes is the attention:
+
+* transformers' sdpa path loops in Python over every window (64 patches) and every full-attention
+  slice, one sdpa call each (~1000 calls per layer at 128 frames of 448x448);
+* here the tokens are laid out so that all windows of the same length are contiguous, and each
+  block does one batched sdpa call per distinct window length (one call when the frame size is a
+  multiple of 112 px; at most four per frame size otherwise: full windows, the right edge, the
+  bottom edge, the corner). Full-attention blocks (``fullatt_block_indexes``) attend within each
+  temporal slice: one batched sdpa call per distinct slice size.
+
+Layout: the tower works on spatial-merge units (2x2 patches kept together, as the merger needs).
+The "window layout" orders units by window length class, then in transformers' own window order
+(video, slice, window row, window col, raster inside the window); with one class it *is*
+transformers' order. The "slice layout" is transformers' order grouped by slice size, so each slice
+is contiguous. Hidden states are gathered between the two layouts only around full-attention
+blocks and only when they differ (ragged tilings or mixed frame sizes). Keys keep transformers'
+order inside every window and slice, so results agree with transformers up to the attention
+kernel's batching (float32 on CPU: bit-identical in the tests; float64: identical).
+
+On CUDA the patch embedding is the Conv3d's weight applied as one matmul (kernel == stride, no
+bias: the same sum in another order; the benchmark times both); elsewhere the module's Conv3d.
+The eager rotary computes transformers' float32 formula bit for bit in fewer passes; on CUDA the
+MLP intermediates get a row stride padded to 8 elements (3420 -> 3424 for the 7B) so cuBLAS can
+use its fast Hopper kernels. ``compile=True`` runs the per-block code before and after the
+attention through ``torch.compile`` (fuses norms, rotary and gating; numerics then differ at bf16
+rounding level).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["fast_video_features", "is_supported", "VisionLayout", "build_layout", "count_flops"]
+
+
+# ----------------------------------------------------------------------------------------------
+# module checks
+
+
+def _block_ok(blk) -> bool:
+    attn = getattr(blk, "attn", None)
+    mlp = getattr(blk, "mlp", None)
+    if attn is None or mlp is None:
+        return False
+    for name in ("qkv", "proj", "num_heads", "head_dim", "scaling"):
+        if not hasattr(attn, name):
+            return False
+    for name in ("gate_proj", "up_proj", "down_proj", "act_fn"):
+        if not hasattr(mlp, name):
+            return False
+    for name in ("norm1", "norm2"):
+        norm = getattr(blk, name, None)
+        if norm is None or not hasattr(norm, "weight"):
+            return False
+    qkv = attn.qkv
+    return (isinstance(qkv, torch.nn.Linear) and qkv.out_features == 3 * qkv.in_features
+            and attn.num_heads * attn.head_dim == qkv.in_features)
+
+
+def is_supported(visual) -> bool:
+    """True when `visual` looks like the transformers 5.x Qwen2.5-VL vision tower this module knows:
+    Conv3d patch embed without bias, axial rotary called as ``rotary_pos_emb(x, position_ids)``,
+    windowed blocks (qkv/proj, RMSNorm, gated MLP) and the 2x2 patch merger."""
+    try:
+        if type(visual).__name__ != "Qwen2_5_VisionTransformerPretrainedModel":
+            return False
+        for name in ("spatial_merge_size", "patch_size", "window_size", "fullatt_block_indexes",
+                     "patch_embed", "rotary_pos_emb", "blocks", "merger"):
+            if not hasattr(visual, name):
+                return False
+        pe = visual.patch_embed
+        proj = getattr(pe, "proj", None)
+        if not isinstance(proj, torch.nn.Conv3d) or proj.bias is not None:
+            return False
+        if tuple(proj.kernel_size) != tuple(proj.stride):
+            return False
+        rot = visual.rotary_pos_emb
+        # transformers 5.x: forward(x, position_ids) with an (h, w) axial recomposition.
+        # 4.x had visual.rot_pos_emb(grid_thw) instead: not supported here.
+        if not hasattr(rot, "inv_freq") or not hasattr(rot, "recomposition_frequencies"):
+            return False
+        if hasattr(visual, "rot_pos_emb"):
+            return False
+        if len(visual.blocks) == 0 or not all(_block_ok(b) for b in visual.blocks):
+            return False
+        m = visual.merger
+        if not hasattr(m, "ln_q") or not hasattr(m, "mlp"):
+            return False
+        ms, ps, ws = int(visual.spatial_merge_size), int(visual.patch_size), int(visual.window_size)
+        if ms < 1 or ws // ms // ps < 1:
+            return False
+        return True
+    except Exception:  # pragma: no cover - defensive: anything odd means "not the tower we know"
+        return False
+
+
+# ----------------------------------------------------------------------------------------------
+# layout
+
+
+@dataclass
+class VisionLayout:
+    """Index tensors describing the window and slice layouts for one ``grid_thw``.
+
+    All indices are over spatial-merge units (``unit`` = merge*merge consecutive patch rows of
+    ``pixel_values``) or over patches (``*_patch``), on the target device.
+    """
+    n_patches: int
+    unit: int                     # patches per merge unit (4)
+    win_units: torch.Tensor       # [U] unit id (raster order) at each window-layout position
+    win_groups: tuple             # ((start_patch, n_windows, window_len_patches), ...)
+    slice_groups: tuple           # ((start_patch, n_slices, slice_len_patches), ...) in slice layout
+    to_slice: torch.Tensor | None  # [N] patch gather window layout -> slice layout (None: same)
+    to_window: torch.Tensor | None  # [N] inverse of to_slice
+    pos_win: torch.Tensor         # [N, 2] (h, w) patch coordinates in window layout
+    pos_slice: torch.Tensor | None  # [N, 2] in slice layout (None: same as window)
+    inv_units: torch.Tensor       # [U] window-layout position of each raster unit
+
+
+def _runs(sizes: list[int]) -> tuple:
+    """Collapse consecutive equal lengths into (start, count, length) groups."""
+    groups, start = [], 0
+    for L in sizes:
+        if groups and groups[-1][2] == L:
+            s, n, _ = groups[-1]
+            groups[-1] = (s, n + 1, L)
+        else:
+            groups.append((start, 1, L))
+        start += L
+    return tuple(groups)
+
+
+def build_layout(grid_thw, spatial_merge_size: int, window_size: int, patch_size: int,
+                 device=None) -> VisionLayout:
+    """Compute the window/slice layouts for ``grid_thw`` ([n_videos, 3] of (t, h, w) in patches)."""
+    grid = [tuple(int(v) for v in row) for row in torch.as_tensor(grid_thw).tolist()]
+    m = int(spatial_merge_size)
+    unit = m * m
+    ws = window_size // m // patch_size  # window side in merge units (4 for 112 px)
+    hf_units, hf_lens = [], []           # transformers' window order and window lengths (units)
+    slice_sizes = []                     # per video: units per slice
+    unit_row, unit_col = [], []          # raster unit -> (row, col) in units
+    offset = 0
+    for t, h, w in grid:
+        if h % m or w % m:
+            raise ValueError(f"grid_thw row {(t, h, w)}: h and w must be multiples of the merge size {m}")
+        uh, uw = h // m, w // m
+        idx = torch.arange(t * uh * uw).reshape(t, uh, uw)
+        nh, nw = -(-uh // ws), -(-uw // ws)
+        pad = F.pad(idx, (0, nw * ws - uw, 0, nh * ws - uh), value=-1)
+        win = pad.reshape(t, nh, ws, nw, ws).permute(0, 1, 3, 2, 4).reshape(-1, ws * ws)
+        valid = win >= 0
+        hf_units.append(win[valid] + offset)
+        hf_lens.extend(valid.sum(1).tolist())
+        slice_sizes.append((t, uh * uw))
+        rr, cc = torch.meshgrid(torch.arange(uh), torch.arange(uw), indexing="ij")
+        unit_row.append(rr.reshape(-1).repeat(t))
+        unit_col.append(cc.reshape(-1).repeat(t))
+        offset += t * uh * uw
+    U = offset
+    hf_order = torch.cat(hf_units)
+    unit_row, unit_col = torch.cat(unit_row), torch.cat(unit_col)
+
+    # window layout: windows grouped by length (largest first), transformers' order within
+    lens = torch.tensor(hf_lens)
+    starts = torch.cumsum(lens, 0) - lens
+    classes = sorted(set(hf_lens), reverse=True)
+    win_parts, win_sizes = [], []
+    for L in classes:
+        sel = (lens == L).nonzero().flatten()
+        n = sel.numel()
+        ids = (starts[sel, None] + torch.arange(L)[None, :]).reshape(-1)
+        win_parts.append(hf_order[ids])
+        win_sizes.extend([L * unit] * n)
+    win_units = torch.cat(win_parts)
+    win_groups = _runs(win_sizes)
+
+    # slice layout: transformers' order, videos grouped by slice size (stable)
+    vid_starts, acc = [], 0
+    for t, s in slice_sizes:
+        vid_starts.append(acc)
+        acc += t * s
+    order = sorted(range(len(grid)), key=lambda i: [s for _, s in slice_sizes].index(slice_sizes[i][1]))
+    sl_parts, sl_sizes = [], []
+    for i in order:
+        t, s = slice_sizes[i]
+        sl_parts.append(hf_order[vid_starts[i]:vid_starts[i] + t * s])
+        sl_sizes.extend([s * unit] * t)
+    slice_units = torch.cat(sl_parts)
+    slice_groups = _runs(sl_sizes)
+
+    inv_units = torch.empty(U, dtype=torch.long)
+    inv_units[win_units] = torch.arange(U)
+    sub = torch.arange(unit)
+
+    def patches(units_pos):  # unit positions -> patch positions
+        return (units_pos[:, None] * unit + sub[None, :]).reshape(-1)
+
+    def coords(units):  # (h, w) patch coordinates for the patches of these units
+        r = unit_row[units][:, None] * m + (sub // m)[None, :]
+        c = unit_col[units][:, None] * m + (sub % m)[None, :]
+        return torch.stack([r.reshape(-1), c.reshape(-1)], dim=-1)
+
+    same = torch.equal(slice_units, win_units)
+    to_slice = None if same else patches(inv_units[slice_units])
+    to_window = None
+    if to_slice is not None:
+        to_window = torch.empty_like(to_slice)
+        to_window[to_slice] = torch.arange(to_slice.numel())
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+
+    def mv(x):
+        return None if x is None else x.to(dev)
+
+    return VisionLayout(
+        n_patches=U * unit, unit=unit, win_units=mv(win_units), win_groups=win_groups,
+        slice_groups=slice_groups, to_slice=mv(to_slice), to_window=mv(to_window),
+        pos_win=mv(coords(win_units)), pos_slice=None if same else mv(coords(slice_units)),
+        inv_units=mv(inv_units))
+
+
+_LAYOUT_CACHE: dict = {}
+
+
+def _layout_for(visual, grid_thw, device) -> VisionLayout:
+    key = (tuple(tuple(int(v) for v in r) for r in torch.as_tensor(grid_thw).tolist()),
+           int(visual.spatial_merge_size), int(visual.window_size), int(visual.patch_size), str(device))
+    lay = _LAYOUT_CACHE.get(key)
+    if lay is None:
+        if len(_LAYOUT_CACHE) > 32:
+            _LAYOUT_CACHE.clear()
+        lay = build_layout(grid_thw, visual.spatial_merge_size, visual.window_size,
+                           visual.patch_size, device)
+        _LAYOUT_CACHE[key] = lay
+    return lay
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+
+
+def _rotate_half(x):
+    d = x.shape[-1] // 2
+    return torch.cat((-x[..., d:], x[..., :d]), dim=-1)
+
+
+def _rotary_plain(qkv, cos, sin):
+    """transformers' apply_rotary_pos_emb_vision on q and k at once: float32 math, cast back.
+    qkv: [N, 3, H, d]; cos, sin: [N, 1, d] float32. Returns [2, N, H, d] (q, k) in qkv's dtype."""
+    qk = qkv[:, :2].transpose(0, 1).float()
+    return ((qk * cos) + (_rotate_half(qk) * sin)).to(qkv.dtype)
+
+
+def _rotary_eager(qkv, cos, sin_lo_neg, sin_hi):
+    """Bit-identical to `_rotary_plain` with fewer passes over memory (no float copy of q/k, no
+    concatenation, cast fused into the add): rotate_half(x)*sin = [x_hi*(-sin_lo), x_lo*sin_hi],
+    and x*(-s) == -(x*s) exactly in IEEE arithmetic."""
+    h = qkv.shape[-1] // 2
+    src = qkv[:, :2].transpose(0, 1)                          # [2, N, H, d] view
+    if src.dtype.itemsize > 4:  # transformers rounds wider inputs (float64) to float32 here too
+        src = src.float()
+    a = torch.mul(src, cos)                                   # float32 (type promotion, exact)
+    b = torch.empty_like(a)
+    torch.mul(src[..., h:], sin_lo_neg, out=b[..., :h])
+    torch.mul(src[..., :h], sin_hi, out=b[..., h:])
+    out = torch.empty(src.shape, dtype=qkv.dtype, device=qkv.device)
+    return torch.add(a, b, out=out)                           # float32 sum, rounded once
+
+
+def _segment_attention(qk, v, groups, num_heads, head_dim, scale):
+    """qk: [2, N, H, d] (rotated q, k); v: [N, H, d] view. One sdpa call per group of equal-length
+    segments; returns [N, H*d]."""
+    outs = []
+    for start, n, L in groups:
+        end = start + n * L
+        q = qk[0, start:end].unflatten(0, (n, L)).transpose(1, 2)
+        k = qk[1, start:end].unflatten(0, (n, L)).transpose(1, 2)
+        vv = v[start:end].unflatten(0, (n, L)).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, vv, scale=scale)
+        outs.append(o.transpose(1, 2).reshape(n * L, num_heads * head_dim))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
+def _mlp_aligned(mlp, h):
+    """``mlp(h)`` with the intermediate activations stored at a row stride that is a multiple of
+    8 elements. With intermediate_size 3420 (the 7B) a plain [N, 3420] bf16 tensor has 6840-byte
+    rows, which keeps cuBLAS off its fast Hopper kernels for the up/gate outputs and the down input.
+    Same weights and operations (addmm, the module's activation, multiply, down_proj)."""
+    gate, up = mlp.gate_proj, mlp.up_proj
+    n, inter = h.shape[0], gate.out_features
+    pad = -(-inter // 8) * 8
+    buf = torch.empty(n, 2 * pad, dtype=h.dtype, device=h.device)
+    g, u = buf[:, :inter], buf[:, pad:pad + inter]
+    for lin, out in ((gate, g), (up, u)):
+        if lin.bias is None:
+            torch.mm(h, lin.weight.t(), out=out)
+        else:
+            torch.addmm(lin.bias, h, lin.weight.t(), out=out)
+    torch.mul(mlp.act_fn(g), u, out=g)
+    return mlp.down_proj(g)
+
+
+def _attn_in(blk, x, cos, sin):
+    """norm1, qkv, rotary (plain formulation: what torch.compile sees). -> (qk [2,N,H,d], v)."""
+    attn = blk.attn
+    qkv = attn.qkv(blk.norm1(x)).view(x.shape[0], 3, attn.num_heads, attn.head_dim)
+    return _rotary_plain(qkv, cos, sin), qkv[:, 2]
+
+
+def _attn_out_mlp(blk, x, o):
+    x = x + blk.attn.proj(o)
+    return x + blk.mlp(blk.norm2(x))
+
+
+def _block_eager(blk, x, rot, groups, aligned_mlp):
+    attn = blk.attn
+    qkv = attn.qkv(blk.norm1(x)).view(x.shape[0], 3, attn.num_heads, attn.head_dim)
+    qk = _rotary_eager(qkv, rot[0], rot[2], rot[3])
+    o = _segment_attention(qk, qkv[:, 2], groups, attn.num_heads, attn.head_dim, attn.scaling)
+    x = x + attn.proj(o)
+    h = blk.norm2(x)
+    return x + (_mlp_aligned(blk.mlp, h) if aligned_mlp else blk.mlp(h))
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(name, fn):
+    c = _COMPILED.get(name)
+    if c is None:
+        # shapes: static on the first call, then dynamic in N (automatic dynamic shapes); the
+        # attention (whose grouping depends on the grid) stays outside, between the two graphs
+        c = _COMPILED[name] = torch.compile(fn)
+    return c
+
+
+def _block_compiled(blk, x, rot, groups):
+    attn = blk.attn
+    qk, v = _compiled("attn_in", _attn_in)(blk, x, rot[0], rot[1])
+    o = _segment_attention(qk, v, groups, attn.num_heads, attn.head_dim, attn.scaling)
+    return _compiled("attn_out_mlp", _attn_out_mlp)(blk, x, o)
+
+
+def _rotary(visual, x, pos):
+    """cos/sin for these patch positions from the module's rotary embedding, shaped [N, 1, d]
+    float32, plus (-sin[..., :d/2], sin[..., d/2:]) for `_rotary_eager`."""
+    cos, sin = visual.rotary_pos_emb(x, pos)
+    cos, sin = cos.float()[:, None, :], sin.float()[:, None, :]
+    h = sin.shape[-1] // 2
+    return cos, sin, -sin[..., :h], sin[..., h:].contiguous()
+
+
+def fast_video_features(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
+                        *, compile: bool = False, patch_matmul: bool | None = None,
+                        aligned_mlp: bool | None = None) -> torch.Tensor:
+    """Merged vision features of the videos in ``grid_thw``: ``[sum_v t*h*w/merge^2, out_hidden]``,
+    equal to ``torch.cat(model.model.get_video_features(pixel_values, grid_thw).pooler_output)``.
+
+    ``visual`` is ``model.model.visual`` (used as is, no copies). Runs under ``torch.no_grad``.
+    ``compile=True``: the per-block code before and after the attention goes through
+    ``torch.compile`` (fuses norms, rotary, gating; the first call compiles, a second frame count
+    recompiles once with dynamic shapes). Recommended on CUDA for long videos.
+    ``patch_matmul``: apply the patch-embedding Conv3d's weight as one matmul (the same sum, in
+    another order) instead of calling the Conv3d; default: matmul on CUDA, the module elsewhere.
+    ``aligned_mlp`` (eager only): MLP intermediates at a padded row stride; default: on CUDA.
+    Raises ValueError when ``visual`` is not a tower this module supports (see ``is_supported``).
+    """
+    if not is_supported(visual):
+        raise ValueError(f"{type(visual).__name__} is not a Qwen2.5-VL vision tower that "
+                         "fast_video_features supports; use model.model.get_video_features instead")
+    with torch.no_grad():
+        return _forward(visual, pixel_values, grid_thw, compile, patch_matmul, aligned_mlp)
+
+
+def _patch_embed(visual, pixel_values, matmul):
+    pe = visual.patch_embed
+    w = pe.proj.weight                                   # [D, C, T, P, P]
+    pv = pixel_values.to(device=w.device, dtype=w.dtype)
+    if matmul is None:
+        matmul = w.device.type == "cuda"
+    if matmul:  # Conv3d with kernel == stride and no bias == one matmul over each patch row
+        return F.linear(pv.reshape(pv.shape[0], -1), w.reshape(w.shape[0], -1))
+    return pe(pv)
+
+
+def _forward(visual, pixel_values, grid_thw, compile, patch_matmul, aligned_mlp):
+    w = visual.patch_embed.proj.weight           # [D, C, T, P, P]
+    device = w.device
+    if aligned_mlp is None:
+        aligned_mlp = device.type == "cuda"
+    lay = _layout_for(visual, grid_thw, device)
+    n = pixel_values.shape[0]
+    if n != lay.n_patches:
+        raise ValueError(f"pixel_values has {n} rows but grid_thw describes {lay.n_patches} patches")
+    D = w.shape[0]
+    x = _patch_embed(visual, pixel_values, patch_matmul)
+    x = x.view(-1, lay.unit, D)[lay.win_units].view(n, D)   # window layout
+
+    rot_w = _rotary(visual, x, lay.pos_win)
+    rot_s = _rotary(visual, x, lay.pos_slice) if lay.pos_slice is not None else rot_w
+
+    full = set(int(i) for i in visual.fullatt_block_indexes)
+    in_slice = False
+    for i, blk in enumerate(visual.blocks):
+        want_slice = i in full
+        if want_slice != in_slice and lay.to_slice is not None:
+            x = x[lay.to_slice] if want_slice else x[lay.to_window]
+        in_slice = want_slice
+        rot, groups = (rot_s, lay.slice_groups) if want_slice else (rot_w, lay.win_groups)
+        if compile:
+            x = _block_compiled(blk, x, rot, groups)
+        else:
+            x = _block_eager(blk, x, rot, groups, aligned_mlp)
+    if in_slice and lay.to_window is not None:
+        x = x[lay.to_window]
+    merged = visual.merger(x)                      # [U, out] in window layout
+    return merged[lay.inv_units]                   # raster order (video, t, row, col)
+
+
+# ----------------------------------------------------------------------------------------------
+# cost model (for benchmarks)
+
+
+def count_flops(cfg, grid_thw) -> dict:
+    """Matmul + attention FLOPs of one vision-tower forward (multiply-add = 2 FLOPs)."""
+    D, I, depth = cfg.hidden_size, cfg.intermediate_size, cfg.depth
+    out = cfg.out_hidden_size
+    m = cfg.spatial_merge_size
+    lay = build_layout(grid_thw, m, cfg.window_size, cfg.patch_size)
+    N = lay.n_patches
+    in_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
+    per_layer_mm = 2 * N * (D * 3 * D + D * D + 3 * D * I)
+    win_att = sum(n * 4 * L * L * D for _, n, L in lay.win_groups)
+    full_att = sum(n * 4 * L * L * D for _, n, L in lay.slice_groups)
+    n_full = sum(1 for i in cfg.fullatt_block_indexes if i < depth)
+    merged = N // (m * m)
+    hm = D * m * m
+    f = {
+        "patch_embed": 2 * N * in_dim * D,
+        "blocks_matmul": depth * per_layer_mm,
+        "attention": (depth - n_full) * win_att + n_full * full_att,
+        "merger": 2 * merged * (hm * hm + hm * out),
+    }
+    f["total"] = sum(f.values())
+    return f
