@@ -190,15 +190,18 @@ class FrameDecoder:
                    cancel: threading.Event) -> None:
         t0 = time.perf_counter()
         step = self.read_frames
-        for i in range(0, len(positions), step):
-            if cancel.is_set():
-                return
-            pos = positions[i:i + step]
-            if self.video.frames is not None:
-                frames = self.video.frames[torch.as_tensor(pos, dtype=torch.long)]
-            else:
-                frames, _ = self._reader(j).read([self.video.plan.indices[int(p)] for p in pos])
-            out[start + i:start + i + len(pos)] = frames
+        # `out` may be an inference tensor (the caller runs under torch.inference_mode(), as
+        # ComfyUI does); inference mode is per thread, so write to it in the same mode here.
+        with torch.inference_mode(out.is_inference()):
+            for i in range(0, len(positions), step):
+                if cancel.is_set():
+                    return
+                pos = positions[i:i + step]
+                if self.video.frames is not None:
+                    frames = self.video.frames[torch.as_tensor(pos, dtype=torch.long)]
+                else:
+                    frames, _ = self._reader(j).read([self.video.plan.indices[int(p)] for p in pos])
+                out[start + i:start + i + len(pos)] = frames
         with self._lock:
             self.busy_seconds += time.perf_counter() - t0
             self.frames_read += len(positions)
@@ -402,7 +405,7 @@ class SliceFeatures:
             self._disk.close()
         self._blocks = [None] * len(self._blocks)
         self._store_device = None
-        self._have.zero_()
+        self._have = torch.zeros_like(self._have)   # not in place: may be an inference tensor
         self.video.close()
 
     # -- storage -------------------------------------------------------------------------------
