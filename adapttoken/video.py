@@ -194,7 +194,7 @@ def _scan(path: str) -> _Probed:
         dts_list: list[int | None] = []
         key_list: list[bool] = []
         last_duration = 0
-        corrupt = 0
+        corrupt = discarded = 0
         first = None
         try:
             for packet in container.demux(stream):
@@ -211,6 +211,7 @@ def _scan(path: str) -> _Probed:
                     corrupt += 1
                     continue
                 if getattr(packet, "is_discard", False):  # dropped by an edit list: never output
+                    discarded += 1
                     continue
                 pts_list.append(packet.pts)
                 dts_list.append(packet.dts)
@@ -227,7 +228,7 @@ def _scan(path: str) -> _Probed:
                 "the file is damaged or uses a codec this FFmpeg build lacks: re-encode it to H.264"
             )
         declared = stream.frames or 0
-        if corrupt or declared > len(pts_list) + 1:
+        if corrupt or declared > len(pts_list) + discarded + 1:
             logger.warning("%s: %d frames are readable but the header declares %d: the file looks truncated: "
                            "re-download it (using the readable part)", path, len(pts_list), declared)
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate

@@ -48,7 +48,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "gop5": write_video(d / "gop5.mp4", 120, codec="libx264", gop=5),
         "vfr": write_video(d / "vfr.mp4", len(VFR_PTS_MS), codec="libx264", pts=VFR_PTS_MS,
                            time_base=Fraction(1, 1000)),
-        # Odd sizes: H.264 4:2:0 needs even sizes, MPEG-4 Part 2, FFV1 and MJPEG accept 97x61.
+        # Odd sizes: libx264 refuses 97x61 in 4:2:0 (even sizes only) but takes it in 4:4:4;
+        # MPEG-4 Part 2, FFV1 and MJPEG take it in 4:2:0.
+        "odd_h264": write_video(d / "odd_h264.mp4", 12, width=97, height=61, codec="libx264", pix_fmt="yuv444p"),
         "odd_mpeg4": write_video(d / "odd.mp4", 12, width=97, height=61, codec="mpeg4"),
         "odd_ffv1": write_video(d / "odd.mkv", 12, width=97, height=61, codec="ffv1"),
         "odd_mjpeg": write_video(d / "odd.avi", 12, width=97, height=61, codec="mjpeg"),
@@ -170,7 +172,7 @@ def test_variable_frame_rate_sampling_is_uniform_in_time(files: dict[str, str]) 
 # ---------------------------------------------------------------------------------- odd sizes, rotation
 
 
-@pytest.mark.parametrize("name", ["odd_mpeg4", "odd_ffv1", "odd_mjpeg"])
+@pytest.mark.parametrize("name", ["odd_h264", "odd_mpeg4", "odd_ffv1", "odd_mjpeg"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_odd_frame_sizes(files: dict[str, str], name: str, backend: str) -> None:
     info = probe_video(files[name])
