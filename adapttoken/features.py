@@ -258,6 +258,60 @@ class _SyncJob:
         pass
 
 
+def device_memory_budget(device: torch.device) -> int | None:
+    """Bytes this process may allocate on a CUDA device: the card's memory times the per-process
+    fraction (torch.cuda.set_per_process_memory_fraction), or None off CUDA."""
+    if device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    get = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    frac = 1.0
+    if get is not None:
+        try:
+            frac = float(get(device))
+        except Exception:  # noqa: BLE001
+            frac = 1.0
+    return int(total * frac)
+
+
+class PrefixKVCache:
+    """Key/value states of each group pass's question-independent prefix (system prompt, vision
+    start, the group's visual tokens), per decoder layer, so a new question on the same groups runs
+    only its own tokens through the language model. The visual tokens come before the question and
+    attention is causal, so their keys and values do not depend on the question: exact reuse.
+
+    Kept on the model's device while everything allocated there stays under `fraction` of the
+    device's memory budget (`device_memory_budget`); a group that does not fit is not cached (its
+    next question recomputes it). Off CUDA: at most `cpu_bytes`."""
+
+    def __init__(self, fraction: float = 0.75, cpu_bytes: int = 2 * 2 ** 30):
+        self.fraction, self.cpu_bytes = fraction, cpu_bytes
+        self._store: dict = {}
+        self.bytes = 0
+        self.hits = self.stored = self.refused = 0
+
+    def get(self, key):
+        kv = self._store.get(key)
+        if kv is not None:
+            self.hits += 1
+        return kv
+
+    def room(self, nbytes: int, device: torch.device) -> bool:
+        budget = device_memory_budget(device)
+        if budget is None:
+            return self.bytes + nbytes <= self.cpu_bytes
+        return torch.cuda.memory_allocated(device) + nbytes <= self.fraction * budget
+
+    def put(self, key, kv: list, nbytes: int) -> None:
+        self._store[key] = kv
+        self.bytes += nbytes
+        self.stored += 1
+
+    def clear(self) -> None:
+        self._store.clear()
+        self.bytes = 0
+
+
 FEATURE_DEVICES = ("auto", "gpu", "cpu")
 DEFAULT_GPU_FEATURE_BYTES = 4 * 2 ** 30
 
@@ -301,6 +355,7 @@ class SliceFeatures:
         self._ahead: dict[tuple[int, ...], object] = {}
         self._disk = None
         self._cache_dir = None
+        self.prefix_kv: PrefixKVCache | None = PrefixKVCache()
         self.feature_device = "auto"
         self.decode_workers = default_decode_workers()
         self.overlap = True
@@ -314,9 +369,16 @@ class SliceFeatures:
     # -- options -------------------------------------------------------------------------------
     def configure(self, *, feature_device: str | None = None, decode_workers: int | None = None,
                   overlap: bool | None = None, cache_dir=None, pad_chunks: bool | None = None,
-                  gpu_feature_bytes: int | None = None) -> "SliceFeatures":
+                  gpu_feature_bytes: int | None = None, prefix_cache: bool | None = None
+                  ) -> "SliceFeatures":
         """Change options (None leaves one as it is). Features already computed stay valid: they
-        move when the storage device changes."""
+        move when the storage device changes. prefix_cache: keep each group pass's prefix
+        keys/values for later questions (PrefixKVCache)."""
+        if prefix_cache is not None:
+            if not prefix_cache:
+                self.prefix_kv = None
+            elif self.prefix_kv is None:
+                self.prefix_kv = PrefixKVCache()
         if feature_device is not None:
             if feature_device not in FEATURE_DEVICES:
                 raise InputError(f"feature_device={feature_device!r} is not known: use one of "
@@ -403,6 +465,8 @@ class SliceFeatures:
             self._decoder = None
         if self._disk is not None:
             self._disk.close()
+        if self.prefix_kv is not None:
+            self.prefix_kv.clear()
         self._blocks = [None] * len(self._blocks)
         self._store_device = None
         self._have = torch.zeros_like(self._have)   # not in place: may be an inference tensor
@@ -427,7 +491,7 @@ class SliceFeatures:
         total = slice_bytes * self.num_slices
         limit = self.gpu_feature_bytes
         try:
-            limit = min(limit, int(0.2 * torch.cuda.get_device_properties(dev).total_memory))
+            limit = min(limit, int(0.2 * device_memory_budget(dev)))
         except Exception:  # noqa: BLE001
             pass
         return dev if total <= limit else torch.device("cpu")

@@ -256,3 +256,32 @@ def test_bench_gpu_tiny_smoke(tmp_path):
     assert res["disk_cache"]["second_decoded"] == 0
     assert (out / "README.md").read_text().startswith("# `bench gpu`")
     assert (out / "bench_gpu.png").stat().st_size > 1000
+
+
+# -- prefix key/value cache ---------------------------------------------------------------------
+
+def test_second_question_reuses_group_prefix_kv_exactly(tiny_model, clip):
+    cfg = at.AdaptTokenConfig(num_frames=96, group_size=8, budget=24, **PX)
+    q1 = at.Question("What is shown?", ("a", "b", "c"))
+    q2 = at.Question("Which colour came first in the video?", ("red", "blue"))
+    at.ask(tiny_model, clip, q1, config=cfg, fresh_features=True)
+    feats = tiny_model.features_for(at.open_video(clip, 96, **PX))
+    kv = feats.prefix_kv
+    assert kv.stored == 6 and kv.hits == 0
+    calls = []
+    h = tiny_model.adapter.text_model.register_forward_pre_hook(
+        lambda m, a, k: calls.append(k["inputs_embeds"].shape[1]), with_kwargs=True)
+    try:
+        warm = at.ask(tiny_model, clip, q2, config=cfg)
+    finally:
+        h.remove()
+    assert kv.hits == 6 and warm.decoded_frames == 0
+    n_suffix = len(tiny_model.adapter.build_prompt(q2).suffix_ids)
+    assert calls[:6] == [n_suffix] * 6                     # group passes ran the question only
+    feats.configure(prefix_cache=False)
+    cold = at.ask(tiny_model, clip, q2, config=cfg)
+    assert cold.option_probs == pytest.approx(warm.option_probs, abs=1e-5)
+    for a, b in zip(warm.groups, cold.groups):
+        assert a.entropy == pytest.approx(b.entropy, abs=1e-5) and a.budget == b.budget
+    assert [k["slice"] for k in warm.kept_tokens] == [k["slice"] for k in cold.kept_tokens]
+    feats.configure(prefix_cache=True)

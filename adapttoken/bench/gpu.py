@@ -151,6 +151,8 @@ class LLMCounter:
 
     def __init__(self, model):
         a = model.adapter
+        self.adapter = a
+        self.phase = "group_pass"
         self.text = a.text_model
         cfg = a.model.config.text_config
         self.layers = cfg.num_hidden_layers
@@ -160,7 +162,7 @@ class LLMCounter:
         self.head_dim = self.hidden // self.heads
         self.vocab = cfg.vocab_size
         self.dec_linear = param_counts(model)["decoder_linear"]
-        self.calls: list[tuple[int, int, bool]] = []      # (new tokens, past tokens, use_cache)
+        self.calls: list[tuple[int, int, bool]] = []      # (new tokens, past tokens, in answer)
         self._h = None
 
     def __enter__(self):
@@ -168,15 +170,30 @@ class LLMCounter:
             x = kwargs.get("inputs_embeds")
             if x is None:
                 x = kwargs.get("input_ids")
+            if x is None:
+                x = next((a for a in args if isinstance(a, torch.Tensor) and a.dim() >= 2), None)
             n = int(x.shape[1]) if x is not None else 0
             past = kwargs.get("past_key_values")
             p = int(past.get_seq_length()) if past is not None else 0
-            self.calls.append((n, p, bool(kwargs.get("use_cache"))))
+            self.calls.append((n, p, self.phase == "answer"))
         self._h = self.text.register_forward_pre_hook(hook, with_kwargs=True)
+        a = self.adapter
+        self._orig = (a.forward, a.generate)
+
+        def phased(fn, phase):
+            def run(*args, **kw):
+                prev, self.phase = self.phase, phase
+                try:
+                    return fn(*args, **kw)
+                finally:
+                    self.phase = prev
+            return run
+        a.forward, a.generate = phased(a.forward, "group_pass"), phased(a.generate, "answer")
         return self
 
     def __exit__(self, *exc):
         self._h.remove()
+        self.adapter.forward, self.adapter.generate = self._orig
 
     def reset(self):
         self.calls = []
@@ -186,20 +203,24 @@ class LLMCounter:
         attn = 4.0 * self.layers * self.hidden * (n * past + n * (n + 1) / 2)
         return mm + attn
 
-    def probe_flops(self, n: int, n_query: int) -> float:
+    def probe_flops(self, n: int, past: int, n_query: int) -> float:
+        """q projection of the query rows, k projection of every row (not when the keys come from
+        the prefix cache), scores and softmax-weighted nothing (scores only)."""
         kvd = self.kv * self.head_dim
-        return (2.0 * n_query * self.hidden * self.hidden + 2.0 * n * self.hidden * kvd
-                + 2.0 * 2 * self.heads * n_query * n * self.head_dim)
+        k_proj = 2.0 * n * self.hidden * kvd if past == 0 else 0.0
+        return (2.0 * n_query * self.hidden * self.hidden + k_proj
+                + 2.0 * self.heads * n_query * (n + past) * self.head_dim)
 
     def split(self, n_suffix: int) -> dict:
-        """FLOPs and token counts of the group passes (no cache) and the answer (cached calls)."""
+        """FLOPs and token counts of the group passes and of the answer (prefill + new tokens)."""
         gp = [(n, p) for n, p, c in self.calls if not c]
         ans = [(n, p) for n, p, c in self.calls if c]
         out = {
             "group_pass_calls": len(gp),
             "group_pass_tokens": sum(n for n, _ in gp),
-            "group_pass": sum(self.call_flops(n, p) + self.probe_flops(n, max(1, n_suffix - 1))
+            "group_pass": sum(self.call_flops(n, p) + self.probe_flops(n, p, max(1, n_suffix - 1))
                               for n, p in gp),
+            "group_pass_cached_calls": sum(1 for _, p in gp if p > 0),
             "answer_calls": len(ans),
             "answer_prefill_tokens": ans[0][0] if ans else 0,
             "answer_new_tokens": max(0, len(ans) - 1) + (1 if ans else 0),
@@ -394,7 +415,14 @@ def run_case(model, video_path, frames: int, method: str, args, counter: LLMCoun
     c.groups, c.group_passes = n_groups, res.group_passes
     c.decoded_frames, c.encoded_slices = res.decoded_frames, res.encoded_slices
     c.kept = len(res.kept_tokens)
-    c.features = res.extra.get("features", {})
+    c.features = dict(res.extra.get("features", {}))
+    kv = getattr(feats, "prefix_kv", None)
+    if kv is not None:
+        c.features.update(prefix_kv_hits=kv.hits, prefix_kv_stored=kv.stored,
+                          prefix_kv_refused=kv.refused, prefix_kv_gib=kv.bytes / 2 ** 30)
+    if dev.type == "cuda":
+        from ..features import device_memory_budget
+        c.features["device_budget_gib"] = device_memory_budget(dev) / 2 ** 30
     return c
 
 
@@ -446,7 +474,12 @@ def markdown(results: dict) -> str:
              f"- Lite: random weights give no confident group, so the stop point is a benchmark "
              f"parameter: Lite stops after round({meta['lite_stop_fraction']} x groups) groups.",
              f"- second question: a new question on the same video and sampling right after "
-             f"adapttoken; its vision features are still in memory.",
+             f"adapttoken; its vision features are still in memory, and so are the keys/values of "
+             f"each group's prefix (system prompt + visual tokens) where they fit (PrefixKVCache).",
+             (f"- lengths >= {meta['card_from']} frames run as on a {meta['card_gib']:g} GiB card: "
+              f"torch.cuda.set_per_process_memory_fraction caps the allocator there (allocations "
+              f"beyond it fail) and the library sizes its GPU caches to it." if meta.get("card_gib")
+              else "- no memory cap."),
              f"- rerun: `{meta['command']}`", "",
              "Seconds per stage (decode = time the pipeline waited for frames; the decoder threads "
              "run alongside the GPU), wall time, compute floor (counted FLOPs / measured matmul "
@@ -455,7 +488,8 @@ def markdown(results: dict) -> str:
            "answer | wall s | floor s | x floor | TFLOP/s e2e | vision TFLOP/s | group TFLOP/s | "
            "frames/s | LLM tok/s | peak GiB |")
     lines += [hdr, "|" + "|".join(["---"] * 18) + "|"]
-    for c in results["cases"]:
+    order = {m: i for i, m in enumerate(METHODS)}
+    for c in sorted(results["cases"], key=lambda c: (c["frames"], order.get(c["method"], 9))):
         s, d = c["seconds"], c["derived"]
         runs = f"{c['group_passes']}/{c['groups']}" if c["groups"] else "-"
         lines.append("| " + " | ".join([
@@ -475,6 +509,21 @@ def markdown(results: dict) -> str:
                   f"new in-memory cache, same cache folder: {dc['second_wall']:.2f} s "
                   f"(decoded {dc['second_decoded']} frames, loaded {dc['second_loaded']} slices in "
                   f"{dc['second_cache_load_s']:.2f} s); cache size {dc['bytes'] / 2 ** 30:.2f} GiB"]
+    if results.get("variants"):
+        lines += ["", "## One optimisation undone at a time (full method, "
+                      f"{results['variants'][0]['frames']} frames)", "",
+                  "| variant | decode | preproc | vision | group pass | allocate | answer | wall s | x floor |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        ref = next((c for c in results["cases"] if c["frames"] == results["variants"][0]["frames"]
+                    and c["method"] == "adapttoken"), None)
+        rows = ([("as benchmarked above", ref)] if ref else []) + [(v["variant"], v) for v in results["variants"]]
+        for name, c in rows:
+            s = c["seconds"]
+            lines.append("| " + " | ".join([name] + [_fmt(s.get(k, 0.0)) for k in
+                         ("decode", "preprocess", "vision", "group_pass", "allocate", "answer")]
+                         + [_fmt(c["wall"]), _fmt(c["derived"]["x_floor"])]) + " |")
+    if results.get("errors"):
+        lines += ["", "Errors: " + "; ".join(results["errors"])]
     if results.get("skipped"):
         lines += ["", "Not run (time limit): " + ", ".join(results["skipped"])]
     lines.append("")
@@ -612,6 +661,14 @@ def main(argv=None) -> int:
                     help="torch.compile the fast vision tower's blocks (chunks padded to one shape)")
     ap.add_argument("--disk-cache", action="store_true",
                     help="also time the on-disk feature cache (write, then load) at the smallest length")
+    ap.add_argument("--card-gib", type=float, default=24.0,
+                    help="emulate a card of this many GiB (torch.cuda.set_per_process_memory_fraction: "
+                         "allocations beyond it fail) for the lengths >= --card-from; 0: off")
+    ap.add_argument("--card-from", type=int, default=10000)
+    ap.add_argument("--variants", action="store_true",
+                    help="also run the full method at the smallest length with single optimisations "
+                         "undone (no decoder threads/overlap, transformers' vision tower, CPU "
+                         "feature storage, one decoder thread)")
     ap.add_argument("--time-limit", type=float, default=None,
                     help="seconds: skip the remaining cases once this much time has passed")
     args = ap.parse_args(argv)
@@ -636,6 +693,7 @@ def main(argv=None) -> int:
             "group_size": args.group_size, "lite_stop_fraction": args.lite_stop_fraction,
             "max_new_tokens": args.max_new_tokens, "compile_vision": args.compile_vision,
             "feature_device": args.feature_device, "overlap": not args.no_overlap,
+            "card_gib": args.card_gib, "card_from": args.card_from,
             "command": "python -m adapttoken bench gpu " + " ".join(argv if argv is not None else sys.argv[1:])}
     if device.type == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(device)
@@ -699,23 +757,88 @@ def main(argv=None) -> int:
                   f"  peak {c.peak_gib:.1f} GiB  passes {c.group_passes}/{c.groups}", flush=True)
             (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
 
+        def over_time() -> bool:
+            return bool(args.time_limit) and time.perf_counter() - t_begin > args.time_limit
+
+        def guarded(label, fn):
+            try:
+                return fn()
+            except Exception as e:  # noqa: BLE001 - keep the other cases (an OOM, say)
+                import traceback
+                traceback.print_exc()
+                results.setdefault("errors", []).append(f"{label}: {type(e).__name__}: {e}"[:500])
+                model.clear_cache()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                return None
+
+        def set_card(L):
+            if device.type != "cuda":
+                return
+            total = torch.cuda.get_device_properties(device).total_memory
+            if args.card_gib and L >= args.card_from:
+                frac = min(1.0, args.card_gib * 2 ** 30 / total)
+            else:
+                frac = 1.0
+            torch.cuda.set_per_process_memory_fraction(frac, device)
+
         for L in args.frames:
+            set_card(L)
             for m in args.methods:
-                if args.time_limit and time.perf_counter() - t_begin > args.time_limit:
+                if over_time():
                     results["skipped"].append(f"{L} {m}")
                     continue
                 if m == "second_question":
-                    if "adapttoken" not in args.methods:
+                    if not any(c["frames"] == L and c["method"] == "adapttoken" for c in results["cases"]):
                         continue
-                    c = run_case(model, vpath, L, "adapttoken", args, counter, vis_per_slice,
-                                 question=Q2, fresh=False)
-                    c.method = "second_question"
+                    c = guarded(f"{L} {m}", lambda: run_case(model, vpath, L, "adapttoken", args, counter,
+                                                             vis_per_slice, question=Q2, fresh=False))
+                    if c is not None:
+                        c.method = "second_question"
                 else:
-                    c = run_case(model, vpath, L, m, args, counter, vis_per_slice)
-                record(c)
+                    c = guarded(f"{L} {m}", lambda: run_case(model, vpath, L, m, args, counter,
+                                                             vis_per_slice))
+                if c is not None:
+                    record(c)
         model.clear_cache()
+        set_card(0)
 
-        if args.disk_cache and not (args.time_limit and time.perf_counter() - t_begin > args.time_limit):
+        # variants of the full method at the smallest length: what each optimisation is worth
+        if args.variants:
+            L = min(args.frames)
+            base = dict(feature_device=args.feature_device, decode_workers=args.decode_workers,
+                        no_overlap=args.no_overlap)
+            variants = [
+                ("no threads, no overlap", dict(decode_workers=0, no_overlap=True), True),
+                ("transformers vision tower", {}, False),
+                ("features in CPU memory", dict(feature_device="cpu"), True),
+                ("1 decoder thread", dict(decode_workers=1), True),
+            ]
+            results["variants"] = []
+            for name, change, fast in variants:
+                if over_time():
+                    results["skipped"].append(f"variant {name}")
+                    continue
+                for k, v in change.items():
+                    setattr(args, k, v)
+                model.adapter.use_fast_vision = fast
+                c = guarded(f"variant {name}", lambda: run_case(model, vpath, L, "adapttoken", args,
+                                                                counter, vis_per_slice))
+                for k, v in base.items():
+                    setattr(args, k, v)
+                model.adapter.use_fast_vision = True
+                model.clear_cache()
+                if c is not None:
+                    d = c.__dict__.copy()
+                    d["variant"] = name
+                    d["derived"] = derived(d, rate)
+                    results["variants"].append(d)
+                    print(f"[bench gpu] variant {name:28s} {L} frames wall {c.wall:7.2f} s  "
+                          + " ".join(f"{k}={c.seconds.get(k, 0):.2f}" for k in STAGES
+                                     if c.seconds.get(k)), flush=True)
+                    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+
+        if args.disk_cache and not over_time():
             import shutil
             import tempfile
             L = min(args.frames)

@@ -42,6 +42,41 @@ class _LayerCancel:
             h.remove()
 
 
+def _layer_kv(cache, i: int):
+    """(keys, values) [B, Hkv, L, hd] of layer i of a transformers DynamicCache."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return layers[i].keys, layers[i].values
+    return cache.key_cache[i], cache.value_cache[i]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _probe_with_keys(attn, hidden_q, cos_q, sin_q, keys, q_pos) -> torch.Tensor:
+    """The attention probe (rank.AttentionProbe) for query rows whose keys come from a KV cache:
+    hidden_q [B, nq, D] (normalised layer input of the query rows), cos_q/sin_q [B, nq, hd] their
+    rotary tables, keys [B, Hkv, L, hd] after RoPE (what the cache holds), q_pos [nq] the query rows'
+    indices in the full sequence (causal mask). Returns [B, heads, nq, L] float32."""
+    a = attn
+    B, nq, _ = hidden_q.shape
+    hd = a.head_dim
+    q = a.q_proj(hidden_q).view(B, nq, -1, hd)
+    if hasattr(a, "q_norm"):
+        q = a.q_norm(q)
+    q = q.transpose(1, 2)
+    q = q * cos_q[:, None] + _rotate_half(q) * sin_q[:, None]
+    hkv, L = keys.shape[1], keys.shape[2]
+    g = q.shape[1] // hkv
+    q = q.reshape(B, hkv, g, nq, hd).float()
+    s = torch.einsum("bkgqd,bkld->bkgql", q, keys.float()) * a.scaling
+    causal = torch.arange(L, device=keys.device).view(1, -1) > q_pos.view(-1, 1)
+    s = s.masked_fill(causal, float("-inf"))
+    return s.softmax(-1).reshape(B, hkv * g, nq, L)
+
+
 class Qwen25VLAdapter(Adapter):
     family = "qwen2_5_vl"
     frames_per_slice = 2
@@ -183,9 +218,16 @@ class Qwen25VLAdapter(Adapter):
                                  len(prompt.suffix_ids))[:, None]
         return x, pos
 
+    supports_prefix_cache = True
+
     @torch.inference_mode()
     def forward(self, prompt, embeds, coords, extent, probe_layer=None, aggregation="max",
-                hooks: Hooks = NO_HOOKS) -> ForwardOut:
+                hooks: Hooks = NO_HOOKS, prefix_cache=None) -> ForwardOut:
+        """prefix_cache: (PrefixKVCache, key) to reuse / keep the keys and values of the prefix and
+        visual tokens (question-independent) across questions on the same group."""
+        if prefix_cache is not None:
+            return self._forward_prefix(prompt, embeds, coords, extent, probe_layer, aggregation,
+                                        hooks, *prefix_cache)
         x, pos = self._inputs(prompt, embeds, coords, extent)
         n_pre, n_vis = len(prompt.prefix_ids), embeds.shape[0]
         with _LayerCancel(self.text_model.layers, hooks):
@@ -199,6 +241,46 @@ class Qwen25VLAdapter(Adapter):
         # query rows: every token after the visual span, <|vision_end|> excluded
         q_idx = torch.arange(n_pre + n_vis + 1, x.shape[1], device=x.device)
         attn = probe.attention(q_idx, slice(n_pre, n_pre + n_vis))
+        return ForwardOut(logits.float(), token_scores(attn, aggregation)[0])
+
+    def _forward_prefix(self, prompt, embeds, coords, extent, probe_layer, aggregation, hooks,
+                        store, key) -> ForwardOut:
+        from contextlib import nullcontext
+
+        from transformers import DynamicCache
+        x, pos = self._inputs(prompt, embeds, coords, extent)
+        n_pre, n_vis = len(prompt.prefix_ids), embeds.shape[0]
+        n0 = n_pre + n_vis                       # rows whose keys/values ignore the question
+        layers = self.text_model.layers
+        kv = store.get(key)
+        cache = DynamicCache()
+        if kv is not None:
+            for i, (k, v) in enumerate(kv):
+                cache.update(k, v, i)
+            x, pos = x[:, n0:], pos[:, :, n0:]
+        probe_ctx = (AttentionProbe(layers[probe_layer].self_attn) if probe_layer is not None
+                     else nullcontext())
+        with _LayerCancel(layers, hooks), probe_ctx as probe:
+            logits = self.model(inputs_embeds=x, position_ids=pos, past_key_values=cache,
+                                use_cache=True, logits_to_keep=1).logits[0, -1]
+        if kv is None:
+            kept = [tuple(t[:, :, :n0] for t in _layer_kv(cache, i)) for i in range(len(layers))]
+            nbytes = sum(2 * k.numel() * k.element_size() for k, _ in kept)
+            if store.room(nbytes, x.device):
+                store.put(key, kept, nbytes)
+            else:
+                store.refused += 1
+        if probe_layer is None:
+            return ForwardOut(logits.float())
+        if kv is None:
+            q_idx = torch.arange(n0 + 1, x.shape[1], device=x.device)
+            attn = probe.attention(q_idx, slice(n_pre, n0))
+        else:
+            keys, _ = _layer_kv(cache, probe_layer)
+            local = torch.arange(1, x.shape[1], device=x.device)    # <|vision_end|> excluded
+            attn = _probe_with_keys(layers[probe_layer].self_attn, probe.hidden[:, local],
+                                    probe.cos[:, local], probe.sin[:, local], keys,
+                                    local + n0)[..., n_pre:n0]
         return ForwardOut(logits.float(), token_scores(attn, aggregation)[0])
 
     @torch.inference_mode()
