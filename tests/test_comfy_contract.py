@@ -39,3 +39,15 @@ def test_inference_mode_run_then_release_outside(tiny_model, clip):
     with torch.inference_mode():
         again = at.ask(tiny_model, clip, q, config=_config())
     assert again.encoded_slices == 16 and again.answer == out["res"].answer
+
+
+@pytest.mark.parametrize("size", [(640, 360), (360, 640), (112, 84)])
+def test_frames_of_any_aspect_ratio(tiny_model, tmp_path, size):
+    """Users bring 16:9, vertical and odd-sized video with the default 308x560 pixel cap."""
+    w, h = size
+    path = write_video(tmp_path / f"v{w}x{h}.mp4", 8, width=w, height=h, fps=8)
+    cfg = at.AdaptTokenConfig(num_frames=8, group_size=2, budget=16, max_pixels=308 * 560)
+    res = at.ask(tiny_model, path, at.Question("What is shown?", ("a", "b")), config=cfg,
+                 fresh_features=True)
+    rh, rw = tiny_model.adapter.resized_size(h, w, None, 308 * 560)
+    assert res.tokens_per_slice == (rh // 28) * (rw // 28)

@@ -152,12 +152,20 @@ class Qwen25VLAdapter(Adapter):
     # -- vision --------------------------------------------------------------------------------
     @torch.inference_mode()
     def preprocess(self, frames: torch.Tensor, resized: tuple[int, int]):
-        """Resize + normalise + patchify on the model's device, at exactly `resized` (min = max):
-        (pixel_values_videos, video_grid_thw)."""
+        """Resize to exactly `resized` (bicubic, antialiased, as the processor would) on the model's
+        device, then normalise + patchify: (pixel_values_videos, video_grid_thw). The processor's
+        own resize cannot be told an exact size: with min = max = h*w its smart_resize lands on
+        another (h', w') whenever the frame's aspect differs from h:w (e.g. 640x360 at 308x560)."""
         dev = self.device
         h, w = resized
+        fr = frames.to(dev)
+        if tuple(fr.shape[1:3]) != (h, w):
+            import torchvision.transforms.v2.functional as tvF
+            fr = tvF.resize(fr.permute(0, 3, 1, 2), [h, w],
+                            interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
+            fr = fr.permute(0, 2, 3, 1).contiguous()
         vp = self.processor.video_processor
-        batch = vp(videos=[frames.to(dev)], size={"shortest_edge": h * w, "longest_edge": h * w},
+        batch = vp(videos=[fr], size={"shortest_edge": h * w, "longest_edge": h * w},
                    do_sample_frames=False, return_tensors="pt", device=dev, **self._vp_kwargs)
         pv = batch["pixel_values_videos"].to(dev)
         grid = batch["video_grid_thw"].to(dev)
