@@ -1,0 +1,230 @@
+"""The one owner of the model's life inside ComfyUI's memory manager, and the glue from the library's
+Hooks to ComfyUI's progress bar, Cancel button, text streaming and error dialog.
+
+The HF model is wrapped in a plain nn.Module (ModelPatcher assigns `.device`, which HF models refuse)
+and handed to a ModelPatcher: `load_models_gpu` then makes room by offloading other models, and
+/free or "Unload models" offload this one. Whenever the patcher detaches the weights, the video
+feature cache (which lives on the same device) is dropped with them.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+import adapttoken as at
+from adapttoken.models.base import resolve_dtype
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.utils
+import folder_paths
+from comfy.patcher_extension import CallbacksMP
+
+from .spec import BUNDLED_MODEL_NAME
+
+LLM_FOLDER = "LLM"
+log = logging.getLogger("adapttoken")
+
+
+# -- model folders ---------------------------------------------------------------------------------
+
+def bundled_model_dir() -> str:
+    from adapttoken.cli import BUNDLED_MODEL
+    return str(BUNDLED_MODEL)
+
+
+def model_folders() -> dict[str, str]:
+    """Display name -> folder: subfolders (and org/name sub-subfolders) of every LLM model path
+    that hold a config.json, plus the bundled demo model when it is installed."""
+    found: dict[str, str] = {}
+    try:
+        roots = folder_paths.get_folder_paths(LLM_FOLDER)
+    except KeyError:
+        roots = []
+    for root in roots:
+        if not os.path.isdir(root):
+            continue
+        for name in sorted(os.listdir(root)):
+            d = os.path.join(root, name)
+            if os.path.isfile(os.path.join(d, "config.json")):
+                found.setdefault(name, d)
+            elif os.path.isdir(d):
+                for sub in sorted(os.listdir(d)):
+                    if os.path.isfile(os.path.join(d, sub, "config.json")):
+                        found.setdefault(f"{name}/{sub}", os.path.join(d, sub))
+    if os.path.isfile(os.path.join(bundled_model_dir(), "config.json")):
+        found[BUNDLED_MODEL_NAME] = bundled_model_dir()
+    return found
+
+
+def model_names() -> list[str]:
+    return list(model_folders())
+
+
+def attention_options() -> list[str]:
+    opts = ["sdpa", "eager"]
+    if importlib.util.find_spec("flash_attn") is not None:
+        opts.append("flash_attention_2")
+    return opts
+
+
+def model_dir(name: str) -> str:
+    """The folder of a listed model, or a ModelLoadError that says where models go."""
+    path = model_folders().get(name)
+    if path is None:
+        if name == BUNDLED_MODEL_NAME:
+            raise at.ModelLoadError(f"the bundled demo model is not installed at {bundled_model_dir()}: "
+                                    f"reinstall the pack, or pick a model from models/{LLM_FOLDER}")
+        roots = ", ".join(_llm_roots()) or f"models/{LLM_FOLDER}"
+        raise at.ModelLoadError(f"model {name!r} is not in {roots}: put the model folder (config.json "
+                                f"+ .safetensors) there and refresh")
+    return path
+
+
+def _llm_roots() -> list[str]:
+    try:
+        return list(folder_paths.get_folder_paths(LLM_FOLDER))
+    except KeyError:
+        return []
+
+
+# -- the model inside ComfyUI's memory manager -----------------------------------------------------
+
+class HFHolder(torch.nn.Module):
+    """A plain module around the HF model, so that ModelPatcher may set `.device` on it."""
+
+    def __init__(self, hf_model: torch.nn.Module):
+        super().__init__()
+        self.hf = hf_model
+
+
+class WholeModelPatcher(comfy.model_patcher.ModelPatcher):
+    """Loads and offloads the model as a whole: an HF model split across devices cannot run, so a
+    request to free part of it frees none, and ComfyUI then offloads all of it."""
+
+    def partially_unload(self, *args, **kwargs):
+        return 0
+
+
+@dataclass(eq=False)
+class ComfyModel(at.Model):
+    """An adapttoken.Model whose weights ComfyUI's memory manager moves (see module doc)."""
+    patcher: object = None
+    keep_loaded: bool = True
+    path: str = ""
+
+    def ensure_loaded(self) -> None:
+        """Weights on the compute device (offloading other models if needed) before any pass."""
+        mm.load_models_gpu([self.patcher])
+        self.adapter.model.to(self.patcher.load_device)   # buffers the patcher does not move
+
+    def offload(self) -> None:
+        """Weights back to the offload device, video features dropped, cache emptied."""
+        for lm in list(mm.current_loaded_models):
+            if lm.model is self.patcher:
+                lm.model_unload()
+                mm.current_loaded_models.remove(lm)
+        self.clear_cache()
+        mm.soft_empty_cache()
+
+
+_OWNERS: dict[int, weakref.ref] = {}
+
+
+def owner_of(adapter) -> ComfyModel | None:
+    """The ComfyModel that holds `adapter` (a Selection knows its adapter, not its Model)."""
+    ref = _OWNERS.get(id(adapter))
+    m = ref() if ref is not None else None
+    return m if m is not None and m.adapter is adapter else None
+
+
+def _compute_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype != "auto":
+        return resolve_dtype(dtype, device)
+    if mm.should_use_bf16(device):
+        return torch.bfloat16
+    if mm.should_use_fp16(device):
+        return torch.float16
+    return torch.float32
+
+
+def load(name: str, dtype: str = "auto", attention: str = "sdpa", keep_loaded: bool = True) -> ComfyModel:
+    """Load a listed model onto the offload device and register it with ComfyUI."""
+    path = model_dir(name)
+    load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
+    lib = at.load_model(path, dtype=_compute_dtype(dtype, load_device), device=offload_device,
+                        attn_implementation=attention)
+    patcher = WholeModelPatcher(HFHolder(lib.adapter.model), load_device=load_device,
+                                offload_device=offload_device)
+    model = ComfyModel(lib.adapter, name=name, patcher=patcher, keep_loaded=keep_loaded, path=path)
+    ref = weakref.ref(model)
+    for key in [k for k, r in _OWNERS.items() if r() is None]:
+        del _OWNERS[key]
+    _OWNERS[id(lib.adapter)] = ref
+
+    def drop_features(_patcher, unpatch_all=True):
+        # ON_DETACH also fires, with unpatch_all=False, each time load_models_gpu re-registers
+        # a model that stays loaded; only a real unload moves the weights (and drops features).
+        m = ref()
+        if unpatch_all and m is not None:
+            m.clear_cache()
+
+    patcher.add_callback(CallbacksMP.ON_DETACH, drop_features)
+    return model
+
+
+def weights_fingerprint(name: str):
+    """Changes when the model's files change (so a replaced model is reloaded)."""
+    path = model_folders().get(name)
+    if path is None:
+        return name
+    return name, tuple(sorted((f, os.stat(os.path.join(path, f)).st_mtime_ns)
+                              for f in os.listdir(path) if f.endswith((".json", ".safetensors"))))
+
+
+# -- hooks and errors ------------------------------------------------------------------------------
+
+def hooks(node_id: str | None = None) -> at.Hooks:
+    """Library hooks: progress -> ComfyUI's progress bar, cancelled -> the Cancel button,
+    on_text -> text streamed onto the node `node_id`."""
+    bars: dict[str, comfy.utils.ProgressBar] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bar = bars.setdefault(stage, comfy.utils.ProgressBar(total))
+        bar.update_absolute(done, total)
+
+    def on_text(text: str) -> None:
+        from server import PromptServer
+        PromptServer.instance.send_progress_text(text, node_id)
+
+    return at.Hooks(progress=progress, cancelled=mm.processing_interrupted,
+                    on_text=on_text if node_id is not None else None)
+
+
+@contextlib.contextmanager
+def comfy_errors(model: at.Model | None = None):
+    """Library errors -> ComfyUI: Cancel becomes InterruptProcessingException (reported as
+    interrupted), a user-facing AdaptTokenError a plain ValueError with the same message, and GPU
+    memory is given back whatever went wrong."""
+    try:
+        yield
+    except at.Cancelled:
+        mm.soft_empty_cache()
+        mm.interrupt_current_processing(False)
+        raise mm.InterruptProcessingException() from None
+    except at.AdaptTokenError as e:
+        mm.soft_empty_cache()
+        raise ValueError(str(e)) from None
+    except torch.OutOfMemoryError:
+        if model is not None:
+            model.clear_cache()
+        mm.soft_empty_cache()
+        raise
+    except BaseException:
+        mm.soft_empty_cache()
+        raise

@@ -1,0 +1,350 @@
+"""The node pack inside a real ComfyUI server and its frontend (skipped without COMFYUI_DIR; see
+docs/TESTING-COMFYUI.md).
+
+- /object_info shows the 10 nodes exactly as nodes/spec.py declares them;
+- each shipped workflow loads in the real frontend (screenshot in tests/_artifacts/comfy/), converts
+  to the API format and runs to an answer; queued from the page too;
+- ComfyUI's caching re-runs only what changed, the feature cache goes with the model on /free and
+  after the answer when keep_loaded is off, Lite skips the groups after its stop;
+- bad inputs are refused before any work with a message naming the problem, errors during a run
+  arrive with the library's message, Cancel stops a long run, and the server goes on serving.
+
+The model is the bundled demo model when it is installed, else a tiny random Qwen2.5-VL written into
+the server's models/LLM (its answers are noise; the tests check mechanics, not accuracy).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+import urllib.request
+from pathlib import Path
+
+import sys
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO_ROOT))
+from nodes import spec  # noqa: E402
+
+WORKFLOWS = REPO_ROOT / "workflows"
+STEMS = ["adapttoken_full", "adapttoken_lite", "adapttoken_preview", "uniform_frames_baseline"]
+ARTIFACTS = REPO_ROOT / "tests" / "_artifacts" / "comfy"
+TINY = "tiny-qwen25vl"
+SAMPLE_SLICES = 480          # the sample: 960 frames = 480 slices of 2 frames
+SAMPLE_GROUPS = 8            # group_size 64 over 480 slices (strided)
+
+
+def bundled_installed() -> bool:
+    from adapttoken.cli import BUNDLED_MODEL
+    return (Path(BUNDLED_MODEL) / "config.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def model_name(comfy_server) -> str:
+    """The model the prompts use: the bundled one when installed, else a tiny random one."""
+    from adapttoken.tiny import build_tiny_model, save_model_folder
+    m, p = build_tiny_model(seed=0, layers=4, vision_depth=2)
+    save_model_folder(comfy_server.models_dir / "LLM" / TINY, m, p)
+    llama = comfy_server.models_dir / "LLM" / "some-llama"
+    llama.mkdir(parents=True, exist_ok=True)
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return spec.BUNDLED_MODEL_NAME if bundled_installed() else TINY
+
+
+@pytest.fixture(scope="module")
+def api(comfy_browser, model_name) -> dict[str, dict]:
+    """Each shipped workflow, loaded in the frontend (screenshot) and converted to the API format."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    run = comfy_browser([WORKFLOWS / f"{s}.json" for s in STEMS], require_nodes=tuple(spec.BY_ID),
+                        out_dir=ARTIFACTS)
+    assert run.returncode == 0, f"{run.stdout}\n{run.stderr}\n{run.results}\n{run.console()[-3000:]}"
+    return {s: run.api_prompt(s) for s in STEMS}
+
+
+def node_of(prompt: dict, class_type: str) -> str:
+    return next(k for k, v in prompt.items() if v["class_type"] == class_type)
+
+
+def make(api: dict, stem: str, model: str, **changes) -> dict:
+    """A copy of a converted workflow with the model set and inputs changed:
+    changes = {"BudgetAllocate__budget": 512} sets input budget of AdaptToken_BudgetAllocate."""
+    p = copy.deepcopy(api[stem])
+    p[node_of(p, "AdaptToken_LoadMLLM")]["inputs"]["model"] = model
+    for key, value in changes.items():
+        node, name = key.split("__")
+        p[node_of(p, f"AdaptToken_{node}")]["inputs"][name] = value
+    return p
+
+
+def stats(run, prompt) -> dict:
+    ui = run.outputs[node_of(prompt, "AdaptToken_MLLMAnswer")]
+    return json.loads(ui["stats"][0])
+
+
+def cached(run) -> set[str]:
+    return {n for d in run.of_type("execution_cached") for n in d["nodes"]}
+
+
+def ran(run) -> set[str]:
+    return {d["node"] for d in run.of_type("executing") if d.get("node") is not None}
+
+
+# -- what the server shows -------------------------------------------------------------------------
+
+def test_object_info_matches_the_spec(comfy_server, model_name):
+    info = comfy_server.object_info()
+    for s in spec.SPECS:
+        got = info[s.id]
+        assert got["display_name"] == s.display_name and got["category"] == spec.CATEGORY
+        assert got["output_node"] == s.output_node
+        assert got["output"] == [o.type for o in s.outputs]
+        assert got["output_name"] == [o.name for o in s.outputs]
+        order = got["input_order"]
+        assert order.get("required", []) == [i.name for i in s.inputs if not i.optional]
+        assert order.get("optional", []) == [i.name for i in s.inputs if i.optional]
+        for i in s.inputs:
+            typ, opts = got["input"]["optional" if i.optional else "required"][i.name]
+            assert typ == i.type, (s.id, i.name)
+            if i.is_widget:
+                assert opts.get("default") == i.default, (s.id, i.name)
+            for key in ("min", "max", "step"):
+                if getattr(i, key) is not None:
+                    assert opts[key] == getattr(i, key), (s.id, i.name, key)
+            if i.type == "COMBO" and not i.dynamic:
+                assert opts["options"] == list(i.options)
+            if i.multiline:
+                assert opts["multiline"] is True
+            if i.upload:
+                assert opts[f"{i.upload}_upload"] is True
+            if i.control_after_generate:
+                assert opts["control_after_generate"] is True
+    models = info["AdaptToken_LoadMLLM"]["input"]["required"]["model"][1]["options"]
+    assert TINY in models and "some-llama" in models
+    assert (spec.BUNDLED_MODEL_NAME in models) == bundled_installed()
+    attention = info["AdaptToken_LoadMLLM"]["input"]["required"]["attention"][1]["options"]
+    assert attention[:2] == ["sdpa", "eager"]
+    videos = info["AdaptToken_LoadVideo"]["input"]["required"]["video"][1]["options"]
+    assert spec.SAMPLE_VIDEO_NAME in videos
+
+
+def test_sample_video_copied_and_templates_listed(comfy_server):
+    copied = comfy_server.input_dir / spec.SAMPLE_VIDEO_NAME
+    bundled = REPO_ROOT / "adapttoken" / "assets" / "sample.mp4"
+    assert copied.read_bytes() == bundled.read_bytes()
+    listed = comfy_server.get("/workflow_templates")[comfy_server.pack]
+    assert sorted(listed) == sorted(STEMS)
+
+
+# -- the shipped workflows run ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_workflow_runs_to_an_answer(comfy_server, api, model_name, stem):
+    prompt = make(api, stem, model_name)
+    run = comfy_server.run(prompt, timeout=300)
+    assert run.status == "success", run.error
+    ui = run.outputs[node_of(prompt, "AdaptToken_MLLMAnswer")]
+    assert isinstance(ui["text"][0], str)
+    probs = json.loads(ui["option_probs"][0])
+    assert sorted(probs) == ["A", "B", "C", "D"] and abs(sum(probs.values()) - 1) < 1e-3
+    st = stats(run, prompt)
+    assert st["num_frames"] == 960 and st["num_slices"] == SAMPLE_SLICES
+    if stem == "uniform_frames_baseline":
+        assert st["method"] == "uniform" and st["group_passes"] == 0
+    else:
+        assert st["method"] == ("lite" if stem == "adapttoken_lite" else "adapttoken")
+        summary = run.outputs[node_of(prompt, "AdaptToken_BudgetAllocate")]["text"][0]
+        assert "group  frames  H/Hmax" in summary
+    if stem == "adapttoken_preview":
+        img = run.outputs[node_of(prompt, "AdaptToken_SelectionPreview")]["images"][0]
+        url = (f"{comfy_server.base_url}/view?filename={img['filename']}&type={img['type']}"
+               f"&subfolder={img['subfolder']}")
+        with urllib.request.urlopen(url, timeout=30) as r:     # binary: not the harness's request()
+            assert r.status == 200 and r.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_workflows_queued_from_the_page(comfy_browser, comfy_server, model_name, tmp_path):
+    """Queued with the Run button's code path; the .after.png screenshots show the answer on the
+    MLLM Answer node and the summary on Budget Allocate (web/js/adapttoken.js)."""
+    for stem in STEMS:
+        ui = json.loads((WORKFLOWS / f"{stem}.json").read_text())
+        for n in ui["nodes"]:
+            if n["type"] == "AdaptToken_LoadMLLM":
+                n["widgets_values"][0] = model_name
+        (tmp_path / f"{stem}.json").write_text(json.dumps(ui))
+    out = ARTIFACTS / "queued"
+    out.mkdir(parents=True, exist_ok=True)
+    run = comfy_browser([tmp_path / f"{s}.json" for s in STEMS], require_nodes=tuple(spec.BY_ID),
+                        queue=True, out_dir=out)
+    assert run.returncode == 0, f"{run.stdout}\n{run.stderr}\n{run.results}"
+    assert all((out / f"{s}.after.png").is_file() for s in STEMS)
+    errors = [ln for ln in run.console().splitlines() if "adapttoken" in ln.lower() and "error" in ln.lower()]
+    assert not errors, errors
+
+
+# -- laziness, caching and the feature cache -------------------------------------------------------
+
+def test_budget_change_reruns_only_the_allocation(comfy_server, api, model_name):
+    first = comfy_server.run(make(api, "adapttoken_full", model_name), timeout=300)
+    assert first.status == "success"
+    p = make(api, "adapttoken_full", model_name, BudgetAllocate__budget=512)
+    run = comfy_server.run(p, timeout=300)
+    assert run.status == "success"
+    upstream = {node_of(p, f"AdaptToken_{n}") for n in
+                ("LoadMLLM", "LoadVideo", "GroupSplit", "AttentionRank", "EntropyScore")}
+    assert upstream <= cached(run)
+    assert ran(run) == {node_of(p, "AdaptToken_BudgetAllocate"), node_of(p, "AdaptToken_MLLMAnswer")}
+    st = stats(run, p)
+    assert st["encoded_slices"] == 0 and st["decoded_frames"] == 0 and st["budget"] == 512
+
+
+def test_new_question_reuses_features_until_free(comfy_server, api, model_name):
+    p = make(api, "adapttoken_full", model_name, AttentionRank__question="What appeared first?")
+    comfy_server.run(p, timeout=300)
+    p2 = make(api, "adapttoken_full", model_name, AttentionRank__question="What appeared last?")
+    run = comfy_server.run(p2, timeout=300)
+    assert run.status == "success"
+    assert {node_of(p2, "AdaptToken_LoadMLLM"), node_of(p2, "AdaptToken_LoadVideo")} <= cached(run)
+    st = stats(run, p2)
+    assert st["group_passes"] == SAMPLE_GROUPS and st["encoded_slices"] == 0
+    comfy_server.free()              # "Unload models": the features go with the weights
+    time.sleep(1.0)
+    p3 = make(api, "adapttoken_full", model_name, AttentionRank__question="What appeared at all?")
+    st = stats(comfy_server.run(p3, timeout=300), p3)
+    assert st["encoded_slices"] == SAMPLE_SLICES
+
+
+def test_keep_loaded_off_offloads_after_the_answer(comfy_server, api, model_name):
+    p = make(api, "adapttoken_full", model_name, LoadMLLM__keep_loaded=False,
+             AttentionRank__question="Is anything red?")
+    assert stats(comfy_server.run(p, timeout=300), p)["encoded_slices"] == SAMPLE_SLICES
+    p2 = make(api, "adapttoken_full", model_name, LoadMLLM__keep_loaded=False,
+              AttentionRank__question="Is anything green?")
+    assert stats(comfy_server.run(p2, timeout=300), p2)["encoded_slices"] == SAMPLE_SLICES
+    p3 = make(api, "adapttoken_full", model_name, AttentionRank__question="Is anything blue?")
+    comfy_server.run(p3, timeout=300)
+    p4 = make(api, "adapttoken_full", model_name, AttentionRank__question="Is anything grey?")
+    assert stats(comfy_server.run(p4, timeout=300), p4)["encoded_slices"] == 0
+
+
+def test_lite_never_touches_the_groups_after_the_stop(comfy_server, api, model_name):
+    comfy_server.free()              # start from an empty feature cache
+    time.sleep(1.0)
+    # threshold 1.0: stop after the first group whatever its entropy
+    p = make(api, "adapttoken_lite", model_name, EarlyStop__threshold=1.0,
+             AttentionRank__question="What colour was it?")
+    run = comfy_server.run(p, timeout=300)
+    assert run.status == "success", run.error
+    st = stats(run, p)
+    assert st["method"] == "lite" and st["group_passes"] == 1
+    assert st["skipped_groups"] == list(range(1, SAMPLE_GROUPS))
+    assert st["encoded_slices"] == SAMPLE_SLICES // SAMPLE_GROUPS
+    summary = run.outputs[node_of(p, "AdaptToken_BudgetAllocate")]["text"][0]
+    assert "skipped by Early Stop" in summary
+
+
+def test_answer_text_is_streamed_to_the_node(comfy_server, api, model_name):
+    p = make(api, "adapttoken_full", model_name, MLLMAnswer__max_new_tokens=12)
+    run = comfy_server.run(p, timeout=300)
+    answer_node = node_of(p, "AdaptToken_MLLMAnswer")
+    answer = run.outputs[answer_node]["text"][0]
+    texts = run.texts(answer_node)
+    if answer:
+        assert texts and texts[-1].strip() == answer.strip()
+
+
+# -- other video sources ---------------------------------------------------------------------------
+
+def test_images_and_core_video_inputs(comfy_server, api, model_name):
+    base = make(api, "uniform_frames_baseline", model_name)
+    lv = node_of(base, "AdaptToken_LoadVideo")
+    p = copy.deepcopy(base)
+    p["100"] = {"class_type": "EmptyImage",
+                "inputs": {"width": 112, "height": 84, "batch_size": 30, "color": 0x336699}}
+    p[lv]["inputs"].update(images=["100", 0], images_fps=10.0, video="not-there.mp4")
+    run = comfy_server.run(p, timeout=300)
+    assert run.status == "success", run.error
+    st = stats(run, p)
+    assert st["num_frames"] == 30 and st["num_slices"] == 15
+    p = copy.deepcopy(base)
+    p["101"] = {"class_type": "LoadVideo", "inputs": {"file": spec.SAMPLE_VIDEO_NAME}}
+    p[lv]["inputs"].update(video_input=["101", 0], num_frames=64)
+    run = comfy_server.run(p, timeout=300)
+    assert run.status == "success", run.error
+    assert stats(run, p)["num_frames"] == 64
+
+
+def test_path_widget_wins_over_the_list(comfy_server, api, model_name, tmp_path):
+    from videos import write_video
+    clip = write_video(tmp_path / "elsewhere.mp4", 40, width=64, height=48, fps=8)
+    p = make(api, "uniform_frames_baseline", model_name, LoadVideo__path=f'"{clip}"')
+    run = comfy_server.run(p, timeout=300)
+    assert run.status == "success", run.error
+    assert stats(run, p)["num_frames"] == 40
+
+
+# -- bad inputs, errors, cancel --------------------------------------------------------------------
+
+BAD = {
+    "missing file in the list": ("LoadVideo__video", "nope.mp4", "not in ComfyUI's input folder"),
+    "missing path": ("LoadVideo__path", "/no/such/video.mp4", "does not exist"),
+    "end before start": ("LoadVideo__end", 0.5, "must be after start"),
+    "empty question": ("AttentionRank__question", "   ", "question is empty"),
+    "one option": ("AttentionRank__options", "only one", "at least two options"),
+    "budget 0": ("BudgetAllocate__budget", 0, "budget=0"),
+    "llama folder": ("LoadMLLM__model", "some-llama", "'llama' model; supported families"),
+    "unknown model": ("LoadMLLM__model", "gone", "is not in"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_refused_before_any_work(comfy_server, api, model_name, case):
+    key, value, message = BAD[case]
+    changes = {key: value}
+    if key == "LoadVideo__end":
+        changes["LoadVideo__start"] = 1.0
+    p = make(api, "adapttoken_full", model_name, **changes)
+    if key == "LoadMLLM__model":
+        p[node_of(p, "AdaptToken_LoadMLLM")]["inputs"]["model"] = value
+    rejected = sys.modules[type(comfy_server).__module__].PromptRejected   # the harness's class
+    with pytest.raises(rejected) as e:
+        comfy_server.post_prompt(p)
+    assert e.value.status == 400
+    details = [err["details"] for n in e.value.body["node_errors"].values() for err in n["errors"]]
+    assert any(message in d for d in details), details
+
+
+def test_error_during_a_run_has_the_library_message_and_server_goes_on(comfy_server, api, model_name):
+    p = make(api, "adapttoken_full", model_name, GroupSplit__group_size=1000)
+    run = comfy_server.run(p, timeout=300)
+    assert run.status == "error"
+    assert run.error["node_type"] == "AdaptToken_GroupSplit"
+    assert "group_size=1000 slices is larger than the video's 480 slices" in run.error["exception_message"]
+    assert comfy_server.run(make(api, "adapttoken_full", model_name), timeout=300).status == "success"
+
+
+def test_cancel_stops_a_long_run(comfy_server, api, model_name, tmp_path):
+    from videos import write_video
+    name = "adapttoken_long_test.mp4"
+    write_video(comfy_server.input_dir / name, 4000, width=112, height=112, fps=25)
+    p = make(api, "adapttoken_full", model_name, LoadVideo__video=name, LoadVideo__num_frames=4000,
+             GroupSplit__group_size=1, AttentionRank__question="Cancel me?")
+    pid = comfy_server.post_prompt(p)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:        # wait until it runs, then give it a moment
+        running = comfy_server.get("/queue")["queue_running"]
+        if any(item[1] == pid for item in running):
+            break
+        time.sleep(0.1)
+    time.sleep(3.0)
+    t0 = time.monotonic()
+    comfy_server.interrupt(pid)
+    run = comfy_server.wait(pid, timeout=120)
+    stopped_after = time.monotonic() - t0
+    assert run.status == "interrupted", run.error
+    assert stopped_after < 10, f"took {stopped_after:.1f} s to stop"
+    ended = run.of_type("execution_interrupted")[0]
+    assert ended["node_type"] in ("AdaptToken_BudgetAllocate", "AdaptToken_MLLMAnswer")
+    # the server is fine and the next prompt runs
+    assert comfy_server.run(make(api, "uniform_frames_baseline", model_name), timeout=300).status == "success"

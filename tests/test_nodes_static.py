@@ -1,0 +1,216 @@
+"""The ComfyUI pack without ComfyUI: the node table (nodes/spec.py) and every shipped workflow
+checked against it, the pack's import being light, and the pure text helpers of the nodes.
+tests/comfy/ checks the same table against a real ComfyUI's /object_info and runs the workflows."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from nodes import spec  # noqa: E402
+from nodes.text import parse_options  # noqa: E402
+
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+FRONTEND_ONLY = {"MarkdownNote", "Note"}      # virtual nodes the frontend never sends to the server
+CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+SOCKET_TYPES = set(spec.CUSTOM_TYPES) | {"IMAGE", "VIDEO"}
+NODE_IDS = ["AdaptToken_LoadMLLM", "AdaptToken_LoadVideo", "AdaptToken_GroupSplit",
+            "AdaptToken_AttentionRank", "AdaptToken_EntropyScore", "AdaptToken_EarlyStop",
+            "AdaptToken_BudgetAllocate", "AdaptToken_UniformFrames", "AdaptToken_MLLMAnswer",
+            "AdaptToken_SelectionPreview"]
+SAMPLE = json.loads((ROOT / "adapttoken" / "assets" / "sample.json").read_text())
+
+
+# -- the table -------------------------------------------------------------------------------------
+
+def test_node_ids_are_the_promised_ones():
+    assert [s.id for s in spec.SPECS] == NODE_IDS
+    assert len(spec.BY_ID) == len(spec.SPECS)
+
+
+@pytest.mark.parametrize("s", spec.SPECS, ids=lambda s: s.id)
+def test_spec_is_consistent(s):
+    names = [i.name for i in s.inputs]
+    assert len(set(names)) == len(names)
+    assert len({o.name for o in s.outputs}) == len(s.outputs)
+    assert s.display_name and s.description
+    for i in s.inputs:
+        assert i.is_widget or i.type in SOCKET_TYPES, i
+        if i.type == "INT":
+            assert isinstance(i.default, int) and i.min <= i.default <= i.max, i
+        elif i.type == "FLOAT":
+            assert i.min <= i.default <= i.max, i
+        elif i.type == "COMBO" and not i.dynamic:
+            assert i.default in i.options, i
+        elif i.type == "BOOLEAN":
+            assert isinstance(i.default, bool)
+    for o in s.outputs:
+        assert o.type in SOCKET_TYPES | set(spec.WIDGET_TYPES), o
+
+
+def test_the_method_chain_types_line_up():
+    """video -> groups -> ranked -> scored -> selection: each step consumes what the last made."""
+    out = {s.id: [o.type for o in s.outputs] for s in spec.SPECS}
+    ins = {s.id: [i.type for i in s.inputs if not i.is_widget] for s in spec.SPECS}
+    assert out["AdaptToken_LoadVideo"][0] in ins["AdaptToken_GroupSplit"]
+    assert out["AdaptToken_GroupSplit"] == ["AT_GROUPS"] and "AT_GROUPS" in ins["AdaptToken_AttentionRank"]
+    assert ins["AdaptToken_EntropyScore"] == out["AdaptToken_AttentionRank"]
+    assert ins["AdaptToken_EarlyStop"] == out["AdaptToken_EarlyStop"] == out["AdaptToken_EntropyScore"]
+    assert ins["AdaptToken_BudgetAllocate"] == out["AdaptToken_EntropyScore"]
+    assert out["AdaptToken_BudgetAllocate"][0] == out["AdaptToken_UniformFrames"][0] == "AT_SELECTION"
+    assert ins["AdaptToken_MLLMAnswer"] == ins["AdaptToken_SelectionPreview"] == ["AT_SELECTION"]
+
+
+def test_widget_order_is_the_frontends():
+    """Checked in the ComfyUI 1.27 frontend: optional widgets after required ones, the seed's
+    control value right after it, the upload button last."""
+    assert [n for n, _ in spec.BY_ID["AdaptToken_LoadVideo"].widget_slots()] == [
+        "video", "num_frames", "max_fps", "start", "end", "max_pixels", "path", "images_fps", "upload"]
+    assert [n for n, _ in spec.BY_ID["AdaptToken_MLLMAnswer"].widget_slots()][-2:] == [
+        "seed", "control_after_generate"]
+
+
+# -- the workflows ---------------------------------------------------------------------------------
+
+def _valid_widget(i: spec.In, v) -> bool:
+    if i.type == "INT":
+        return isinstance(v, int) and not isinstance(v, bool) and i.min <= v <= i.max
+    if i.type == "FLOAT":
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) \
+            and i.min <= v <= i.max
+    if i.type == "BOOLEAN":
+        return isinstance(v, bool)
+    if i.type == "STRING":
+        return isinstance(v, str)
+    allowed = set(i.options)
+    if i.dynamic == "input_videos":
+        allowed.add(spec.SAMPLE_VIDEO_NAME)
+    return v in allowed
+
+
+def test_the_four_workflows_are_shipped():
+    assert [p.name for p in WORKFLOWS] == ["adapttoken_full.json", "adapttoken_lite.json",
+                                           "adapttoken_preview.json", "uniform_frames_baseline.json"]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_matches_the_spec(path):
+    ui = json.loads(path.read_text())
+    assert ui["version"] == 0.4 and isinstance(ui["links"], list) and "groups" in ui
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    assert len(nodes) == len(ui["nodes"]) and ui["last_node_id"] >= max(nodes)
+    links = {lk[0]: lk for lk in ui["links"]}
+    assert len(links) == len(ui["links"]) and ui["last_link_id"] >= max(links)
+    for n in nodes.values():
+        if n["type"] in FRONTEND_ONLY:
+            continue
+        s = spec.BY_ID[n["type"]]                                  # every node type exists
+        sockets = {i.name: i for i in s.inputs if not i.is_widget}
+        for k, inp in enumerate(n["inputs"]):
+            want = sockets[inp["name"]]
+            assert inp["type"] == want.type, (n["type"], inp)
+            if inp["link"] is not None:
+                lk = links[inp["link"]]
+                assert lk[3] == n["id"] and lk[4] == k, (n["type"], inp, lk)
+        linked = {i["name"] for i in n["inputs"] if i["link"] is not None}
+        missing = [name for name, i in sockets.items() if not i.optional and name not in linked]
+        assert not missing, f"{n['type']}: required inputs not connected: {missing}"
+        assert [(o["name"], o["type"]) for o in n["outputs"]] == [(o.name, o.type) for o in s.outputs]
+        for k, o in enumerate(n["outputs"]):
+            for lid in o.get("links") or []:
+                assert links[lid][1] == n["id"] and links[lid][2] == k
+        slots = s.widget_slots()
+        values = n.get("widgets_values", [])
+        assert len(values) == len(slots), (n["type"], values, [x for x, _ in slots])
+        for (name, i), v in zip(slots, values):
+            if name == "upload":
+                assert v == "image"
+            elif name == "control_after_generate":
+                assert v in CONTROL_VALUES
+            else:
+                assert _valid_widget(i, v), (n["type"], name, v)
+    for lid, src, src_slot, dst, dst_slot, typ in ui["links"]:      # both ends agree on the type
+        assert nodes[src]["outputs"][src_slot]["type"] == typ
+        assert nodes[dst]["inputs"][dst_slot]["type"] == typ
+        assert lid in nodes[src]["outputs"][src_slot]["links"] and nodes[dst]["inputs"][dst_slot]["link"] == lid
+
+
+def _graph(name):
+    ui = json.loads((ROOT / "workflows" / name).read_text())
+    types = {n["id"]: n["type"] for n in ui["nodes"]}
+    edges = {(types[lk[1]], types[lk[3]]) for lk in ui["links"]}
+    return sorted(t for t in types.values() if t not in FRONTEND_ONLY), edges, ui
+
+
+def test_lite_is_full_plus_early_stop_and_preview_is_full_plus_preview():
+    full, full_edges, _ = _graph("adapttoken_full.json")
+    lite, lite_edges, _ = _graph("adapttoken_lite.json")
+    prev, prev_edges, _ = _graph("adapttoken_preview.json")
+    uni, _, _ = _graph("uniform_frames_baseline.json")
+    assert sorted(lite) == sorted(full + ["AdaptToken_EarlyStop"])
+    assert ("AdaptToken_EntropyScore", "AdaptToken_BudgetAllocate") in full_edges
+    assert {("AdaptToken_EntropyScore", "AdaptToken_EarlyStop"),
+            ("AdaptToken_EarlyStop", "AdaptToken_BudgetAllocate")} <= lite_edges
+    assert sorted(prev) == sorted(full + ["AdaptToken_SelectionPreview"])
+    assert ("AdaptToken_BudgetAllocate", "AdaptToken_SelectionPreview") in prev_edges
+    assert sorted(uni) == sorted(["AdaptToken_LoadMLLM", "AdaptToken_LoadVideo",
+                                  "AdaptToken_UniformFrames", "AdaptToken_MLLMAnswer"])
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_points_at_the_bundled_demo(path):
+    """Bundled model + bundled sample video, and the sample's own multiple-choice question."""
+    ui = json.loads(path.read_text())
+    values = {n["type"]: n.get("widgets_values") for n in ui["nodes"]}
+    assert values["AdaptToken_LoadMLLM"][0] == spec.BUNDLED_MODEL_NAME
+    assert values["AdaptToken_LoadVideo"][0] == spec.SAMPLE_VIDEO_NAME
+    assert values["AdaptToken_LoadVideo"][6] == ""                 # path empty: the list is used
+    q = next(x for x in SAMPLE["questions"] if x["options"])
+    asked = values.get("AdaptToken_AttentionRank") or values["AdaptToken_UniformFrames"]
+    assert asked[0] == q["text"] and parse_options(asked[1]) == tuple(q["options"])
+
+
+def test_sample_video_is_small_and_decodable():
+    from adapttoken.video import probe_video
+    path = ROOT / "adapttoken" / "assets" / "sample.mp4"
+    assert path.stat().st_size < 2 * 1024 * 1024
+    info = probe_video(path)
+    assert info.num_frames == SAMPLE["num_frames"] and info.fps == pytest.approx(SAMPLE["fps"])
+
+
+# -- the pack's import -----------------------------------------------------------------------------
+
+def test_pack_import_is_light_and_needs_no_comfyui():
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('at_pack', {str(ROOT / '__init__.py')!r},"
+        f" submodule_search_locations=[{str(ROOT)!r}])\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['at_pack'] = m\n"
+        "spec.loader.exec_module(m)\n"
+        "import at_pack.nodes.spec\n"
+        "assert m.WEB_DIRECTORY == './web/js' and callable(m.comfy_entrypoint)\n"
+        "heavy = [x for x in ('torch', 'transformers', 'av', 'comfy_api', 'adapttoken') if x in sys.modules]\n"
+        "print(heavy)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/",
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+    assert (ROOT / "web" / "js" / "adapttoken.js").is_file()
+
+
+# -- text helpers ----------------------------------------------------------------------------------
+
+def test_parse_options():
+    assert parse_options("") == ()
+    assert parse_options("a dog\n\n  a cat  \n") == ("a dog", "a cat")
+    assert parse_options("A. a dog\nB) a cat\n(C) a car") == ("a dog", "a cat", "a car")
+    assert parse_options("A. a dog\nC. a cat") == ("A. a dog", "C. a cat")   # not A, B...: kept
+    assert parse_options("B. only") == ("B. only",)
