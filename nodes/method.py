@@ -30,6 +30,15 @@ def check_question(question: str, options: str) -> bool | str:
     return True
 
 
+def sliced_for(model, video) -> at.VideoHandle:
+    """The video cut into the model's slices: Load Video plans 2-frame slices (Qwen's temporal
+    patch); families that take one frame per slice (InternVL, LLaVA-OneVision) re-slice it."""
+    fps = model.adapter.frames_per_slice
+    if video.frames_per_slice == fps:
+        return video
+    return at.VideoHandle(video.plan, fps, video.backend, frames=video.frames)
+
+
 def check_budget(budget: int) -> bool | str:
     return True if budget > 0 else f"budget={budget} must be a positive number of tokens"
 
@@ -57,6 +66,9 @@ class AttentionRank(io.ComfyNode):
     @classmethod
     def execute(cls, model, groups, question, options, layer, aggregation) -> io.NodeOutput:
         with runtime.comfy_errors():
+            video = sliced_for(model, groups.video)
+            if video is not groups.video:
+                groups = at.split_groups(video, groups.group_size, groups.layout)
             ranked = at.RankedGroups(model, groups, question_of(question, options), layer, aggregation)
         return io.NodeOutput(ranked)
 
@@ -118,6 +130,7 @@ class UniformFrames(io.ComfyNode):
     @classmethod
     def execute(cls, model, video, question, options, budget) -> io.NodeOutput:
         with runtime.comfy_errors(model):
-            sel = at.uniform_frames(model, video, question_of(question, options), budget)
+            sel = at.uniform_frames(model, sliced_for(model, video), question_of(question, options),
+                                    budget)
             sel.features.reset_stats()
         return io.NodeOutput(sel)

@@ -91,7 +91,8 @@ BUDGET = In("budget", "INT", 7040, 1, 1_000_000, 1,
 SPECS: tuple[NodeSpec, ...] = (
     NodeSpec(
         "AdaptToken_LoadMLLM", "Load MLLM (AdaptToken)",
-        "Load a local Qwen2.5-VL model folder from models/LLM (safetensors only, never the network).",
+        "Load a local model folder from models/LLM (Qwen2.5-VL or another family adapttoken "
+        "supports; safetensors only, never the network).",
         (In("model", "COMBO", BUNDLED_MODEL_NAME, options=(BUNDLED_MODEL_NAME,), dynamic="llm_models",
             tooltip="A subfolder of models/LLM holding config.json and .safetensors weights."),
          In("dtype", "COMBO", "auto", options=("auto", "bf16", "fp16", "fp32"),

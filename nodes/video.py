@@ -96,7 +96,10 @@ class LoadVideo(io.ComfyNode):
             p = source_path(video, path)
             st = os.stat(p)
         except (OSError, at.VideoError):
-            return float("nan")     # never equal: re-run, and let execute report the problem
+            # no file: images/video_input are connected (linked inputs are invisible here), or
+            # validate_inputs has refused the prompt already. Stable, so connected frames are not
+            # re-planned (and re-encoded) on every run.
+            return "no file", video, path
         return os.path.realpath(p), st.st_size, st.st_mtime_ns
 
     @classmethod

@@ -267,6 +267,9 @@ def test_images_and_core_video_inputs(comfy_server, api, model_name):
     assert run.status == "success", run.error
     st = stats(run, p)
     assert st["num_frames"] == 30 and st["num_slices"] == 15
+    p[node_of(p, "AdaptToken_UniformFrames")]["inputs"]["question"] = "And now?"
+    again = comfy_server.run(p, timeout=300)       # the frames stay planned and encoded
+    assert lv in cached(again) and stats(again, p)["encoded_slices"] == 0
     p = copy.deepcopy(base)
     p["101"] = {"class_type": "LoadVideo", "inputs": {"file": spec.SAMPLE_VIDEO_NAME}}
     p[lv]["inputs"].update(video_input=["101", 0], num_frames=64)

@@ -1,0 +1,32 @@
+"""nodes/runtime.py inside ComfyUI's memory manager, in-process (see inprocess_check.py): the model
+loads onto ComfyUI's device, and unloading it (/free, "Unload models", keep_loaded off) takes the
+cached video features with it. On a CUDA machine it also checks weights and buffers on the GPU and
+back. Skipped without COMFYUI_DIR."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+BUNDLED = HERE.parents[1] / "adapttoken" / "assets" / "adapttoken-tiny-synth"
+
+
+def test_model_lifetime_in_process(comfyui_dir, tmp_path):
+    model = BUNDLED
+    if not (model / "config.json").is_file():
+        from adapttoken.tiny import build_tiny_model, save_model_folder
+        m, p = build_tiny_model(seed=0, layers=4, vision_depth=2)
+        model = save_model_folder(tmp_path / "LLM" / "tiny-qwen25vl", m, p)
+    r = subprocess.run([sys.executable, str(HERE / "inprocess_check.py"), "--model", str(model)],
+                       capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, COMFYUI_DIR=str(comfyui_dir), HF_HUB_OFFLINE="1"))
+    assert r.stdout.strip(), r.stderr[-3000:]
+    facts = json.loads(r.stdout.strip().splitlines()[-1])
+    assert r.returncode == 0 and facts["failures"] == [], (facts, r.stderr[-3000:])
+    assert facts["features_after_unload"] == 0 and facts["features_after_keep_loaded_off"] == 0
+    assert facts["weights_during_run"].split(":")[0] == facts["device"].split(":")[0]
