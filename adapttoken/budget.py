@@ -96,7 +96,8 @@ def remove_redundancy(ranked: list[torch.Tensor], budgets: list[int], features,
         order = torch.argsort(loc * (features.num_slices + 1) + sl)
         gids, owner, loc = gids[order], owner[order], loc[order]
         emb, _ = features.tokens(gids)
-        emb = torch.nn.functional.normalize(emb.float(), dim=-1)
+        dim = getattr(getattr(features, "adapter", None), "main_dim", None)  # Qwen3-VL: no deepstack
+        emb = torch.nn.functional.normalize(emb[:, :dim].float(), dim=-1)
         cos = (emb[1:] * emb[:-1]).sum(-1).cpu()
         raw = torch.zeros(len(gids), dtype=torch.bool)
         raw[1:] = (loc[1:] == loc[:-1]) & (cos > threshold)

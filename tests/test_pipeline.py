@@ -148,7 +148,7 @@ def test_model_folder_errors(tmp_path, tiny_folder):
     other = tmp_path / "llama"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(ModelLoadError, match="llama.*supported families: qwen2_5_vl"):
+    with pytest.raises(ModelLoadError, match="llama.*supported families: internvl, llava_onevision, qwen2_5_vl, qwen3_vl"):
         at.load_model(other)
     pickled = tmp_path / "pickled"
     pickled.mkdir()

@@ -100,6 +100,9 @@ class Adapter(ABC):
     """What the method needs from a model family (ALGORITHM.md, last section)."""
     family: str = ""
     frames_per_slice: int = 1
+    # Leading feature dims of encode()'s output that are the LLM's visual input embedding; the
+    # rest are family extras cached and pruned with them (Qwen3-VL's deepstack levels). None: all.
+    main_dim: int | None = None
     model: torch.nn.Module
     processor: object
 
@@ -163,8 +166,22 @@ class Adapter(ABC):
 # ----------------------------------------------------------------------------------------------
 
 def _families():
+    """Supported families keyed by the `model_type` of a model folder's config.json."""
+    from .internvl import InternVLAdapter
+    from .llava_onevision import LlavaOnevisionAdapter
     from .qwen2_5_vl import Qwen25VLAdapter
-    return {"qwen2_5_vl": Qwen25VLAdapter}
+    from .qwen3_vl import Qwen3VLAdapter
+    return {"qwen2_5_vl": Qwen25VLAdapter, "qwen3_vl": Qwen3VLAdapter, "internvl": InternVLAdapter,
+            "llava_onevision": LlavaOnevisionAdapter}
+
+
+# model_types that are close to a supported family but are not it: what to use instead
+_HINTS = {
+    "internvl_chat": "this is InternVL's remote-code format; use the transformers-format "
+                     "checkpoint of the same model (its name ends in -hf, model_type 'internvl')",
+    "qwen2_vl": "Qwen2-VL is not supported; use Qwen2.5-VL or Qwen3-VL",
+    "qwen3_vl_moe": "the Qwen3-VL MoE models are not supported yet; use a dense Qwen3-VL",
+}
 
 
 def supported_families() -> list[str]:
@@ -189,8 +206,9 @@ def detect_family(path: str | Path) -> str:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{cfg} is not valid JSON ({e}): re-download the model") from None
     if model_type not in _families():
+        hint = f" ({_HINTS[model_type]})" if model_type in _HINTS else ""
         raise ModelLoadError(f"model folder {str(path)!r} holds a {model_type or 'unknown'!r} model; "
-                             f"supported families: {', '.join(supported_families())}")
+                             f"supported families: {', '.join(supported_families())}{hint}")
     return model_type
 
 
