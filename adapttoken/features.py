@@ -31,8 +31,13 @@ class Timer:
         self.seconds: dict[str, float] = {}
 
     def add(self, stage: str, seconds: float, sync: torch.device | None = None) -> None:
+        """Add `seconds` (host time since the stage began, read just before this call) to a stage.
+        With `sync`, first wait for the device's queued work and count that wait too, so a stage's
+        seconds include the GPU work it launched (not only the time to launch it)."""
         if sync is not None and getattr(sync, "type", None) == "cuda":
+            t0 = time.perf_counter()
             torch.cuda.synchronize(sync)
+            seconds += time.perf_counter() - t0
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
 
     def snapshot(self) -> dict[str, float]:
@@ -263,12 +268,13 @@ def device_memory_budget(device: torch.device) -> int | None:
     fraction (torch.cuda.set_per_process_memory_fraction), or None off CUDA."""
     if device.type != "cuda":
         return None
-    total = torch.cuda.get_device_properties(device).total_memory
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
     get = getattr(torch.cuda, "get_per_process_memory_fraction", None)
     frac = 1.0
     if get is not None:
         try:
-            frac = float(get(device))
+            frac = float(get(index))
         except Exception:  # noqa: BLE001
             frac = 1.0
     return int(total * frac)
@@ -337,7 +343,7 @@ class SliceFeatures:
 
     def __init__(self, adapter, video: VideoHandle, chunk_slices: int = 32, *,
                  feature_device: str = "auto", decode_workers: int | None = None,
-                 overlap: bool = True, cache_dir=None, lookahead_chunks: int = 2,
+                 overlap: bool = True, cache_dir=None, lookahead_chunks: int = 4,
                  gpu_feature_bytes: int = DEFAULT_GPU_FEATURE_BYTES, pad_chunks: bool = False):
         self.adapter, self.video = adapter, video
         info, plan = video.info, video.plan
@@ -605,10 +611,8 @@ class SliceFeatures:
             key = tuple(chunk.tolist())
             if key in self._ahead:
                 continue
-            while len(self._ahead) >= self.lookahead_chunks:       # bound the frames held
-                old = self._ahead.pop(next(iter(self._ahead)))
-                old.cancel()
-                self.stats["lookahead_wasted_frames"] += old.num_frames
+            if len(self._ahead) >= self.lookahead_chunks:   # bound the frames held; the oldest
+                break                                       # are needed first, so keep them
             self._ahead[key] = self._submit(chunk, None)
             self.stats["lookahead_frames"] += len(chunk) * self.video.frames_per_slice
 

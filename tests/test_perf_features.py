@@ -132,9 +132,13 @@ def test_lite_lookahead_does_not_count_or_encode_skipped_groups(tiny_model, clip
                                       at.split_groups(at.open_video(clip, 96, **PX), 6).slices[:k + 1])
     assert lite.decoded_frames == 2 * lite.encoded_slices
     st = lite.extra["features"]
-    if k + 1 < n_groups:                                  # the next group was decoded ahead
-        assert st["lookahead_frames"] > 0
-    assert st["lookahead_wasted_frames"] <= st["lookahead_frames"]
+    per_group = 2 * 6                                     # frames of one group (6 slices)
+    if k + 1 < n_groups:                                  # the group after the stop, decoded ahead
+        assert 0 < st["lookahead_wasted_frames"] <= per_group
+    else:
+        assert st["lookahead_wasted_frames"] == 0
+    # every processed group's frames were decoded ahead and used (none decoded twice)
+    assert st["lookahead_frames"] - st["lookahead_wasted_frames"] == lite.decoded_frames
 
 
 # -- on-disk cache ------------------------------------------------------------------------------

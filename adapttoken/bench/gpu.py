@@ -665,10 +665,12 @@ def main(argv=None) -> int:
                     help="emulate a card of this many GiB (torch.cuda.set_per_process_memory_fraction: "
                          "allocations beyond it fail) for the lengths >= --card-from; 0: off")
     ap.add_argument("--card-from", type=int, default=10000)
-    ap.add_argument("--variants", action="store_true",
+    ap.add_argument("--variants", nargs="*", default=None,
+                    choices=["threads", "hf_vision", "cpu_features", "one_thread", "eager_vision"],
                     help="also run the full method at the smallest length with single optimisations "
-                         "undone (no decoder threads/overlap, transformers' vision tower, CPU "
-                         "feature storage, one decoder thread)")
+                         "undone: threads (no decoder threads, no overlap), hf_vision (transformers' "
+                         "vision tower), cpu_features, one_thread (one decoder lane), eager_vision "
+                         "(no torch.compile); no names: the first four")
     ap.add_argument("--time-limit", type=float, default=None,
                     help="seconds: skip the remaining cases once this much time has passed")
     args = ap.parse_args(argv)
@@ -780,7 +782,8 @@ def main(argv=None) -> int:
                 frac = min(1.0, args.card_gib * 2 ** 30 / total)
             else:
                 frac = 1.0
-            torch.cuda.set_per_process_memory_fraction(frac, device)
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            torch.cuda.set_per_process_memory_fraction(frac, index)
 
         for L in args.frames:
             set_card(L)
@@ -804,17 +807,21 @@ def main(argv=None) -> int:
         set_card(0)
 
         # variants of the full method at the smallest length: what each optimisation is worth
-        if args.variants:
+        if args.variants is not None:
             L = min(args.frames)
             base = dict(feature_device=args.feature_device, decode_workers=args.decode_workers,
                         no_overlap=args.no_overlap)
-            variants = [
-                ("no threads, no overlap", dict(decode_workers=0, no_overlap=True), True),
-                ("transformers vision tower", {}, False),
-                ("features in CPU memory", dict(feature_device="cpu"), True),
-                ("1 decoder thread", dict(decode_workers=1), True),
-            ]
+            table = {
+                "threads": ("no threads, no overlap", dict(decode_workers=0, no_overlap=True), True),
+                "hf_vision": ("transformers vision tower", dict(compile_vision=False), False),
+                "cpu_features": ("features in CPU memory", dict(feature_device="cpu"), True),
+                "one_thread": ("1 decoder thread", dict(decode_workers=1), True),
+                "eager_vision": ("fast vision tower, eager (no compile)", dict(compile_vision=False), True),
+            }
+            names = args.variants or ["threads", "hf_vision", "cpu_features", "one_thread"]
+            variants = [table[n] for n in names]
             results["variants"] = []
+            base["compile_vision"] = args.compile_vision
             for name, change, fast in variants:
                 if over_time():
                     results["skipped"].append(f"variant {name}")
@@ -822,11 +829,13 @@ def main(argv=None) -> int:
                 for k, v in change.items():
                     setattr(args, k, v)
                 model.adapter.use_fast_vision = fast
+                model.adapter.compile_vision = args.compile_vision
                 c = guarded(f"variant {name}", lambda: run_case(model, vpath, L, "adapttoken", args,
                                                                 counter, vis_per_slice))
                 for k, v in base.items():
                     setattr(args, k, v)
                 model.adapter.use_fast_vision = True
+                model.adapter.compile_vision = args.compile_vision
                 model.clear_cache()
                 if c is not None:
                     d = c.__dict__.copy()

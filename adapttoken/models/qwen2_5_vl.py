@@ -186,8 +186,18 @@ class Qwen25VLAdapter(Adapter):
             except ImportError:
                 fast_video_features = None
             if fast_video_features is not None and is_supported(visual):
-                kw = {"compile": True} if self.compile_vision else {}
-                feats = fast_video_features(visual, pv.to(visual.dtype), grid, **kw)
+                feats = None
+                if self.compile_vision:
+                    try:
+                        feats = fast_video_features(visual, pv.to(visual.dtype), grid, compile=True)
+                    except Exception as e:  # noqa: BLE001 - compiling is an option, eager is the product
+                        import logging
+                        logging.getLogger(__name__).warning(
+                            "torch.compile of the vision tower failed (%s: %s); running it eagerly",
+                            type(e).__name__, str(e)[:300])
+                        self.compile_vision = False
+                if feats is None:
+                    feats = fast_video_features(visual, pv.to(visual.dtype), grid)
                 return feats.view(int(grid[0, 0]), rows * cols, -1)
         feats = self.model.model.get_video_features(pv, grid).pooler_output
         feats = torch.cat(list(feats)) if isinstance(feats, (tuple, list)) else feats
