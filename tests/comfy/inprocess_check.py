@@ -33,7 +33,10 @@ def main() -> int:
     args.cpu = not torch.cuda.is_available()
     import comfy.model_management as mm
     import folder_paths
-    import nodes  # noqa: F401  (ComfyUI's own top-level module, imported before the pack)
+    try:
+        import nodes  # noqa: F401  (ComfyUI's own top-level `nodes`, as in a real start-up)
+    except ImportError as e:  # a machine with only what the pack needs (no torchsde...)
+        print(f"ComfyUI's nodes module not importable ({e}); going on without it", file=sys.stderr)
 
     models = Path(a.model).parent
     folder_paths.add_model_folder_path("LLM", str(models))
