@@ -20,8 +20,9 @@ sys.path.insert(0, str(ROOT))
 from nodes.spec import BUNDLED_MODEL_NAME, BY_ID, SAMPLE_VIDEO_NAME  # noqa: E402
 
 SAMPLE = json.loads((ROOT / "adapttoken" / "assets" / "sample.json").read_text())
-MC = next(q for q in SAMPLE["questions"] if q["options"])
-QUESTION, OPTIONS = MC["text"], "\n".join(MC["options"])
+# The open form of the sample's question: type options (one per line) for multiple choice.
+OPEN = next(q for q in SAMPLE["questions"] if not q["options"])
+QUESTION, OPTIONS = OPEN["text"], ""
 BUDGET = 1024   # the sample: 480 slices of 4x4 tokens; a 7B model on real video: 7040
 
 NOTE = {

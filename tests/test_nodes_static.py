@@ -167,15 +167,15 @@ def test_lite_is_full_plus_early_stop_and_preview_is_full_plus_preview():
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_points_at_the_bundled_demo(path):
-    """Bundled model + bundled sample video, and the sample's own multiple-choice question."""
+    """Bundled model + bundled sample video, and the sample's own (open) question."""
     ui = json.loads(path.read_text())
     values = {n["type"]: n.get("widgets_values") for n in ui["nodes"]}
     assert values["AdaptToken_LoadMLLM"][0] == spec.BUNDLED_MODEL_NAME
     assert values["AdaptToken_LoadVideo"][0] == spec.SAMPLE_VIDEO_NAME
     assert values["AdaptToken_LoadVideo"][6] == ""                 # path empty: the list is used
-    q = next(x for x in SAMPLE["questions"] if x["options"])
+    q = next(x for x in SAMPLE["questions"] if not x["options"])
     asked = values.get("AdaptToken_AttentionRank") or values["AdaptToken_UniformFrames"]
-    assert asked[0] == q["text"] and parse_options(asked[1]) == tuple(q["options"])
+    assert asked[0] == q["text"] and parse_options(asked[1]) == ()
 
 
 def test_sample_video_is_small_and_decodable():
