@@ -480,14 +480,19 @@ def markdown(results: dict) -> str:
               f"torch.cuda.set_per_process_memory_fraction caps the allocator there (allocations "
               f"beyond it fail) and the library sizes its GPU caches to it." if meta.get("card_gib")
               else "- no memory cap."),
-             f"- rerun: `{meta['command']}`", "",
+             (f"- report rebuilt from the runs below with: `{meta['command']}`" if results.get("runs")
+              else f"- rerun: `{meta['command']}`")]
+    for i, r in enumerate(results.get("runs", []), 1):
+        lines.append(f"- run {i}: `{r['command']}` ({r.get('gpu')}, matmul "
+                     f"{r['matmul_tflops']:.0f} TFLOP/s){': ' + r['note'] if r.get('note') else ''}")
+    lines += ["",
              "Seconds per stage (decode = time the pipeline waited for frames; the decoder threads "
              "run alongside the GPU), wall time, compute floor (counted FLOPs / measured matmul "
              "rate), achieved TFLOP/s, peak GPU memory.", ""]
     hdr = ("| frames | method | groups run | decode | preproc | vision | group pass | allocate | "
            "answer | wall s | floor s | x floor | TFLOP/s e2e | vision TFLOP/s | group TFLOP/s | "
-           "frames/s | LLM tok/s | peak GiB |")
-    lines += [hdr, "|" + "|".join(["---"] * 18) + "|"]
+           "frames/s | LLM tok/s | peak GiB | run |")
+    lines += [hdr, "|" + "|".join(["---"] * 19) + "|"]
     order = {m: i for i, m in enumerate(METHODS)}
     for c in sorted(results["cases"], key=lambda c: (c["frames"], order.get(c["method"], 9))):
         s, d = c["seconds"], c["derived"]
@@ -498,7 +503,7 @@ def markdown(results: dict) -> str:
             _fmt(s.get("group_pass", 0.0)), _fmt(s.get("allocate", 0.0)), _fmt(s.get("answer", 0.0)),
             _fmt(c["wall"]), _fmt(d["floor_s"]), _fmt(d["x_floor"]), _fmt(d["tflops_e2e"], 0),
             _fmt(d["tflops_vision"], 0), _fmt(d["tflops_group_pass"], 0), _fmt(d["frames_per_s"], 0),
-            _fmt(d["llm_tokens_per_s"], 0), _fmt(c["peak_gib"], 1)]) + " |")
+            _fmt(d["llm_tokens_per_s"], 0), _fmt(c["peak_gib"], 1), str(c.get("run", 1))]) + " |")
     lines += ["", "## Targets", ""]
     for t in results.get("targets", []):
         lines.append(f"- {'MET' if t['met'] else 'MISSED'}: {t['what']}: {t['measured']}")
@@ -511,7 +516,9 @@ def markdown(results: dict) -> str:
                   f"{dc['second_cache_load_s']:.2f} s); cache size {dc['bytes'] / 2 ** 30:.2f} GiB"]
     if results.get("variants"):
         lines += ["", "## One optimisation undone at a time (full method, "
-                      f"{results['variants'][0]['frames']} frames)", "",
+                      f"{results['variants'][0]['frames']} frames"
+                      + (f", run {results['variants'][0]['run']}" if results['variants'][0].get('run')
+                         else "") + ")", "",
                   "| variant | decode | preproc | vision | group pass | allocate | answer | wall s | x floor |",
                   "|---|---|---|---|---|---|---|---|---|"]
         ref = next((c for c in results["cases"] if c["frames"] == results["variants"][0]["frames"]
@@ -524,6 +531,18 @@ def markdown(results: dict) -> str:
                          + [_fmt(c["wall"]), _fmt(c["derived"]["x_floor"])]) + " |")
     if results.get("errors"):
         lines += ["", "Errors: " + "; ".join(results["errors"])]
+    lines += ["", "## Rerun", "",
+              "On a CUDA machine with PyAV (the video is generated, then decoded for real):", "",
+              "    python -m adapttoken bench gpu --frames 4096 10000 1024 --out docs/bench_gpu "
+              "--disk-cache --variants", "",
+              "Add `--compile-vision` to time the tower under torch.compile, `--card-gib 0` to lift the "
+              "24 GiB cap of the 10,000-frame cases, `--tiny --device cpu` for a smoke test. "
+              "`--from-json A.json B.json` rebuilds this page from saved runs.",
+              "", "Columns: decode = seconds the pipeline waited for frames (the decoder lanes work "
+              "alongside the GPU); preproc/vision/group pass/answer include the GPU work they "
+              "launched; floor = counted FLOPs / the bf16 matmul rate of the same run; frames/s = "
+              "sampled frames / wall; LLM tok/s = tokens through the language model (group passes + "
+              "answer prefill) / their seconds; peak = torch.cuda.max_memory_allocated, reset per case."]
     if results.get("skipped"):
         lines += ["", "Not run (time limit): " + ", ".join(results["skipped"])]
     lines.append("")
@@ -631,6 +650,33 @@ def targets(results: dict) -> list[dict]:
 # main
 
 
+def merge_results(paths, notes=()) -> dict:
+    """Several runs' results.json as one report: a later run's case replaces an earlier run's case
+    of the same (frames, method); each case keeps the number of its run and its own run's floor."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    out = {"meta": dict(runs[-1]["meta"]), "matmul": runs[-1]["matmul"],
+           "copy_bw": runs[-1].get("copy_bw"), "runs": [], "skipped": [], "cases": []}
+    by = {}
+    for i, r in enumerate(runs, 1):
+        out["runs"].append({"command": r["meta"]["command"], "gpu": r["meta"].get("gpu"),
+                            "matmul_tflops": r["matmul"]["flops_per_s"] / 1e12,
+                            "note": notes[i - 1] if i - 1 < len(notes) else ""})
+        for c in r["cases"]:
+            c = dict(c, run=i)
+            by[(c["frames"], c["method"])] = c
+        for k in ("variants", "disk_cache"):
+            if r.get(k):
+                out[k] = r[k]
+                if k == "variants":
+                    for v in out[k]:
+                        v["run"] = i
+        out.setdefault("errors", []).extend(r.get("errors", []))
+    out["cases"] = list(by.values())
+    out["meta"]["command"] = "python -m adapttoken bench gpu --from-json " + " ".join(map(str, paths))
+    out["targets"] = targets(out)
+    return out
+
+
 def parse_size(s: str) -> tuple[int, int]:
     h, _, w = s.lower().partition("x")
     return int(h), int(w or h)
@@ -673,7 +719,22 @@ def main(argv=None) -> int:
                          "(no torch.compile); no names: the first four")
     ap.add_argument("--time-limit", type=float, default=None,
                     help="seconds: skip the remaining cases once this much time has passed")
+    ap.add_argument("--from-json", nargs="+", default=None,
+                    help="no benchmark: merge these results.json files (later runs win) and write "
+                         "the report (README.md, results.json, bench_gpu.png) to --out")
+    ap.add_argument("--note", action="append", default=[],
+                    help="with --from-json: a note per run, in order")
     args = ap.parse_args(argv)
+
+    if args.from_json:
+        res = merge_results(args.from_json, args.note)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
+        (out / "README.md").write_text(markdown(res))
+        plot(res, out / "bench_gpu.png")
+        print(markdown(res))
+        return 0
 
     t_begin = time.perf_counter()
     device = torch.device(args.device)
