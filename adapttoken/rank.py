@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 AGGREGATIONS = ("max", "mean")
@@ -136,8 +137,13 @@ class RankedGroups:
         t0 = time.perf_counter()
         adapter = self.model.adapter
         extent = feats.extent_of(slices)
+        kw = {}
+        kv = getattr(feats, "prefix_kv", None)
+        if kv is not None and getattr(adapter, "supports_prefix_cache", False):
+            kw["prefix_cache"] = (kv, (tuple(np.sort(slices).tolist()),
+                                       tuple(self.prompt.prefix_ids.tolist())))
         out = adapter.forward(self.prompt, embeds, coords, extent, probe_layer=self.layer,
-                              aggregation=self.aggregation, hooks=hooks)
+                              aggregation=self.aggregation, hooks=hooks, **kw)
         extra = []
         if greedy_tokens > 1:
             gen = adapter.generate(self.prompt, embeds, coords, extent, max_new_tokens=greedy_tokens,
