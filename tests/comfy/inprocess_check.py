@@ -82,6 +82,16 @@ def main() -> int:
         answer, probs, report = run("AdaptToken_MLLMAnswer", selection=sel, max_new_tokens=8,
                                     do_sample=False, temperature=1.0, top_p=1.0, seed=0)
         facts["answer"] = answer
+        mm.interrupt_current_processing(True)       # Cancel pressed: the answer must not run
+        try:
+            run("AdaptToken_MLLMAnswer", selection=sel, max_new_tokens=8, do_sample=False,
+                temperature=1.0, top_p=1.0, seed=1)
+            fail.append("MLLM Answer ran although Cancel was pressed")
+        except mm.InterruptProcessingException:
+            facts["cancel"] = "InterruptProcessingException"
+        if mm.processing_interrupted():
+            fail.append("the interrupt flag was left set after the cancel")
+            mm.interrupt_current_processing(False)
         facts["features_cached"] = len(model._features)
         if dev.type == "cuda":
             torch.cuda.synchronize()
