@@ -49,26 +49,32 @@ class AttentionProbe:
         optionally restricted to the key columns `k_slice` after the softmax."""
         if self.hidden is None:
             raise RuntimeError("the probed layer did not run: check the layer index")
-        a, x = self.attn, self.hidden
-        B, L, _ = x.shape
-        hd = a.head_dim
-        q_idx = q_idx.to(x.device)
-        q = a.q_proj(x[:, q_idx]).view(B, len(q_idx), -1, hd)
-        k = a.k_proj(x).view(B, L, -1, hd)
-        if hasattr(a, "q_norm"):                      # Qwen3-style per-head norm before RoPE
-            q, k = a.q_norm(q), a.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)   # [B,H,nq,hd], [B,Hkv,L,hd]
-        cos, sin = self.cos, self.sin
-        q = q * cos[:, None, q_idx] + _rotate_half(q) * sin[:, None, q_idx]
-        k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
-        hkv = k.shape[1]
-        g = q.shape[1] // hkv                         # GQA: query head h uses kv head h // g
-        q = q.reshape(B, hkv, g, len(q_idx), hd).float()
-        s = torch.einsum("bkgqd,bkld->bkgql", q, k.float()) * a.scaling
-        causal = torch.arange(L, device=x.device).view(1, -1) > q_idx.view(-1, 1)
-        s = s.masked_fill(causal, float("-inf"))
-        p = s.softmax(-1).reshape(B, hkv * g, len(q_idx), L)
-        return p if k_slice is None else p[..., k_slice]
+        return probe_attention(self.attn, self.hidden, self.cos, self.sin, q_idx, k_slice)
+
+
+def probe_attention(attn: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    q_idx: torch.Tensor, k_slice: slice | None = None) -> torch.Tensor:
+    """The probe's recomputation (see AttentionProbe.attention), differentiable: the training of
+    the bundled tiny model (train_tiny.py) uses it with gradients for its auxiliary probe loss."""
+    a, x = attn, hidden
+    B, L, _ = x.shape
+    hd = a.head_dim
+    q_idx = q_idx.to(x.device)
+    q = a.q_proj(x[:, q_idx]).view(B, len(q_idx), -1, hd)
+    k = a.k_proj(x).view(B, L, -1, hd)
+    if hasattr(a, "q_norm"):                      # Qwen3-style per-head norm before RoPE
+        q, k = a.q_norm(q), a.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)   # [B,H,nq,hd], [B,Hkv,L,hd]
+    q = q * cos[:, None, q_idx] + _rotate_half(q) * sin[:, None, q_idx]
+    k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+    hkv = k.shape[1]
+    g = q.shape[1] // hkv                         # GQA: query head h uses kv head h // g
+    q = q.reshape(B, hkv, g, len(q_idx), hd).float()
+    s = torch.einsum("bkgqd,bkld->bkgql", q, k.float()) * a.scaling
+    causal = torch.arange(L, device=x.device).view(1, -1) > q_idx.view(-1, 1)
+    s = s.masked_fill(causal, float("-inf"))
+    p = s.softmax(-1).reshape(B, hkv * g, len(q_idx), L)
+    return p if k_slice is None else p[..., k_slice]
 
 
 def token_scores(attn: torch.Tensor, aggregation: str = "max") -> torch.Tensor:
