@@ -13,6 +13,7 @@ from pathlib import Path
 
 DEMO_BUDGET = 256          # visual tokens kept (16 per slice: 16 slices' worth)
 DEMO_GROUP_SIZE = 64       # slices per group pass (1024 tokens)
+DEMO_FORM = "mc"           # "mc": 4 options, entropy over the letters; "open": the answer words
 
 
 def demo_config(frames: int):
@@ -48,6 +49,7 @@ def run_demo(args) -> int:
     from .preview import render_preview
 
     frames = int(getattr(args, "frames", 2048) or 2048)
+    form = getattr(args, "form", None) or DEMO_FORM
     seed = int(getattr(args, "seed", 0) or 0)
     out = Path(getattr(args, "out", None) or "adapttoken_demo")
     model_dir = getattr(args, "model", None) or default_model_dir()
@@ -59,13 +61,12 @@ def run_demo(args) -> int:
     t0 = time.perf_counter()
     video = out / f"demo_{frames}f_seed{seed}.mp4"
     meta = Path(str(video) + ".json")
-    if video.exists() and meta.exists():
-        sample = syn.Sample.from_dict(json.loads(meta.read_text()))
-    else:
-        sample = syn.make_sample(video, frames, seed, kind="what", form="mc")
+    sample = syn.Sample.from_dict(json.loads(meta.read_text())) if video.exists() and meta.exists() else None
+    if sample is None or len(sample.questions) < 2:
+        sample = syn.make_sample(video, frames, seed, kind="what", form="both")
         meta.write_text(json.dumps(sample.to_dict()))
     gen_s = time.perf_counter() - t0
-    q, needle = sample.questions[0], sample.needles[0]
+    q, needle = sample.questions[0 if form == "mc" else 1], sample.needles[0]
     print(f"video: {video} ({frames} frames, {frames / sample.fps:.0f} s at {sample.fps:g} fps, "
           f"112x112; made in {gen_s:.1f} s)")
     print(f"needle: a {needle.colour} {needle.shape} on frames {needle.frame_start}-{needle.frame_end - 1} "
@@ -73,7 +74,7 @@ def run_demo(args) -> int:
     print(f"question: {q.text}")
     for L, o in zip(syn.LETTERS, q.options):
         print(f"  {L}. {o}")
-    print(f"correct answer: {q.answer} ({q.answer_text})")
+    print(f"correct answer: {q.answer}" + (f" ({q.answer_text})" if q.options else ""))
 
     t0 = time.perf_counter()
     model = load_model(model_dir, device="cpu" if not torch.cuda.is_available() else "auto")
@@ -95,8 +96,9 @@ def run_demo(args) -> int:
         sel = select(model, v, question, cfg, method)
         res = answer(sel, cfg.max_new_tokens)
         wall = time.perf_counter() - t0
-        letter = res.answer.strip()[:1]
-        verdict = "correct" if letter == q.answer else "wrong"
+        got = res.answer.strip()
+        ok = got[:1] == q.answer if q.options else got.lower().rstrip(".") == q.answer
+        verdict = "correct" if ok else "wrong"
         name = "AdaptToken-Lite" if method == "lite" else "AdaptToken"
         print(f"\n{name}: answer {res.answer!r} ({verdict})   {wall:.1f} s"
               + ("   (re-uses the vision features Lite computed)" if method == "adapttoken" else ""))
