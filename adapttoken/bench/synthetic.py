@@ -55,12 +55,13 @@ def sample_seed(base: int, length: int, i: int) -> int:
 
 
 def _make(job):
-    path, length, seed = job
+    path, length, seed, attribute = job
     from adapttoken import synthetic as syn
     meta = Path(str(path) + ".json")
     if Path(path).exists() and meta.exists():
         return json.loads(meta.read_text())
-    s = syn.make_sample(path, length, seed, kind="what", form="both")
+    s = syn.make_sample(path, length, seed, kind="what", form="both",
+                        attribute=None if attribute == "any" else attribute)
     d = s.to_dict()
     meta.write_text(json.dumps(d))
     return d
@@ -135,8 +136,10 @@ def _worker(args):
     model = load_model(model_dir, dtype=dtype, device=device)
     out = []
     for sample, length in items:
-        out.extend(run_one(model, sample, length, methods, bench_config(length, budget, group_size, stop),
-                           form))
+        rows = run_one(model, sample, length, methods, bench_config(length, budget, group_size, stop), form)
+        out.extend(rows)
+        print(f"{length} frames, seed {sample['seed']}: " + "  ".join(
+            f"{r['method']} {'ok' if r['correct'] else 'WRONG'} {r['seconds']:.1f}s" for r in rows), flush=True)
     return out
 
 
@@ -171,7 +174,7 @@ def summarize(rows: list[dict], lengths, methods) -> dict:
 
 
 def markdown(summary: dict, lengths, methods, budget: int, command: str, meta: dict,
-             form: str = "mc") -> str:
+             form: str = "mc", attribute: str = "colour") -> str:
     t = summary["table"]
     names = {"adapttoken": "AdaptToken", "lite": "Lite", "uniform": "Uniform frames",
              "even_split": "Even split"}
@@ -180,7 +183,10 @@ def markdown(summary: dict, lengths, methods, budget: int, command: str, meta: d
               if form == "mc" else
               f"Single-needle open questions (answer: a colour, a shape or both; correct = the exact "
               f"words), budget {budget} ") +
-             "tokens for every method. Accuracy: correct / questions (95% Wilson interval).", "",
+             "tokens for every method. The question asks for the needle's " +
+             {"colour": "colour", "shape": "shape", "both": "colour and shape",
+              "any": "colour, shape or both (drawn per seed)"}[attribute] +
+             ". Accuracy: correct / questions (95% Wilson interval).", "",
              "| frames | " + " | ".join(names[m] for m in methods) + " | Lite passes | seconds: " +
              " / ".join(names[m] for m in methods) + " |",
              "| --- | " + " | ".join("---" for _ in methods) + " | --- | --- |"]
@@ -307,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--form", choices=["mc", "open"], default="mc",
                     help="multiple choice (4 options) or open questions (the answer words)")
+    ap.add_argument("--attribute", choices=["colour", "shape", "both", "any"], default="colour",
+                    help="what the question asks about the needle (any: drawn from the seed)")
     ap.add_argument("--budget", type=int, default=256, help="visual tokens kept, every method")
     ap.add_argument("--group-size", type=int, default=64, help="slices per group")
     ap.add_argument("--stop-threshold", type=float, default=0.2, help="Lite's H / H_max stop")
@@ -337,8 +345,8 @@ def main(argv=None) -> int:
     lengths = list(dict.fromkeys(args.lengths))
     methods = [m for m in METHODS if m in args.methods]
     t0 = time.perf_counter()
-    jobs = [(str(vdir / f"synth_{L}_{sample_seed(args.seed, L, i)}.mp4"), L, sample_seed(args.seed, L, i))
-            for L in lengths for i in range(args.count)]
+    jobs = [(str(vdir / f"synth_{args.attribute}_{L}_{sample_seed(args.seed, L, i)}.mp4"), L,
+             sample_seed(args.seed, L, i), args.attribute) for L in lengths for i in range(args.count)]
     samples = generate(jobs, args.jobs)
     gen_s = time.perf_counter() - t0
     print(f"generated {len(samples)} videos in {gen_s:.1f} s ({vdir})", flush=True)
@@ -370,13 +378,14 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     cmd = ("python -m adapttoken bench synthetic --lengths " + " ".join(map(str, lengths)) +
-           f" --count {args.count} --seed {args.seed} --form {args.form} --budget {args.budget}"
+           f" --count {args.count} --seed {args.seed} --form {args.form} --attribute {args.attribute}"
+           f" --budget {args.budget}"
            f" --group-size {args.group_size}"
            + (" --methods " + " ".join(methods) if set(methods) != set(METHODS) else "")
            + (f" --model {args.model}" if args.model else "") + f" --out {args.out}")
     (out / "results.json").write_text(json.dumps({"command": cmd, "meta": meta, "summary": summary,
                                                   "rows": rows}, indent=1) + "\n")
-    md = markdown(summary, lengths, methods, args.budget, cmd, meta, args.form)
+    md = markdown(summary, lengths, methods, args.budget, cmd, meta, args.form, args.attribute)
     (out / "README.md").write_text(md)
     if not args.no_plots:
         plot_accuracy(summary, lengths, methods, out / "accuracy.png")
