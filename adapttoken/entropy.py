@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .errors import InputError
@@ -116,6 +117,8 @@ class ScoredGroups:
                         feats.lookahead(slices[0])
                     if g + 1 < n:
                         feats.lookahead(slices[g + 1])
+                    # reads for group g also take the next groups' frames when they lie on the way
+                    feats.ride_along(np.concatenate(slices[g + 1:]) if g + 1 < n else None)
                 done.append(self.score(g, hooks))
                 if self.stop is not None and self.stop.should_stop(done):
                     break

@@ -23,6 +23,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .video import FrameReader, SamplingPlan
 
+# Decoded frames Lite may hold for the next groups (FrameStash): 1 GiB is ~2,000 frames of 308x560
+# or ~170 of 1080p (frames are held at the file's size, before resizing).
+DEFAULT_FRAME_STASH_BYTES = 2 ** 30
+
 
 class Timer:
     """Seconds per stage; synchronises CUDA before reading the clock where asked."""
@@ -79,16 +83,15 @@ class VideoHandle:
         f = self.frames_per_slice
         return (np.asarray(slices)[:, None] * f + np.arange(f)).reshape(-1)
 
-    def read(self, positions: np.ndarray) -> torch.Tensor:
-        """uint8 frames [N,H,W,3] at the given plan positions (decoding only those)."""
+    def read(self, positions: np.ndarray, stash: "FrameStash | None" = None) -> torch.Tensor:
+        """uint8 frames [N,H,W,3] at the given plan positions (decoding only those, plus the wanted
+        frames of an active `stash` that lie on the way)."""
         if self.frames is not None:
             return self.frames[torch.as_tensor(positions, dtype=torch.long)]
         if self._reader is None:
             from .video import FrameReader
             self._reader = FrameReader(self.plan.info.path, backend=self.backend)
-        idx = [self.plan.indices[int(p)] for p in positions]
-        frames, _ = self._reader.read(idx)
-        return frames
+        return read_positions(self._reader, self.plan, positions, stash)
 
     def close(self) -> None:
         if self._reader is not None:
@@ -114,6 +117,142 @@ def open_video(path, num_frames: int = 1024, max_fps: float | None = None, start
 def default_decode_workers() -> int:
     """Decoder threads per video: half the CPU cores, 1 to 8 (each has its own FrameReader)."""
     return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+class FrameStash:
+    """Decoded frames kept for later (plan position -> uint8 [H, W, 3]), bounded in bytes and shared
+    by the decoder threads. Lite names the frames of the groups after the current one as `wanted`;
+    a reader on its way to the current group's frames also takes wanted frames it passes or can
+    reach for a few more decoded frames (`FrameReader.read(extra=...)`): with strided groups the
+    next groups' frames sit right after the current group's, so one read serves several groups.
+    Frames never used (Lite stopped) are dropped and counted in `wasted`."""
+
+    def __init__(self, limit_bytes: int = DEFAULT_FRAME_STASH_BYTES):
+        self.limit = int(limit_bytes)
+        self.bytes = 0
+        self._frames: dict[int, torch.Tensor] = {}
+        self._wanted: np.ndarray | None = None       # sorted plan positions
+        self._lock = threading.Lock()
+        self.captured = 0
+        self.used = 0
+        self.wasted = 0
+
+    @property
+    def active(self) -> bool:
+        return self.limit > 0 and self._wanted is not None and len(self._wanted) > 0
+
+    def set_wanted(self, positions) -> None:
+        """The plan positions worth keeping from now on (None: stop taking frames)."""
+        with self._lock:
+            self._wanted = None if positions is None else np.unique(np.asarray(positions, dtype=np.int64))
+
+    def candidates(self, exclude) -> np.ndarray:
+        """Wanted positions not held yet and not in `exclude`."""
+        with self._lock:
+            w = self._wanted
+            held = np.fromiter(self._frames, dtype=np.int64, count=len(self._frames))
+        if w is None:
+            return np.empty(0, dtype=np.int64)
+        return np.setdiff1d(w, np.concatenate([held, np.asarray(exclude, dtype=np.int64)]),
+                            assume_unique=False)
+
+    def room(self, frame_bytes: int) -> int:
+        with self._lock:
+            return max(0, (self.limit - self.bytes) // max(1, frame_bytes))
+
+    def put(self, positions, frame: torch.Tensor) -> None:
+        nb = frame.numel()
+        with self._lock:
+            for p in positions:
+                if p in self._frames or self.bytes + nb > self.limit:
+                    continue
+                self._frames[p] = frame
+                self.bytes += nb
+                self.captured += 1
+
+    def take(self, positions) -> dict[int, torch.Tensor]:
+        """Remove and return the held frames among `positions`."""
+        out = {}
+        with self._lock:
+            for p in positions:
+                f = self._frames.pop(int(p), None)
+                if f is not None:
+                    out[int(p)] = f
+                    self.bytes -= f.numel()
+            self.used += len(out)
+        return out
+
+    def has_all(self, positions) -> bool:
+        with self._lock:
+            return all(int(p) in self._frames for p in positions)
+
+    def discard(self, positions) -> None:
+        with self._lock:
+            for p in positions:
+                f = self._frames.pop(int(p), None)
+                if f is not None:
+                    self.bytes -= f.numel()
+                    self.wasted += 1
+
+    def clear(self) -> None:
+        with self._lock:
+            self.wasted += len(self._frames)
+            self._frames.clear()
+            self.bytes = 0
+            self._wanted = None
+
+
+def read_positions(reader, plan, positions, stash: FrameStash | None) -> torch.Tensor:
+    """Frames at plan `positions` from `reader`; with an active stash, wanted frames the reader
+    passes on the way are put in it."""
+    idx = [plan.indices[int(p)] for p in positions]
+    if stash is None or not stash.active:
+        return reader.read(idx)[0]
+    cand = stash.candidates(positions)
+    if len(cand) == 0:
+        return reader.read(idx)[0]
+    info = plan.info
+    room = stash.room(info.height * info.width * 3)
+    if room <= 0:
+        return reader.read(idx)[0]
+    by_index: dict[int, list[int]] = {}
+    for p in cand.tolist():
+        by_index.setdefault(int(plan.indices[p]), []).append(p)
+    return reader.read(idx, extra=list(by_index), max_extra=room,
+                       on_extra=lambda i, f: stash.put(by_index[i], f))[0]
+
+
+class _ReadyJob:
+    """Frames that are already here (from the stash), with the job interface; `rest`: a job for
+    the positions the stash did not hold."""
+
+    def __init__(self, positions: np.ndarray, have: dict[int, torch.Tensor], rest=None, pin=False):
+        self.positions, self._have, self._rest, self._pin = positions, have, rest, pin
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.positions)
+
+    def result(self) -> torch.Tensor:
+        rest = self._rest.result() if self._rest is not None else None
+        first = next(iter(self._have.values())) if self._have else rest[0]
+        out = torch.empty((len(self.positions), *first.shape), dtype=torch.uint8, pin_memory=self._pin)
+        j = 0
+        for i, p in enumerate(self.positions.tolist()):
+            f = self._have.get(int(p))
+            if f is None:
+                f = rest[j]
+                j += 1
+            out[i] = f
+        return out
+
+    def cancel(self) -> None:
+        if self._rest is not None:
+            self._rest.cancel()
+
+    def wait(self) -> None:
+        if self._rest is not None:
+            self._rest.wait()
 
 
 class _DecodeJob:
@@ -161,8 +300,9 @@ class FrameDecoder:
     """
 
     def __init__(self, video: "VideoHandle", workers: int, pin: bool = False,
-                 min_part: int = 16, read_frames: int = 16):
+                 min_part: int = 16, read_frames: int = 16, stash: FrameStash | None = None):
         self.video, self.workers, self.pin = video, max(1, int(workers)), pin
+        self.stash = stash
         self.min_part, self.read_frames = max(1, min_part), max(1, read_frames)
         self._lanes: list[ThreadPoolExecutor | None] = [None] * self.workers
         self._readers: list = [None] * self.workers
@@ -205,7 +345,7 @@ class FrameDecoder:
                 if self.video.frames is not None:
                     frames = self.video.frames[torch.as_tensor(pos, dtype=torch.long)]
                 else:
-                    frames, _ = self._reader(j).read([self.video.plan.indices[int(p)] for p in pos])
+                    frames = read_positions(self._reader(j), self.video.plan, pos, self.stash)
                 out[start + i:start + i + len(pos)] = frames
         with self._lock:
             self.busy_seconds += time.perf_counter() - t0
@@ -245,16 +385,17 @@ class FrameDecoder:
 class _SyncJob:
     """A decode done in the caller's thread (decode_workers=0): same interface as _DecodeJob."""
 
-    def __init__(self, video: "VideoHandle", positions):
+    def __init__(self, video: "VideoHandle", positions, stash: FrameStash | None = None):
         self.positions = np.asarray(positions, dtype=np.int64)
         self._video = video
+        self._stash = stash
 
     @property
     def num_frames(self) -> int:
         return len(self.positions)
 
     def result(self) -> torch.Tensor:
-        return self._video.read(self.positions)
+        return self._video.read(self.positions, stash=self._stash)
 
     def cancel(self) -> None:
         pass
@@ -339,6 +480,10 @@ class SliceFeatures:
     - cache_dir: an on-disk cache of the features (feature_cache.py), keyed by the file's content,
       the sampling and the model; another process with the same video and sampling loads them
       instead of decoding and encoding.
+    - frame_stash_bytes: how many bytes of decoded frames Lite may hold for the groups after the
+      current one (`ride_along`, FrameStash; 0: off). Strided groups put the next groups' frames
+      right after the current group's, so a read that seeks to each of the current group's slices
+      can take theirs for a few more decoded frames instead of seeking again later.
     """
 
     def __init__(self, adapter, video: VideoHandle, chunk_slices: int = 32, *,
@@ -359,6 +504,7 @@ class SliceFeatures:
         self._have = torch.zeros(self.num_slices, dtype=torch.bool)
         self._decoder: FrameDecoder | None = None
         self._ahead: dict[tuple[int, ...], object] = {}
+        self.stash = FrameStash(DEFAULT_FRAME_STASH_BYTES)
         self._disk = None
         self._cache_dir = None
         self.prefix_kv: PrefixKVCache | None = PrefixKVCache()
@@ -375,8 +521,8 @@ class SliceFeatures:
     # -- options -------------------------------------------------------------------------------
     def configure(self, *, feature_device: str | None = None, decode_workers: int | None = None,
                   overlap: bool | None = None, cache_dir=None, pad_chunks: bool | None = None,
-                  gpu_feature_bytes: int | None = None, prefix_cache: bool | None = None
-                  ) -> "SliceFeatures":
+                  gpu_feature_bytes: int | None = None, prefix_cache: bool | None = None,
+                  frame_stash_bytes: int | None = None) -> "SliceFeatures":
         """Change options (None leaves one as it is). Features already computed stay valid: they
         move when the storage device changes. prefix_cache: keep each group pass's prefix
         keys/values for later questions (PrefixKVCache)."""
@@ -395,6 +541,11 @@ class SliceFeatures:
                     self._move_storage(self._pick_store_device(self._slice_bytes()))
         if gpu_feature_bytes is not None:
             self.gpu_feature_bytes = int(gpu_feature_bytes)
+        if frame_stash_bytes is not None:
+            if frame_stash_bytes < 0:
+                raise InputError(f"frame_stash_bytes={frame_stash_bytes} must be >= 0 (0: off)")
+            self.stash.clear()
+            self.stash.limit = int(frame_stash_bytes)
         if decode_workers is not None:
             if decode_workers < 0:
                 raise InputError(f"decode_workers={decode_workers} must be >= 0 (0: no threads)")
@@ -456,7 +607,15 @@ class SliceFeatures:
         self.encoded_slices = 0
         self.stats = {"cache_loaded_slices": 0, "lookahead_frames": 0, "lookahead_wasted_frames": 0,
                       "decode_busy_s": 0.0, "h2d_bytes": 0, "d2h_bytes": 0}
+        st = self.stash
+        self._stash0 = (st.captured, st.used, st.wasted)
         self._busy0 = self._decoder.busy_seconds if self._decoder is not None else 0.0
+
+    def stash_stats(self) -> dict[str, int]:
+        """Frames Lite's stash took on the way, used later, and dropped unused since reset_stats."""
+        st, (c, u, w) = self.stash, self._stash0
+        return {"ride_along_frames": st.captured - c, "ride_along_used_frames": st.used - u,
+                "ride_along_wasted_frames": st.wasted - w}
 
     def decode_busy_seconds(self) -> float:
         """Seconds the decoder threads worked since reset_stats (summed over threads)."""
@@ -466,6 +625,7 @@ class SliceFeatures:
 
     def release(self) -> None:
         self.drop_lookahead()
+        self.stash.clear()
         if self._decoder is not None:
             self._decoder.close()
             self._decoder = None
@@ -598,7 +758,7 @@ class SliceFeatures:
             return None
         if self._decoder is None:
             pin = self._compute_device().type == "cuda" and torch.cuda.is_available()
-            self._decoder = FrameDecoder(self.video, self.decode_workers, pin=pin)
+            self._decoder = FrameDecoder(self.video, self.decode_workers, pin=pin, stash=self.stash)
         return self._decoder
 
     def lookahead(self, slices) -> None:
@@ -609,7 +769,7 @@ class SliceFeatures:
             return
         for chunk in self._chunks(self._missing(slices))[: self.lookahead_chunks]:
             key = tuple(chunk.tolist())
-            if key in self._ahead:
+            if key in self._ahead or self.stash.has_all(self.video.frame_positions(chunk)):
                 continue
             if len(self._ahead) >= self.lookahead_chunks:   # bound the frames held; the oldest
                 break                                       # are needed first, so keep them
@@ -617,11 +777,28 @@ class SliceFeatures:
             self.stats["lookahead_frames"] += len(chunk) * self.video.frames_per_slice
 
     def drop_lookahead(self) -> None:
-        """Cancel frames decoded ahead that nobody asked for (Lite stopped)."""
+        """Cancel frames decoded ahead that nobody asked for (Lite stopped); empty the stash."""
         for job in self._ahead.values():
             job.cancel()
             self.stats["lookahead_wasted_frames"] += job.num_frames
+        for job in self._ahead.values():
+            job.wait()               # no lane keeps filling the stash after this
         self._ahead.clear()
+        self.stash.clear()
+
+    def ride_along(self, slices) -> None:
+        """Name the slices wanted after the current request (Lite: the groups after the current
+        one), so reads take their frames into the stash when that is cheap; None stops it. Slices
+        already computed or being decoded ahead are left out."""
+        if slices is None or self.video.frames is not None or self.stash.limit <= 0:
+            self.stash.set_wanted(None)
+            return
+        need = self._missing(slices)
+        pos = self.video.frame_positions(np.asarray(need, dtype=np.int64)) if need else np.empty(0, np.int64)
+        if self._ahead and len(pos):
+            busy = np.concatenate([self.video.frame_positions(np.asarray(k)) for k in self._ahead])
+            pos = np.setdiff1d(pos, busy)
+        self.stash.set_wanted(pos)
 
     def _load_from_disk(self, slices) -> None:
         t0 = time.perf_counter()
@@ -680,14 +857,22 @@ class SliceFeatures:
         return order
 
     def _submit(self, chunk: np.ndarray, lane: int | None):
+        positions = self.video.frame_positions(chunk)
         job = self._ahead.pop(tuple(chunk.tolist()), None)
         if job is not None:
+            self.stash.discard(positions)        # a ride-along copy of the same frames, if any
             return job
-        positions = self.video.frame_positions(chunk)
-        dec = self._get_decoder()
-        if dec is None:
-            return _SyncJob(self.video, positions)
-        return dec.submit(positions, lane)
+        have = self.stash.take(positions) if self.stash.bytes else {}
+        rest = positions if not have else np.asarray([p for p in positions.tolist() if p not in have],
+                                                     dtype=np.int64)
+        job = None
+        if len(rest):
+            dec = self._get_decoder()
+            job = _SyncJob(self.video, rest, self.stash) if dec is None else dec.submit(rest, lane)
+        if not have:
+            return job
+        dec = self._decoder
+        return _ReadyJob(positions, have, job, pin=dec is not None and dec.pin)
 
     def ensure(self, slices, hooks=None) -> None:
         """Decode and encode the slices not computed yet, in chunks. With `overlap`, the decoder

@@ -60,6 +60,7 @@ class AdaptTokenConfig:
     decode_workers: int | None = None   # decoder threads (None: half the cores, 1..8; 0: none)
     overlap: bool = True            # decode the next chunk / group while the GPU works
     cache_dir: str | None = None    # on-disk vision-feature cache (safetensors); None: memory only
+    frame_stash_bytes: int = 2 ** 30    # Lite: decoded frames of later groups taken on the way (0: off)
 
 
 @dataclass
@@ -120,7 +121,7 @@ def answer(selection: Selection, max_new_tokens: int = 64, do_sample: bool = Fal
                  f.decoded_frames, f.encoded_slices)
     stats = getattr(f, "stats", None)
     if stats is not None:
-        res.extra["features"] = {**stats, "decode_busy_s": round(f.decode_busy_seconds(), 6),
+        res.extra["features"] = {**stats, **(f.stash_stats() if hasattr(f, "stash_stats") else {}), "decode_busy_s": round(f.decode_busy_seconds(), 6),
                                  "storage": str(f.storage_device)}
     return res
 
@@ -162,7 +163,8 @@ def ask(model: Model, video_path, question: str | Question, options=(),
         model.clear_cache()
     feats = model.features_for(video)
     feats.configure(feature_device=config.feature_device, decode_workers=config.decode_workers,
-                    overlap=config.overlap, cache_dir=config.cache_dir)
+                    overlap=config.overlap, cache_dir=config.cache_dir,
+                    frame_stash_bytes=config.frame_stash_bytes)
     feats.reset_stats()
     feats.timer.add("probe", probe_s)
     sel = select(model, video, q, config, method, hooks)

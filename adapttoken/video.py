@@ -41,6 +41,7 @@ __all__ = [
     "probe_video",
     "plan_sampling",
     "SEEK_COST_FRAMES",
+    "plan_extras",
 ]
 
 logger = logging.getLogger(__name__)
@@ -673,6 +674,46 @@ _BACKENDS = ("auto", "decord", "pyav")
 _STRATEGIES = ("auto", "sequential", "seek")
 
 
+def _reach_cost(last: int, x: int, keyframe_before, can_seek: bool) -> float:
+    """Frames decoded (a seek counted as SEEK_COST_FRAMES) to go from having decoded frame `last` to
+    frame x > last, reading the way the PyAV source's "auto" strategy does."""
+    k = keyframe_before(x)
+    if can_seek and k - last - 1 > SEEK_COST_FRAMES:
+        return SEEK_COST_FRAMES + x - k + 1
+    return x - last
+
+
+def plan_extras(targets: Sequence[int], candidates: Sequence[int], last: int, keyframe_before,
+                can_seek: bool = True, limit: int | None = None) -> list[int]:
+    """The candidate frames worth decoding on the way to `targets` (both sorted, distinct, disjoint):
+    a candidate is taken when it is decoded anyway, or when the extra frames it costs, summed since
+    the last target, stay within SEEK_COST_FRAMES (also after the last target). `last`: the frame
+    the reader decoded last (-1: none). At most `limit` are taken."""
+    out: list[int] = []
+    limit = len(candidates) if limit is None else limit
+    ti, spent = 0, 0.0
+    for e in candidates:
+        if len(out) >= limit:
+            break
+        while ti < len(targets) and targets[ti] < e:
+            last, spent = targets[ti], 0.0
+            ti += 1
+        if e <= last:
+            continue
+        if ti < len(targets):
+            nxt = targets[ti]
+            cost = (_reach_cost(last, e, keyframe_before, can_seek) + _reach_cost(e, nxt, keyframe_before, can_seek)
+                    - _reach_cost(last, nxt, keyframe_before, can_seek))
+        elif targets:
+            cost = _reach_cost(last, e, keyframe_before, can_seek)
+        else:
+            break                       # nothing wanted: read nothing extra
+        if spent + cost <= SEEK_COST_FRAMES:
+            out.append(e)
+            last, spent = e, spent + cost
+    return out
+
+
 class FrameReader:
     """One open video file; `read(indices)` decodes just those frames. Not thread-safe.
 
@@ -715,7 +756,15 @@ class FrameReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def read(self, indices: Sequence[int], *, strategy: str = "auto") -> tuple[torch.Tensor, np.ndarray]:
+    def position(self) -> int:
+        """Index of the last frame the active source decoded (-1 before the first)."""
+        src = self._source
+        if src is None:
+            return -1
+        return src.last if src.name == "pyav" else src.pos - 1
+
+    def read(self, indices: Sequence[int], *, strategy: str = "auto", extra: Sequence[int] | None = None,
+             on_extra=None, max_extra: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
         """Decode the frames at `indices` (any order, repeats allowed).
 
         Returns (uint8 CPU tensor [N, H, W, 3], upright RGB, in the requested order; float64 array of
@@ -725,6 +774,12 @@ class FrameReader:
         sampling alike), "sequential" never seeks, "seek" seeks to the keyframe before every frame.
         decord: "auto" and "sequential" use decord's skip_frames (reads on, jumps only to a keyframe
         it would pass anyway), "seek" its accurate seek per frame. All return the same frames.
+
+        extra / on_extra (strategy "auto" only): frame indices the caller will want later. Those the
+        reader decodes anyway on its way to the wanted frames, or can reach for at most
+        SEEK_COST_FRAMES more decoded frames per wanted frame, are also taken (at most `max_extra`)
+        and handed to `on_extra(index, uint8 tensor [H, W, 3])`; the rest are left alone. Lite uses
+        it to pick up the frames of the next groups, which lie next to the current group's.
         """
         if self._source is None:
             raise InputError(f"the FrameReader for {self.path} is closed: open a new one")
@@ -756,8 +811,18 @@ class FrameReader:
         for pos, i in enumerate(wanted):
             slots.setdefault(i, []).append(pos)
         targets = sorted(slots)
+        extras: list[int] = []
+        if extra is not None and on_extra is not None and strategy == "auto" and (max_extra is None or max_extra > 0):
+            if hasattr(extra, "tolist"):
+                extra = extra.tolist()
+            cand = sorted({int(e) for e in extra if 0 <= int(e) < n} - set(targets))
+            can_seek = self._source.name != "pyav" or self.info.frame_index.pts_reliable
+            extras = plan_extras(targets, cand, self.position(), self.info.frame_index.keyframe_before,
+                                 can_seek, len(cand) if max_extra is None else int(max_extra))
+        if extras:
+            targets = sorted(targets + extras)
         try:
-            self._fill(out, targets, slots, strategy)
+            self._fill(out, targets, slots, strategy, on_extra)
         except VideoError:
             if self.backend != "auto" or self._source.name != "decord":
                 raise
@@ -765,11 +830,13 @@ class FrameReader:
             self._source.close()
             self._source = _PyAVSource(self.path, self.info)
             self.backend_used = self._source.name
-            self._fill(out, targets, slots, strategy)
+            self._fill(out, targets, slots, strategy, on_extra)
         return out, times
 
-    def _fill(self, out: torch.Tensor, targets: list[int], slots: dict[int, list[int]], strategy: str) -> None:
-        """Decode `targets` with the active source and copy each into its output slots."""
+    def _fill(self, out: torch.Tensor, targets: list[int], slots: dict[int, list[int]], strategy: str,
+              on_extra=None) -> None:
+        """Decode `targets` with the active source and copy each into its output slots (a target
+        with no slot is an extra frame: it goes to `on_extra`)."""
         rotation = self.info.rotation if self._source.name == "pyav" else 0
         expected = tuple(out.shape[1:])
         for t, img in self._source.read(targets, strategy):
@@ -780,6 +847,9 @@ class FrameReader:
                     f"{expected[1]}x{expected[0]}: the size changes mid-stream: re-encode the file"
                 )
             frame = torch.from_numpy(np.ascontiguousarray(img))
+            if t not in slots:
+                on_extra(t, frame)         # a fresh array: nobody else holds it
+                continue
             for pos in slots[t]:
                 out[pos] = frame
 

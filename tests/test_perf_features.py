@@ -118,7 +118,9 @@ def test_cancel_between_chunks(tiny_adapter, clip):
 
 
 def test_lite_lookahead_does_not_count_or_encode_skipped_groups(tiny_model, clip):
-    cfg = at.AdaptTokenConfig(num_frames=96, group_size=6, budget=24, decode_workers=2, **PX)
+    # the frame stash off: this checks the lookahead alone (test_frame_stash.py checks both)
+    cfg = at.AdaptTokenConfig(num_frames=96, group_size=6, budget=24, decode_workers=2,
+                              frame_stash_bytes=0, **PX)
     full = at.ask(tiny_model, clip, "What is shown?", options=("a", "b"), config=cfg,
                   fresh_features=True)
     hn = [g.entropy_norm for g in full.groups]
