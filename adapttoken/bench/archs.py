@@ -3,11 +3,28 @@
     from adapttoken.bench.archs import ARCHS, arch_config, build_arch_model
     cfg = arch_config("qwen3-vl-8b")                      # transformers config of the released model
     model, seconds = build_arch_model("internvl3-8b", "cuda", torch.bfloat16)   # at.Model, random
+    vision_flops_per_slice(model.adapter.model.config, (288, 544))         # counted tower FLOPs
 
 `ARCHS` holds the config.json contents of the released checkpoints (Qwen/Qwen3-VL-8B-Instruct,
 OpenGVLab/InternVL3-8B-hf), in transformers 5.x key names (`rope_parameters`). With `tok`,
 `arch_config` points the special-token ids at that tokenizer's (the benchmarks use our small
 offline tokenizer; the vocabulary keeps its full size, so the embedding and head cost the same).
+`build_arch_model(..., tiny=True)` builds the tiny random model of the same family instead
+(tiny_families.py), for CPU smoke tests of the benchmark.
+
+Vision FLOPs (`vision_flops_per_slice`, multiply-add = 2), per slice as the adapters encode it:
+
+- Qwen3-VL (a slice = 2 frames; N = (H/16)*(W/16) patches, D = hidden, I = MLP width, `depth`
+  blocks, every block attends within the slice):
+  patch embed 2*N*(3*2*16*16)*D; blocks depth * (2*N*(3D^2 + D^2 + 2*D*I) + 4*N^2*D) (qkv, proj,
+  the two MLP linears, scores + weighted sum); mergers (1 + deepstack levels) * 2*(N/4)*(4D*4D +
+  4D*out) (each merger: linear 4D->4D, linear 4D->out on the 2x2-merged tokens).
+- InternVL (a slice = 1 frame squashed to 448x448; N = (448/14)^2 + 1 = 1025 tokens with the class
+  token, D = 1024, I = 4096, 24 layers, all run: vision_feature_layer -1):
+  patch embed 2*(N-1)*(3*14*14)*D; layers L * (2*N*(3D^2 + D^2 + 2*D*I) + 4*N^2*D); projector on
+  the (N-1)/4 pixel-shuffled tokens 2*((N-1)/4)*(4D*Dt + Dt*Dt) (Dt = the LLM's hidden size).
+- Norms, activations, softmax, rotary / position embeddings and the pixel shuffle are not counted
+  (elementwise, well under 1% of the above).
 """
 from __future__ import annotations
 
@@ -94,19 +111,61 @@ def arch_config(name: str, tok=None, attn: str = "sdpa"):
     return cls(**d, attn_implementation=attn)
 
 
-def build_arch_model(name: str, device, dtype=torch.bfloat16, pixels: int = 448 * 448, seed: int = 0):
+def vision_flops_per_slice(cfg, resized: tuple[int, int]) -> float:
+    """Counted FLOPs of the vision tower (+ merger / projector) for one slice at `resized` pixels
+    (Qwen3-VL; InternVL squashes every frame to its image size), by the formulas above.
+    `cfg`: the model's transformers config (Qwen3VLConfig or InternVLConfig)."""
+    mt = cfg.model_type
+    v = cfg.vision_config
+    if mt == "qwen3_vl":
+        p, m = v.patch_size, v.spatial_merge_size
+        N = (resized[0] // p) * (resized[1] // p)
+        D, I, out = v.hidden_size, v.intermediate_size, v.out_hidden_size
+        in_dim = v.in_channels * v.temporal_patch_size * p * p
+        levels = len(getattr(v, "deepstack_visual_indexes", None) or [])
+        hm = D * m * m
+        return float(2 * N * in_dim * D
+                     + v.depth * (2 * N * (4 * D * D + 2 * D * I) + 4 * N * N * D)
+                     + (1 + levels) * 2 * (N // (m * m)) * (hm * hm + hm * out))
+    if mt == "internvl":
+        size = v.image_size if isinstance(v.image_size, (list, tuple)) else (v.image_size,) * 2
+        patch = v.patch_size if isinstance(v.patch_size, (list, tuple)) else (v.patch_size,) * 2
+        n_patch = (size[0] // patch[0]) * (size[1] // patch[1])
+        N = n_patch + 1                                   # + the class token
+        D, I, L = v.hidden_size, v.intermediate_size, v.num_hidden_layers
+        in_dim = v.num_channels * patch[0] * patch[1]
+        r = int(round(1 / cfg.downsample_ratio))
+        Dt = cfg.text_config.hidden_size
+        return float(2 * n_patch * in_dim * D
+                     + L * (2 * N * (4 * D * D + 2 * D * I) + 4 * N * N * D)
+                     + 2 * (n_patch // (r * r)) * (D * r * r * Dt + Dt * Dt))
+    raise ValueError(f"no vision FLOP count for model_type {mt!r}")
+
+
+def build_arch_model(name: str, device, dtype=torch.bfloat16, pixels: int = 448 * 448, seed: int = 0,
+                     tiny: bool = False):
     """(at.Model with the family's adapter, seconds): random weights created on `device` in `dtype`,
-    our offline tokenizer, the family's processor at full size (Qwen3-VL: `pixels` per frame)."""
+    our offline tokenizer, the family's processor at full size (Qwen3-VL: `pixels` per frame).
+    tiny: the family's tiny random model instead (tiny_families.py; CPU smoke tests)."""
     import transformers
 
     from ..models.base import Model, _families
-    from ..tiny_families import build_family_tokenizer, internvl_processor, qwen3_vl_processor
+    from ..tiny_families import (build_family_tokenizer, internvl_processor, qwen3_vl_processor,
+                                 tiny_internvl, tiny_qwen3_vl)
 
     t0 = time.perf_counter()
+    if name not in ARCHS:
+        raise KeyError(f"unknown architecture {name!r}: use one of {', '.join(ARCHS)}")
     family = ARCHS[name]["model_type"]
     tok = build_family_tokenizer(family)
     cfg = arch_config(name, tok)
-    if family == "qwen3_vl":
+    if tiny and family == "qwen3_vl":
+        cfg, proc = tiny_qwen3_vl(tok, min_pixels=pixels, max_pixels=pixels)
+        cls = transformers.Qwen3VLForConditionalGeneration
+    elif tiny:
+        cfg, proc = tiny_internvl(tok)
+        cls = transformers.InternVLForConditionalGeneration
+    elif family == "qwen3_vl":
         proc = qwen3_vl_processor(tok, min_pixels=pixels, max_pixels=pixels)
         cls = transformers.Qwen3VLForConditionalGeneration
     else:
@@ -124,4 +183,4 @@ def build_arch_model(name: str, device, dtype=torch.bfloat16, pixels: int = 448 
     adapter = _families()[family](model, proc)
     if device != "cpu" and torch.cuda.is_available():
         torch.cuda.synchronize()
-    return Model(adapter, name=f"{name}-random"), time.perf_counter() - t0
+    return Model(adapter, name=f"{name}-{'tiny-' if tiny else ''}random"), time.perf_counter() - t0

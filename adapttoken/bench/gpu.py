@@ -1,6 +1,8 @@
-"""Speed benchmark of the whole product on the Qwen2.5-VL-7B architecture (random weights).
+"""Speed benchmark of the whole product on a full-size architecture with random weights:
+Qwen2.5-VL-7B (default), Qwen3-VL-8B or InternVL3-8B (`--arch`, configs in bench/archs.py).
 
     python -m adapttoken bench gpu --frames 1024 4096 10000 --out docs/bench_gpu
+    python -m adapttoken bench gpu --arch qwen3-vl-8b --frames 1024 4096   # -> docs/bench_gpu_qwen3_vl_8b
     python -m adapttoken bench gpu --tiny --frames 64 128 --out /tmp/bench_tiny     # CPU smoke test
 
 Builds Qwen2.5-VL-7B (text: hidden 3584, 28 layers, 28 heads, 4 KV heads, MLP 18944, vocab 152064,
@@ -25,10 +27,14 @@ second, peak GPU memory (torch.cuda.max_memory_allocated, reset per case). The c
 case is its counted FLOPs over the bf16 matmul rate measured in the same run (8192^3).
 
 FLOPs (multiply-add = 2): vision tower = qwen_vision_fast.count_flops per slice (matmuls, window and
-full attention, merger) times the slices encoded; every language-model call is counted from its
-real shapes (a hook on the text model): 2 * decoder-linear params * new tokens + attention
-4 * layers * hidden * (new * past + new * (new + 1) / 2) (causal) + the LM head on the positions
-that get logits (1 per call); the attention probe (q/k projections and the score matrix) per group.
+full attention, merger) for Qwen2.5-VL, archs.vision_flops_per_slice for Qwen3-VL (patch embed,
+27 blocks of full attention within the slice, merger + 3 deepstack mergers) and InternVL (patch
+embed, 24 layers over 1025 tokens, pixel-shuffle projector), times the slices encoded; every
+language-model call is counted from its real shapes (a hook on the text model): 2 * decoder-linear
+params * new tokens + attention 4 * layers * heads * head_dim * (new * past + new * (new + 1) / 2)
+(causal) + the LM head on the positions that get logits (1 per call); the attention probe (q/k
+projections and the score matrix) per group. The other families have no prefix key/value cache:
+their second question re-runs every group pass (vision features reused).
 """
 from __future__ import annotations
 
@@ -129,9 +135,29 @@ def build_model(tiny: bool, device: torch.device, dtype: torch.dtype, pixels: in
         time.perf_counter() - t0
 
 
+ARCH_NAMES = ("qwen2.5-vl-7b", "qwen3-vl-8b", "internvl3-8b")
+ARCH_LABELS = {"qwen2.5-vl-7b": "Qwen2.5-VL-7B", "qwen3-vl-8b": "Qwen3-VL-8B",
+               "internvl3-8b": "InternVL3-8B"}
+
+
+def default_out(arch: str) -> str:
+    """docs/bench_gpu for Qwen2.5-VL-7B, docs/bench_gpu_<arch> (dots and dashes as _) otherwise."""
+    if arch == "qwen2.5-vl-7b":
+        return "docs/bench_gpu"
+    return "docs/bench_gpu_" + arch.replace("-", "_").replace(".", "_")
+
+
+def _vision_modules(m) -> list:
+    """The vision tower and its merger / projector of a transformers VLM (all supported families)."""
+    inner = m.model
+    mods = [getattr(inner, n) for n in ("visual", "vision_tower", "multi_modal_projector")
+            if getattr(inner, n, None) is not None]
+    return mods
+
+
 def param_counts(model) -> dict:
     m = model.adapter.model
-    vis = sum(p.numel() for p in m.model.visual.parameters())
+    vis = sum(p.numel() for mod in _vision_modules(m) for p in mod.parameters())
     lm = m.model.language_model
     dec_linear = sum(mod.weight.numel() for layer in lm.layers for mod in layer.modules()
                      if isinstance(mod, torch.nn.Linear))
@@ -159,7 +185,7 @@ class LLMCounter:
         self.hidden = cfg.hidden_size
         self.heads = cfg.num_attention_heads
         self.kv = cfg.num_key_value_heads
-        self.head_dim = self.hidden // self.heads
+        self.head_dim = getattr(cfg, "head_dim", None) or self.hidden // self.heads
         self.vocab = cfg.vocab_size
         self.dec_linear = param_counts(model)["decoder_linear"]
         self.calls: list[tuple[int, int, bool]] = []      # (new tokens, past tokens, in answer)
@@ -200,7 +226,7 @@ class LLMCounter:
 
     def call_flops(self, n: int, past: int) -> float:
         mm = 2.0 * self.dec_linear * n + 2.0 * self.vocab * self.hidden      # + LM head, 1 position
-        attn = 4.0 * self.layers * self.hidden * (n * past + n * (n + 1) / 2)
+        attn = 4.0 * self.layers * self.heads * self.head_dim * (n * past + n * (n + 1) / 2)
         return mm + attn
 
     def probe_flops(self, n: int, past: int, n_query: int) -> float:
@@ -208,7 +234,7 @@ class LLMCounter:
         the prefix cache), scores and softmax-weighted nothing (scores only)."""
         kvd = self.kv * self.head_dim
         k_proj = 2.0 * n * self.hidden * kvd if past == 0 else 0.0
-        return (2.0 * n_query * self.hidden * self.hidden + k_proj
+        return (2.0 * n_query * self.hidden * self.heads * self.head_dim + k_proj
                 + 2.0 * self.heads * n_query * (n + past) * self.head_dim)
 
     def split(self, n_suffix: int) -> dict:
@@ -231,7 +257,11 @@ class LLMCounter:
 
 def vision_flops_per_slice(model, resized) -> float:
     from ..models.qwen_vision_fast import count_flops
-    vcfg = model.adapter.model.config.vision_config
+    cfg = model.adapter.model.config
+    if cfg.model_type != "qwen2_5_vl":
+        from .archs import vision_flops_per_slice as other
+        return other(cfg, resized)
+    vcfg = cfg.vision_config
     p = vcfg.patch_size
     grid = torch.tensor([[1, resized[0] // p, resized[1] // p]])
     return float(count_flops(vcfg, grid)["total"])
@@ -381,7 +411,8 @@ def run_case(model, video_path, frames: int, method: str, args, counter: LLMCoun
     probe_s = time.perf_counter() - t_start
     feats = model.features_for(video)
     feats.configure(feature_device=args.feature_device, decode_workers=args.decode_workers,
-                    overlap=not args.no_overlap, cache_dir=cache_dir, pad_chunks=args.compile_vision)
+                    overlap=not args.no_overlap, cache_dir=cache_dir,
+                    pad_chunks=bool(args.compile_vision))
     feats.reset_stats()
     feats.timer.add("probe", probe_s)
     n_groups = 0
@@ -447,6 +478,17 @@ def derived(c: dict, rate: float) -> dict:
     return out
 
 
+def vision_path(meta: dict) -> str:
+    if meta.get("arch", "qwen2.5-vl-7b") != "qwen2.5-vl-7b":
+        return "transformers' own tower (sdpa)"
+    cv = meta.get("compile_vision")
+    if cv is True:
+        return "fast batched + torch.compile (forced, chunks padded to one shape)"
+    if cv is False:
+        return "fast batched, eager (compile off)"
+    return "fast batched, torch.compile on CUDA (the library's default)"
+
+
 def _fmt(x, nd=2):
     if x is None:
         return "-"
@@ -457,7 +499,9 @@ def _fmt(x, nd=2):
 
 def markdown(results: dict) -> str:
     meta, rate = results["meta"], results["matmul"]["flops_per_s"]
-    lines = [f"# `bench gpu`: Qwen2.5-VL-7B architecture, random bf16 weights, end to end", "",
+    arch = meta.get("arch", "qwen2.5-vl-7b")
+    fps_slice = meta.get("frames_per_slice", 2)
+    lines = [f"# `bench gpu`: {ARCH_LABELS.get(arch, arch)} architecture, random bf16 weights, end to end", "",
              f"- device: {meta.get('gpu', meta['device'])}; torch {meta['torch']}, transformers "
              f"{meta['transformers']}, PyAV {meta.get('av')}, Python {meta['python']}, "
              f"{meta['cpu_count']} CPU cores",
@@ -465,17 +509,20 @@ def markdown(results: dict) -> str:
              + (f"; device copy {results['copy_bw'] / 1e9:.0f} GB/s" if results.get("copy_bw") else ""),
              f"- video: {meta['video']['frames']} frames of {meta['video']['height']}x"
              f"{meta['video']['width']} H.264 (GOP {meta['video'].get('gop')}) decoded from local "
-             f"disk with PyAV; {meta['pixels']} pixels per frame = {meta['tokens_per_slice']} "
-             f"tokens per 2-frame slice",
+             f"disk with PyAV; "
+             + (f"{meta['pixels']} pixels per frame" if arch != "internvl3-8b"
+                else "each frame squashed to 448x448")
+             + f" = {meta['tokens_per_slice']} tokens per {fps_slice}-frame slice",
              f"- budget {meta['budget']} tokens, groups of {meta['group_size']} slices (strided), "
-             f"answer: {meta['max_new_tokens']} new tokens; vision path: "
-             f"{'fast batched + torch.compile' if meta['compile_vision'] else 'fast batched (eager)'}; "
+             f"answer: {meta['max_new_tokens']} new tokens; vision path: {vision_path(meta)}; "
              f"features kept: {meta['feature_device']}; decoder threads: {meta['decode_workers']}",
              f"- Lite: random weights give no confident group, so the stop point is a benchmark "
              f"parameter: Lite stops after round({meta['lite_stop_fraction']} x groups) groups.",
              f"- second question: a new question on the same video and sampling right after "
-             f"adapttoken; its vision features are still in memory, and so are the keys/values of "
-             f"each group's prefix (system prompt + visual tokens) where they fit (PrefixKVCache).",
+             f"adapttoken; its vision features are still in memory"
+             + (", and so are the keys/values of each group's prefix (system prompt + visual "
+                "tokens) where they fit (PrefixKVCache)." if arch == "qwen2.5-vl-7b" else
+                "; this family has no prefix key/value cache, so every group pass runs again."),
              (f"- lengths >= {meta['card_from']} frames run as on a {meta['card_gib']:g} GiB card: "
               f"torch.cuda.set_per_process_memory_fraction caps the allocator there (allocations "
               f"beyond it fail) and the library sizes its GPU caches to it." if meta.get("card_gib")
@@ -533,10 +580,12 @@ def markdown(results: dict) -> str:
         lines += ["", "Errors: " + "; ".join(results["errors"])]
     lines += ["", "## Rerun", "",
               "On a CUDA machine with PyAV (the video is generated, then decoded for real):", "",
-              "    python -m adapttoken bench gpu --frames 4096 10000 1024 --out docs/bench_gpu "
-              "--disk-cache --variants", "",
-              "Add `--compile-vision` to time the tower under torch.compile, `--card-gib 0` to lift the "
-              "24 GiB cap of the 10,000-frame cases, `--tiny --device cpu` for a smoke test. "
+              ("    python -m adapttoken bench gpu --frames 4096 10000 1024 --out docs/bench_gpu "
+               "--disk-cache --variants" if arch == "qwen2.5-vl-7b" else
+               f"    python -m adapttoken bench gpu --arch {arch} --frames 1024 4096"), "",
+              "`--eager-vision` / `--compile-vision` force the Qwen2.5-VL tower eager / compiled (the "
+              "default compiles it on CUDA), `--card-gib 0` lifts the "
+              "24 GiB cap of the 10,000-frame cases, `--tiny --device cpu` runs a smoke test. "
               "`--from-json A.json B.json` rebuilds this page from saved runs.",
               "", "Columns: decode = seconds the pipeline waited for frames (the decoder lanes work "
               "alongside the GPU); preproc/vision/group pass/answer include the GPU work they "
@@ -609,7 +658,8 @@ def plot(results: dict, path: Path) -> None:
             lx, ly = left, ly + 18
     d.line([(lx, ly + 6), (lx + 14, ly + 6)], fill="red", width=2)
     d.text((lx + 18, ly), "compute floor", fill="black")
-    d.text((left, 10), f"AdaptToken on Qwen2.5-VL-7B (random weights), "
+    arch = results["meta"].get("arch", "qwen2.5-vl-7b")
+    d.text((left, 10), f"AdaptToken on {ARCH_LABELS.get(arch, arch)} (random weights), "
                        f"{results['meta'].get('gpu', results['meta']['device'])}: seconds per question",
            fill="black")
     img.save(path)
@@ -685,6 +735,8 @@ def parse_size(s: str) -> tuple[int, int]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m adapttoken bench gpu",
                                  description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", default="qwen2.5-vl-7b", choices=ARCH_NAMES,
+                    help="architecture (random weights); the others come from bench/archs.py")
     ap.add_argument("--frames", type=int, nargs="+", default=[1024, 4096, 10000])
     ap.add_argument("--size", default="308x560", help="frame size HxW (also the pixel cap)")
     ap.add_argument("--budget", type=int, default=7040)
@@ -693,7 +745,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--max-new-tokens", type=int, default=4,
                     help="answer length (random weights never stop by themselves)")
-    ap.add_argument("--out", default="docs/bench_gpu")
+    ap.add_argument("--out", default=None,
+                    help="output folder (default: docs/bench_gpu, docs/bench_gpu_<arch> for the others)")
     ap.add_argument("--tiny", action="store_true", help="tiny random config (CPU smoke test)")
     ap.add_argument("--video", default=None, help="video file (default: generate one)")
     ap.add_argument("--video-frames", type=int, default=None,
@@ -703,8 +756,11 @@ def main(argv=None) -> int:
     ap.add_argument("--feature-device", default="auto", choices=["auto", "gpu", "cpu"])
     ap.add_argument("--decode-workers", type=int, default=None)
     ap.add_argument("--no-overlap", action="store_true")
-    ap.add_argument("--compile-vision", action="store_true",
-                    help="torch.compile the fast vision tower's blocks (chunks padded to one shape)")
+    ap.add_argument("--compile-vision", action="store_const", const=True, default=None,
+                    help="force torch.compile of the fast Qwen2.5-VL tower's blocks (chunks padded to "
+                         "one shape); the default already compiles it on CUDA")
+    ap.add_argument("--eager-vision", dest="compile_vision", action="store_const", const=False,
+                    help="run the fast Qwen2.5-VL tower eagerly (no torch.compile)")
     ap.add_argument("--disk-cache", action="store_true",
                     help="also time the on-disk feature cache (write, then load) at the smallest length")
     ap.add_argument("--card-gib", type=float, default=24.0,
@@ -712,11 +768,13 @@ def main(argv=None) -> int:
                          "allocations beyond it fail) for the lengths >= --card-from; 0: off")
     ap.add_argument("--card-from", type=int, default=10000)
     ap.add_argument("--variants", nargs="*", default=None,
-                    choices=["threads", "hf_vision", "cpu_features", "one_thread", "eager_vision"],
+                    choices=["threads", "hf_vision", "cpu_features", "one_thread", "eager_vision",
+                             "compiled_vision"],
                     help="also run the full method at the smallest length with single optimisations "
                          "undone: threads (no decoder threads, no overlap), hf_vision (transformers' "
                          "vision tower), cpu_features, one_thread (one decoder lane), eager_vision "
-                         "(no torch.compile); no names: the first four")
+                         "(compile off); compiled_vision (compile forced, chunks padded); no names: "
+                         "the first four")
     ap.add_argument("--time-limit", type=float, default=None,
                     help="seconds: skip the remaining cases once this much time has passed")
     ap.add_argument("--from-json", nargs="+", default=None,
@@ -725,6 +783,8 @@ def main(argv=None) -> int:
     ap.add_argument("--note", action="append", default=[],
                     help="with --from-json: a note per run, in order")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = default_out(args.arch)
 
     if args.from_json:
         res = merge_results(args.from_json, args.note)
@@ -752,7 +812,7 @@ def main(argv=None) -> int:
         av_version = None
     meta = {"device": str(device), "torch": torch.__version__, "transformers": transformers.__version__,
             "av": av_version, "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "tiny": args.tiny, "pixels": args.pixels, "budget": args.budget,
+            "arch": args.arch, "tiny": args.tiny, "pixels": args.pixels, "budget": args.budget,
             "group_size": args.group_size, "lite_stop_fraction": args.lite_stop_fraction,
             "max_new_tokens": args.max_new_tokens, "compile_vision": args.compile_vision,
             "feature_device": args.feature_device, "overlap": not args.no_overlap,
@@ -785,8 +845,14 @@ def main(argv=None) -> int:
         print(f"[bench gpu] wrote {vpath} ({meta['video']['bytes'] / 2 ** 20:.1f} MiB) in "
               f"{meta['video']['seconds_to_make']:.1f} s", flush=True)
 
-    model, build_s = build_model(args.tiny, device, dtype, args.pixels)
-    model.adapter.compile_vision = args.compile_vision
+    if args.arch == "qwen2.5-vl-7b":
+        model, build_s = build_model(args.tiny, device, dtype, args.pixels)
+        model.adapter.compile_vision = args.compile_vision
+    else:
+        from .archs import build_arch_model
+        model, build_s = build_arch_model(args.arch, device, dtype, pixels=args.pixels, tiny=args.tiny)
+    meta["model"] = model.name
+    meta["frames_per_slice"] = model.adapter.frames_per_slice
     meta["build_seconds"] = build_s
     meta["params"] = param_counts(model)
     res_hw = model.adapter.resized_size(H, W, args.pixels, args.pixels)
@@ -877,7 +943,9 @@ def main(argv=None) -> int:
                 "hf_vision": ("transformers vision tower", dict(compile_vision=False), False),
                 "cpu_features": ("features in CPU memory", dict(feature_device="cpu"), True),
                 "one_thread": ("1 decoder thread", dict(decode_workers=1), True),
-                "eager_vision": ("fast vision tower, eager (no compile)", dict(compile_vision=False), True),
+                "eager_vision": ("fast vision tower, eager (compile off)", dict(compile_vision=False), True),
+                "compiled_vision": ("fast vision tower, compile forced, chunks padded",
+                                    dict(compile_vision=True), True),
             }
             names = args.variants or ["threads", "hf_vision", "cpu_features", "one_thread"]
             variants = [table[n] for n in names]

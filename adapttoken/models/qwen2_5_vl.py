@@ -92,7 +92,10 @@ class Qwen25VLAdapter(Adapter):
         self.tokens_per_second = cfg.vision_config.tokens_per_second
         self.video_token_id = cfg.video_token_id
         self.use_fast_vision = True
-        self.compile_vision = False     # torch.compile the fast tower's blocks (slow first call)
+        # torch.compile of the fast tower's blocks: None (default) = qwen_vision_fast's own default
+        # (compiled on CUDA, eager elsewhere and after a failed compile); True = compile (warns and
+        # runs eager if it fails); False = eager
+        self.compile_vision: bool | None = None
         vp = processor.video_processor
         self._vp_kwargs = {}
         params = inspect.signature(vp._preprocess).parameters
@@ -197,7 +200,8 @@ class Qwen25VLAdapter(Adapter):
                             type(e).__name__, str(e)[:300])
                         self.compile_vision = False
                 if feats is None:
-                    feats = fast_video_features(visual, pv.to(visual.dtype), grid)
+                    feats = fast_video_features(visual, pv.to(visual.dtype), grid,
+                                                compile=None if self.compile_vision is None else False)
                 return feats.view(int(grid[0, 0]), rows * cols, -1)
         feats = self.model.model.get_video_features(pv, grid).pooler_output
         feats = torch.cat(list(feats)) if isinstance(feats, (tuple, list)) else feats
