@@ -110,8 +110,11 @@ def run_demo(args) -> int:
         for line in _groups_table(sel, needle):
             print(line)
         if res.skipped_groups:
+            wasted = res.extra.get("features", {}).get("ride_along_wasted_frames", 0)
             print(f"  Lite skipped groups {res.skipped_groups[0]}-{res.skipped_groups[-1]} "
-                  f"({len(res.skipped_groups)} of {len(res.groups)}): never decoded, encoded or run")
+                  f"({len(res.skipped_groups)} of {len(res.groups)}): never encoded or run"
+                  + (f"; {wasted} of their frames were decoded on the way (next to group 0's) "
+                     "and dropped" if wasted else ", none of their frames decoded"))
         print("  seconds: " + "  ".join(f"{k} {s:.2f}" for k, s in res.seconds.items()))
         png = out / f"preview_{method}.png"
         Image.fromarray(render_preview(sel)).save(png)

@@ -15,6 +15,10 @@ import torch
 
 from .errors import InputError
 
+# Lite: frames of at most this many groups after the current one are taken on the way when a read
+# passes them (features.FrameStash); a stop wastes at most their decoding.
+RIDE_ALONG_GROUPS = 4
+
 ENTROPY_MODES = ("auto", "options", "first_token", "greedy_mean")
 
 
@@ -118,7 +122,9 @@ class ScoredGroups:
                     if g + 1 < n:
                         feats.lookahead(slices[g + 1])
                     # reads for group g also take the next groups' frames when they lie on the way
-                    feats.ride_along(np.concatenate(slices[g + 1:]) if g + 1 < n else None)
+                    # (at most RIDE_ALONG_GROUPS groups ahead: what a stop can waste)
+                    nxt = slices[g + 1:g + 1 + RIDE_ALONG_GROUPS]
+                    feats.ride_along(np.concatenate(nxt) if nxt else None)
                 done.append(self.score(g, hooks))
                 if self.stop is not None and self.stop.should_stop(done):
                     break
