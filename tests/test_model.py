@@ -44,9 +44,18 @@ def _full_inputs(adapter, frames, fps, question):
 
 
 def test_full_sequence_equals_native_forward(tiny_adapter):
-    """Keeping every token with our explicit positions reproduces transformers' native forward."""
+    """Keeping every token with our explicit positions reproduces transformers' native forward.
+
+    6 frames of 112x168 at fps 2: three 1-second slices (temporal ids 0, 2, 4) on a 4x6 token grid,
+    chosen so that every transformers version builds the same ids as Qwen's rule: (1) whole seconds
+    per slice, because transformers 5.17's get_rope_index truncates the seconds per slice before
+    multiplying (`tokens_per_second * int(second_per_grid_t)`: at 0.25 s every slice gets t = 0;
+    seen on the H100 run of 5.17 and locally), where Qwen's rule, which we follow and 5.23 has
+    again, is floor(t * seconds * tokens_per_second); (2) t_max <= max(rows, cols) - 1, because
+    transformers >= 5.3 resumes the text at max(rows, cols) instead of the largest id + 1
+    (positions.py)."""
     ad = tiny_adapter
-    frames, fps = _frames(8, 56, 84), 8.0
+    frames, fps = _frames(6, 112, 168), 2.0
     q = Question("What happens?", ("a dog runs", "a cat sleeps"))
     inp = _native_inputs(ad, frames, fps, q.prompt_text())
     with torch.inference_mode():

@@ -478,10 +478,22 @@ def derived(c: dict, rate: float) -> dict:
     return out
 
 
+def text_path(meta: dict) -> str:
+    if "fuse_text" not in meta:
+        return "transformers' eager RMSNorm/MLP (runs before fused_text.py)"
+    if meta["fuse_text"] is False:
+        return "transformers' eager RMSNorm/MLP (--no-fuse-text)"
+    return "fused RMSNorm / SiLU-MLP kernels, torch.compile (the library's default on CUDA)"
+
+
 def vision_path(meta: dict) -> str:
     if meta.get("arch", "qwen2.5-vl-7b") != "qwen2.5-vl-7b":
         return "transformers' own tower (sdpa)"
     cv = meta.get("compile_vision")
+    if "fuse_text" not in meta and not cv:
+        # runs before the tri-state flag: False meant "not forced", i.e. qwen_vision_fast's
+        # default, which compiles on CUDA (the report then called it "eager")
+        return "fast batched, torch.compile on CUDA (the library's default; reported as eager then)"
     if cv is True:
         return "fast batched + torch.compile (forced, chunks padded to one shape)"
     if cv is False:
@@ -515,7 +527,8 @@ def markdown(results: dict) -> str:
              + f" = {meta['tokens_per_slice']} tokens per {fps_slice}-frame slice",
              f"- budget {meta['budget']} tokens, groups of {meta['group_size']} slices (strided), "
              f"answer: {meta['max_new_tokens']} new tokens; vision path: {vision_path(meta)}; "
-             f"features kept: {meta['feature_device']}; decoder threads: {meta['decode_workers']}",
+             + (f"language model: {text_path(meta)}; " if arch == "qwen2.5-vl-7b" else "")
+             + f"features kept: {meta['feature_device']}; decoder threads: {meta['decode_workers']}",
              f"- Lite: random weights give no confident group, so the stop point is a benchmark "
              f"parameter: Lite stops after round({meta['lite_stop_fraction']} x groups) groups.",
              f"- second question: a new question on the same video and sampling right after "
@@ -761,6 +774,9 @@ def main(argv=None) -> int:
                          "one shape); the default already compiles it on CUDA")
     ap.add_argument("--eager-vision", dest="compile_vision", action="store_const", const=False,
                     help="run the fast Qwen2.5-VL tower eagerly (no torch.compile)")
+    ap.add_argument("--no-fuse-text", dest="fuse_text", action="store_const", const=False,
+                    default=None, help="Qwen2.5-VL: transformers' eager RMSNorm/MLP in the language "
+                                       "model instead of the fused kernels (fused_text.py)")
     ap.add_argument("--disk-cache", action="store_true",
                     help="also time the on-disk feature cache (write, then load) at the smallest length")
     ap.add_argument("--card-gib", type=float, default=24.0,
@@ -769,12 +785,13 @@ def main(argv=None) -> int:
     ap.add_argument("--card-from", type=int, default=10000)
     ap.add_argument("--variants", nargs="*", default=None,
                     choices=["threads", "hf_vision", "cpu_features", "one_thread", "eager_vision",
-                             "compiled_vision"],
+                             "compiled_vision", "unfused_text", "repeat"],
                     help="also run the full method at the smallest length with single optimisations "
                          "undone: threads (no decoder threads, no overlap), hf_vision (transformers' "
                          "vision tower), cpu_features, one_thread (one decoder lane), eager_vision "
-                         "(compile off); compiled_vision (compile forced, chunks padded); no names: "
-                         "the first four")
+                         "(compile off); compiled_vision (compile forced, chunks padded); "
+                         "unfused_text (transformers' eager RMSNorm/MLP in the language model); "
+                         "repeat (the same again: run-to-run spread); no names: the first four")
     ap.add_argument("--time-limit", type=float, default=None,
                     help="seconds: skip the remaining cases once this much time has passed")
     ap.add_argument("--from-json", nargs="+", default=None,
@@ -815,6 +832,7 @@ def main(argv=None) -> int:
             "arch": args.arch, "tiny": args.tiny, "pixels": args.pixels, "budget": args.budget,
             "group_size": args.group_size, "lite_stop_fraction": args.lite_stop_fraction,
             "max_new_tokens": args.max_new_tokens, "compile_vision": args.compile_vision,
+            "fuse_text": args.fuse_text,
             "feature_device": args.feature_device, "overlap": not args.no_overlap,
             "card_gib": args.card_gib, "card_from": args.card_from,
             "command": "python -m adapttoken bench gpu " + " ".join(argv if argv is not None else sys.argv[1:])}
@@ -848,6 +866,7 @@ def main(argv=None) -> int:
     if args.arch == "qwen2.5-vl-7b":
         model, build_s = build_model(args.tiny, device, dtype, args.pixels)
         model.adapter.compile_vision = args.compile_vision
+        model.adapter.fuse_text = args.fuse_text
     else:
         from .archs import build_arch_model
         model, build_s = build_arch_model(args.arch, device, dtype, pixels=args.pixels, tiny=args.tiny)
@@ -946,11 +965,15 @@ def main(argv=None) -> int:
                 "eager_vision": ("fast vision tower, eager (compile off)", dict(compile_vision=False), True),
                 "compiled_vision": ("fast vision tower, compile forced, chunks padded",
                                     dict(compile_vision=True), True),
+                "unfused_text": ("language model: transformers' eager norm/MLP (no fused kernels)",
+                                 dict(fuse_text=False), True),
+                "repeat": ("as benchmarked above, run again (run-to-run spread)", {}, True),
             }
             names = args.variants or ["threads", "hf_vision", "cpu_features", "one_thread"]
             variants = [table[n] for n in names]
             results["variants"] = []
             base["compile_vision"] = args.compile_vision
+            base["fuse_text"] = args.fuse_text
             for name, change, fast in variants:
                 if over_time():
                     results["skipped"].append(f"variant {name}")
@@ -959,12 +982,14 @@ def main(argv=None) -> int:
                     setattr(args, k, v)
                 model.adapter.use_fast_vision = fast
                 model.adapter.compile_vision = args.compile_vision
+                model.adapter.fuse_text = args.fuse_text
                 c = guarded(f"variant {name}", lambda: run_case(model, vpath, L, "adapttoken", args,
                                                                 counter, vis_per_slice))
                 for k, v in base.items():
                     setattr(args, k, v)
                 model.adapter.use_fast_vision = True
                 model.adapter.compile_vision = args.compile_vision
+                model.adapter.fuse_text = args.fuse_text
                 model.clear_cache()
                 if c is not None:
                     d = c.__dict__.copy()

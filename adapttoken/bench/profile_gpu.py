@@ -9,8 +9,8 @@ with random bf16 weights (no video, no pipeline): the pieces `bench gpu` times e
    4 KV heads, head dim 128; with enable_gqa and with K/V repeated), the vision tower's windows
    (64 patches, 16 heads, head dim 80) and its full-attention slices (880 patches).
 2. One group pass (`adapter.forward` with the probe at layer 20), as the pipeline runs it (with the
-   prefix key/value store) and without the probe; default sdpa priority vs cuDNN attention first.
-   One pass under torch.profiler: the top kernels by GPU time.
+   prefix key/value store) and without probe or store; transformers' eager RMSNorm/MLP vs the fused
+   kernels (fused_text.py). One pass of each under torch.profiler: the top kernels by GPU time.
 3. One vision chunk (32 slices at 308x560) through qwen_vision_fast: eager vs compiled, default vs
    cuDNN attention first; the top kernels of the compiled chunk.
 
@@ -144,21 +144,21 @@ def group_pass_bench(model, dev, dtype, tiny, iters, out: Path) -> dict:
 
     cases = {
         "pipeline (probe + prefix store)": with_store,
-        "probe, no prefix store": lambda: ad.forward(prompt, embeds, coords, extent, probe_layer=layer),
         "no probe, no store": lambda: ad.forward(prompt, embeds, coords, extent),
     }
     for name, fn in cases.items():
-        for be in (None, "cudnn"):
-            label = name + (" / cuDNN attention first" if be else "")
+        for fuse in (False, None):
+            label = name + (" / eager norm+MLP" if fuse is False else " / fused norm+MLP")
+            ad.fuse_text = fuse
             try:
-                with backends_ctx(be):
-                    t = timed(fn, dev, iters=iters)
+                t = timed(fn, dev, iters=iters)
                 res[label] = dict(t, tflops=flops / t["median_s"] / 1e12)
                 print(f"[profile] group pass {label:58s} {t['median_s'] * 1e3:8.1f} ms "
                       f"{flops / t['median_s'] / 1e12:6.0f} TFLOP/s", flush=True)
             except Exception as e:  # noqa: BLE001
                 res[label] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
                 print(f"[profile] group pass {label}: {res[label]['error']}", flush=True)
+    ad.fuse_text = None
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
@@ -167,10 +167,13 @@ def group_pass_bench(model, dev, dtype, tiny, iters, out: Path) -> dict:
         res["peak_extra_gib"] = (torch.cuda.max_memory_allocated(dev) - base) / 2 ** 30
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        with_store()
-        _sync(dev)
-    (out / "kernels_group_pass.txt").write_text(kernel_table(prof))
+    for fuse, name in ((None, "kernels_group_pass_fused.txt"), (False, "kernels_group_pass.txt")):
+        ad.fuse_text = fuse
+        with profile(activities=acts) as prof:
+            with_store()
+            _sync(dev)
+        (out / name).write_text(kernel_table(prof))
+    ad.fuse_text = None
     return res
 
 

@@ -8,6 +8,9 @@
   with `inputs_embeds`; `rope_deltas` state is never relied on.
 - The attention probe is a pre-hook on one layer (rank.py); cancellation is a pre-hook on every
   layer; generation streams through a transformers streamer and stops on a StoppingCriteria.
+- On CUDA the language model's RMSNorms and SiLU MLPs run fused, compiled kernels (fused_text.py;
+  `adapter.fuse_text = False` for transformers' eager formula); the vision tower runs
+  qwen_vision_fast, compiled on CUDA (`adapter.compile_vision`).
 """
 from __future__ import annotations
 
@@ -96,11 +99,24 @@ class Qwen25VLAdapter(Adapter):
         # (compiled on CUDA, eager elsewhere and after a failed compile); True = compile (warns and
         # runs eager if it fails); False = eager
         self.compile_vision: bool | None = None
+        # fused RMSNorm / SiLU-MLP kernels in the language model (fused_text.py): compiled on CUDA
+        from .fused_text import FusedText
+        self.fused_text = FusedText(self.text_model).install()
         vp = processor.video_processor
         self._vp_kwargs = {}
         params = inspect.signature(vp._preprocess).parameters
         if "cap_pixels_per_frame" in params:
             self._vp_kwargs["cap_pixels_per_frame"] = False
+
+    @property
+    def fuse_text(self) -> bool | None:
+        """None (default): fused norm/MLP kernels on CUDA, transformers' eager formula elsewhere;
+        False: eager everywhere; True: fused on any device (see fused_text.py)."""
+        return self.fused_text.enabled
+
+    @fuse_text.setter
+    def fuse_text(self, value: bool | None) -> None:
+        self.fused_text.enabled = value
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
