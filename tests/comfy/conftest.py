@@ -83,6 +83,27 @@ def log_tail(path: Path, lines: int = 80) -> str:
         return f"(cannot read {path}: {e})"
 
 
+TEXT_TYPES = ("application/json", "application/javascript", "application/xml")
+
+
+def decode_body(raw: bytes, content_type: str) -> Any:
+    """A response body: JSON -> Python objects, text -> str, binary (image/*, video/*,
+    octet-stream...) -> bytes; an unlabelled body is JSON, else UTF-8 text, else bytes."""
+    if not raw:
+        return None
+    textual = content_type.startswith("text/") or content_type in TEXT_TYPES or content_type.endswith("+json")
+    if content_type and not textual:
+        return raw
+    try:
+        return json.loads(raw)
+    except ValueError:          # JSONDecodeError, and UnicodeDecodeError from non-UTF-8 bytes
+        pass
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return raw.decode(errors="replace") if textual else raw
+
+
 class PromptRejected(Exception):
     """POST /prompt refused the prompt, or accepted it with node_errors (only part would run)."""
 
@@ -205,18 +226,17 @@ class ComfyClient:
 
     # HTTP
     def request(self, method: str, path: str, body: Any = None, timeout: float = 30) -> tuple[int, Any]:
+        """(status, body): JSON decoded, text as str, anything else (images, video) as bytes."""
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.base_url + path, data=data, method=method,
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
-                status, raw = r.status, r.read()
+                status, raw, ctype = r.status, r.read(), r.headers.get_content_type()
         except urllib.error.HTTPError as e:
             status, raw = e.code, e.read()
-        try:
-            return status, json.loads(raw) if raw else None
-        except json.JSONDecodeError:
-            return status, raw.decode(errors="replace")
+            ctype = e.headers.get_content_type() if e.headers is not None else ""
+        return status, decode_body(raw, ctype)
 
     def get(self, path: str) -> Any:
         status, body = self.request("GET", path)
