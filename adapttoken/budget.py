@@ -147,6 +147,8 @@ class Selection:
     skipped_groups: list[int] = field(default_factory=list)
     redundant_dropped: int = 0
     seconds: dict = field(default_factory=dict)
+    group_size: int | None = None            # slices per group as run (None: no groups, uniform)
+    requested_group_size: int | None = None  # as asked; larger when clamped to the video's slices
 
     def kept_tokens(self) -> list[dict]:
         """Each kept token's frame index (source video), timestamp, slice, row and column."""
@@ -207,8 +209,10 @@ def allocate(scored, budget: int = 7040, relevance_mode: str = "linear", tau: fl
     features.timer.add("allocate", time.perf_counter() - t0)
     if method is None:
         method = "lite" if scored.stop is not None else "adapttoken"
+    groups = ranked.groups
     return Selection(features, ranked.question, ranked.prompt, gids, method, int(budget), reports,
-                     skipped, n_red, features.timer.snapshot())
+                     skipped, n_red, features.timer.snapshot(), groups.group_size,
+                     groups.requested_group_size)
 
 
 def even_split(scored, budget: int = 7040, hooks=None) -> Selection:

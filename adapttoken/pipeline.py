@@ -82,6 +82,8 @@ class Result:
     decoded_frames: int = 0
     encoded_slices: int = 0
     extra: dict = field(default_factory=dict)
+    group_size: int | None = None            # slices per group as run (clamped to the video)
+    requested_group_size: int | None = None  # as asked
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,7 +120,8 @@ def answer(selection: Selection, max_new_tokens: int = 64, do_sample: bool = Fal
     res = Result(gen.text, selection.method, probs, selection.groups, selection.skipped_groups,
                  selection.kept_tokens(), seconds, f.video.num_frames, f.num_slices,
                  f.tokens_per_slice, selection.budget, selection.redundant_dropped, passes,
-                 f.decoded_frames, f.encoded_slices)
+                 f.decoded_frames, f.encoded_slices, group_size=selection.group_size,
+                 requested_group_size=selection.requested_group_size)
     stats = getattr(f, "stats", None)
     if stats is not None:
         res.extra["features"] = {**stats, **(f.stash_stats() if hasattr(f, "stash_stats") else {}), "decode_busy_s": round(f.decode_busy_seconds(), 6),

@@ -115,6 +115,31 @@ def test_open_question_entropy_modes(tiny_model, video_file):
         at.ask(tiny_model, video_file, "Describe.", config=_config(entropy_mode="options"))
 
 
+def test_split_clamps_group_size():
+    from adapttoken.groups import split_slices
+    for layout in ("strided", "contiguous"):
+        (only,) = split_slices(5, 64, layout)
+        assert only.tolist() == [0, 1, 2, 3, 4]
+        assert [g.tolist() for g in split_slices(5, 5, layout)] == [[0, 1, 2, 3, 4]]
+    with pytest.raises(InputError, match="group_size=0"):
+        split_slices(5, 0)
+
+
+def test_group_size_above_the_slices_is_one_group(tiny_model, video_file, caplog):
+    """A group_size larger than the video's 32 slices is clamped, not refused: one group pass over
+    every slice, the effective and the asked size in the result and in the log."""
+    with caplog.at_level("INFO"):
+        res = at.ask(tiny_model, video_file, Q, config=_config(group_size=33))
+    assert res.group_size == 32 and res.requested_group_size == 33
+    assert len(res.groups) == 1 and res.group_passes == 1 and len(res.groups[0].frame_indices) == 64
+    assert "group_size=33 clamped to the video's 32 slices" in caplog.text
+    d = json.loads(res.to_json())
+    assert (d["group_size"], d["requested_group_size"]) == (32, 33)
+    same = at.ask(tiny_model, video_file, Q, config=_config(group_size=32))
+    assert same.answer == res.answer and same.option_probs == res.option_probs
+    assert same.group_size == same.requested_group_size == 32
+
+
 def test_frames_read_are_the_planned_ones(tiny_model, video_file):
     v = at.open_video(video_file, num_frames=16)
     f = v.read(np.arange(16))
@@ -129,9 +154,9 @@ def test_bad_inputs(tiny_model, video_file, tmp_path):
     with pytest.raises(InputError, match="budget"):
         at.ask(tiny_model, video_file, Q, config=_config(budget=0))
     with pytest.raises(InputError, match="group_size"):
-        at.ask(tiny_model, video_file, Q, config=_config(group_size=33))
-    with pytest.raises(InputError, match="slice"):
-        at.ask(tiny_model, video_file, Q, config=_config(num_frames=1))
+        at.ask(tiny_model, video_file, Q, config=_config(group_size=0))
+    one = at.ask(tiny_model, video_file, Q, config=_config(num_frames=1))   # one 2-frame slice
+    assert one.num_slices == 1 and one.group_size == 1 and one.group_passes == 1
     with pytest.raises(VideoError, match="nope.mp4"):
         at.ask(tiny_model, tmp_path / "nope.mp4", Q, config=_config())
     txt = tmp_path / "notes.mp4"
