@@ -31,7 +31,7 @@ import av
 import numpy as np
 import torch
 
-from adapttoken.errors import InputError, VideoError
+from .errors import InputError, VideoError
 
 __all__ = [
     "VideoInfo",

@@ -5,8 +5,7 @@ import json
 
 from comfy_api.latest import io
 
-import adapttoken as at
-
+from .. import adapttoken as at
 from . import runtime
 from .types import schema
 
@@ -21,7 +20,7 @@ class MLLMAnswer(io.ComfyNode):
         model = runtime.owner_of(selection.features.adapter)
         with runtime.comfy_errors(model):
             if model is not None:
-                model.ensure_loaded()
+                model.ensure_loaded(runtime.answer_memory(model, selection, max_new_tokens))
             selection.features.timer.seconds.pop("answer", None)   # this run's time only
             res = at.answer(selection, max_new_tokens, do_sample, temperature, top_p, seed,
                             hooks=runtime.hooks(cls.hidden.unique_id))

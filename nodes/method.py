@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-import adapttoken as at
-
+from .. import adapttoken as at
 from . import runtime
 from .text import parse_options, summary
 from .types import schema
@@ -51,7 +50,9 @@ class GroupSplit(io.ComfyNode):
     @classmethod
     def execute(cls, video, group_size, layout) -> io.NodeOutput:
         with runtime.comfy_errors():
-            return io.NodeOutput(at.split_groups(video, group_size, layout))
+            groups = at.split_groups(video, group_size, layout)   # clamped to the video's slices
+        text = groups.describe()
+        return io.NodeOutput(groups, ui=ui.PreviewText(text))
 
 
 class AttentionRank(io.ComfyNode):
@@ -68,7 +69,8 @@ class AttentionRank(io.ComfyNode):
         with runtime.comfy_errors():
             video = sliced_for(model, groups.video)
             if video is not groups.video:
-                groups = at.split_groups(video, groups.group_size, groups.layout)
+                groups = at.split_groups(video, groups.requested_group_size or groups.group_size,
+                                         groups.layout)
             ranked = at.RankedGroups(model, groups, question_of(question, options), layer, aggregation)
         return io.NodeOutput(ranked)
 
@@ -108,7 +110,7 @@ class BudgetAllocate(io.ComfyNode):
     def execute(cls, scored, budget, relevance, tau, floor, redundancy_threshold) -> io.NodeOutput:
         model = scored.ranked.model
         with runtime.comfy_errors(model):
-            model.ensure_loaded()
+            model.ensure_loaded(runtime.group_step_memory(model, scored.ranked))
             scored.ranked.features.reset_stats()
             sel = at.allocate(scored, budget, relevance, tau, floor,
                               redundancy_threshold if redundancy_threshold >= 0 else None,

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-import adapttoken as at
-
+from .. import adapttoken as at
 from . import runtime
 from .types import schema
 

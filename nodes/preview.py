@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-from adapttoken.preview import preview_tensor
-
+from ..adapttoken.preview import preview_tensor
 from . import runtime
 from .types import schema
 

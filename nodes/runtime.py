@@ -2,7 +2,8 @@
 Hooks to ComfyUI's progress bar, Cancel button, text streaming and error dialog.
 
 The HF model is wrapped in a plain nn.Module (ModelPatcher assigns `.device`, which HF models refuse)
-and handed to a ModelPatcher: `load_models_gpu` then makes room by offloading other models, and
+and handed to a ModelPatcher: `load_models_gpu` then makes room by offloading other models (for the
+weights and the step's working memory, estimated by adapttoken.memory), and
 /free or "Unload models" offload this one. Whenever the patcher detaches the weights, the video
 feature cache (which lives on the same device) is dropped with them.
 """
@@ -17,14 +18,15 @@ from dataclasses import dataclass
 
 import torch
 
-import adapttoken as at
-from adapttoken.models.base import resolve_dtype
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.utils
 import folder_paths
 from comfy.patcher_extension import CallbacksMP
 
+from .. import adapttoken as at
+from ..adapttoken import memory
+from ..adapttoken.models.base import resolve_dtype
 from .spec import BUNDLED_MODEL_NAME
 
 LLM_FOLDER = "LLM"
@@ -34,7 +36,7 @@ log = logging.getLogger("adapttoken")
 # -- model folders ---------------------------------------------------------------------------------
 
 def bundled_model_dir() -> str:
-    from adapttoken.cli import BUNDLED_MODEL
+    from ..adapttoken.cli import BUNDLED_MODEL
     return str(BUNDLED_MODEL)
 
 
@@ -118,9 +120,11 @@ class ComfyModel(at.Model):
     keep_loaded: bool = True
     path: str = ""
 
-    def ensure_loaded(self) -> None:
-        """Weights on the compute device (offloading other models if needed) before any pass."""
-        mm.load_models_gpu([self.patcher])
+    def ensure_loaded(self, memory_required: int = 0) -> None:
+        """Weights on the compute device before any pass, with `memory_required` bytes of working
+        memory left free besides them (adapttoken.memory's estimate of the step): ComfyUI
+        offloads other models until both fit."""
+        mm.load_models_gpu([self.patcher], memory_required=int(memory_required))
         self.adapter.model.to(self.patcher.load_device)   # buffers the patcher does not move
 
     def offload(self) -> None:
@@ -134,6 +138,26 @@ class ComfyModel(at.Model):
 
 
 _OWNERS: dict[int, weakref.ref] = {}
+
+
+def _estimate(what: str, fn, *args) -> int:
+    """An estimate never stops a run: a config it cannot read gives 0 (ComfyUI's own minimum)."""
+    try:
+        return int(fn(*args))
+    except Exception as e:  # noqa: BLE001
+        log.warning("AdaptToken: no working-memory estimate for %s (%s: %s)", what, type(e).__name__, e)
+        return 0
+
+
+def group_step_memory(model: ComfyModel, ranked) -> int:
+    """Working memory of Budget Allocate's group passes and vision chunks on the load device."""
+    return _estimate("the group passes", memory.group_step_bytes, ranked, model.patcher.load_device)
+
+
+def answer_memory(model: ComfyModel, selection, max_new_tokens: int) -> int:
+    """Working memory of MLLM Answer (prefill, KV cache, any vision chunk) on the load device."""
+    return _estimate("the answer", memory.answer_step_bytes, selection, max_new_tokens,
+                     model.patcher.load_device)
 
 
 def owner_of(adapter) -> ComfyModel | None:
@@ -206,25 +230,33 @@ def hooks(node_id: str | None = None) -> at.Hooks:
                     on_text=on_text if node_id is not None else None)
 
 
+def _give_back(model: at.Model | None) -> None:
+    """After a failed or cancelled step: a model loaded with keep_loaded off goes back to the
+    offload device (as after an answer), then the allocator's cache is emptied."""
+    if isinstance(model, ComfyModel) and not model.keep_loaded:
+        model.offload()
+    mm.soft_empty_cache()
+
+
 @contextlib.contextmanager
 def comfy_errors(model: at.Model | None = None):
     """Library errors -> ComfyUI: Cancel becomes InterruptProcessingException (reported as
     interrupted), a user-facing AdaptTokenError a plain ValueError with the same message, and GPU
-    memory is given back whatever went wrong."""
+    memory is given back whatever went wrong (the weights too when keep_loaded is off)."""
     try:
         yield
     except at.Cancelled:
-        mm.soft_empty_cache()
+        _give_back(model)
         mm.interrupt_current_processing(False)
         raise mm.InterruptProcessingException() from None
     except at.AdaptTokenError as e:
-        mm.soft_empty_cache()
+        _give_back(model)
         raise ValueError(str(e)) from None
     except torch.OutOfMemoryError:
         if model is not None:
             model.clear_cache()
-        mm.soft_empty_cache()
+        _give_back(model)
         raise
     except BaseException:
-        mm.soft_empty_cache()
+        _give_back(model)
         raise

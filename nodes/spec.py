@@ -130,7 +130,9 @@ SPECS: tuple[NodeSpec, ...] = (
         "AdaptToken_GroupSplit", "Group Split (AdaptToken)",
         "Split the sampled slices (2 frames each) into groups; strided groups each cover the whole video.",
         (In("video", AT_VIDEO),
-         In("group_size", "INT", 64, 1, 100_000, 1, tooltip="Temporal slices per group (FlexSelect: 64)."),
+         In("group_size", "INT", 64, 1, 100_000, 1,
+            tooltip="Temporal slices per group (FlexSelect: 64); more than the video has: one group "
+                    "of all slices (the node shows the size used)."),
          In("layout", "COMBO", "strided", options=("strided", "contiguous"))),
         (Out("groups", AT_GROUPS),)),
     NodeSpec(

@@ -20,8 +20,14 @@ def summary(sel) -> str:
     """A Selection as text: per processed group the frames it saw, H/Hmax, relevance, budget and
     kept tokens; then the groups Lite skipped."""
     lines = [f"{sel.method}: {len(sel.gids)} tokens kept of budget {sel.budget}, "
-             f"{sel.redundant_dropped} dropped as redundant",
-             "group  frames  H/Hmax  relevance  budget  kept"]
+             f"{sel.redundant_dropped} dropped as redundant"]
+    size, asked = getattr(sel, "group_size", None), getattr(sel, "requested_group_size", None)
+    if size is not None:
+        n = len(sel.groups)
+        lines.append(f"{n} group{'s' if n != 1 else ''} of <= {size} slices"
+                     + (f" (group_size={asked} clamped to the video's slices)"
+                        if asked is not None and asked != size else ""))
+    lines.append("group  frames  H/Hmax  relevance  budget  kept")
     for g in sel.groups:
         if g.entropy is None:
             continue

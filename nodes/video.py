@@ -8,11 +8,10 @@ import os
 import uuid
 
 import torch
+import folder_paths
 from comfy_api.latest import io
 
-import adapttoken as at
-import folder_paths
-
+from .. import adapttoken as at
 from . import runtime
 from .types import schema
 
@@ -38,7 +37,7 @@ def source_path(video: str, path: str) -> str:
 
 def from_images(images: torch.Tensor, fps: float, **sampling) -> at.VideoHandle:
     """A VideoHandle over frames already in memory (only the sampled ones are kept, as uint8)."""
-    from adapttoken.video import VideoInfo, plan_sampling
+    from ..adapttoken.video import VideoInfo, plan_sampling
     n, h, w = images.shape[0], images.shape[1], images.shape[2]
     info = VideoInfo(f"<images {uuid.uuid4().hex[:12]}>", n, float(fps), n / float(fps), w, h, 0)
     plan = plan_sampling(info, multiple_of=FRAMES_PER_SLICE, **sampling)

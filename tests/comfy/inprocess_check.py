@@ -50,7 +50,18 @@ def main() -> int:
     classes = {c.GET_SCHEMA().node_id: c for c in asyncio.run(ext.get_node_list())}
     from adapttoken_pack.nodes import runtime
 
+    asked: list[tuple[str, int]] = []          # (node, memory_required) of each load_models_gpu
+    current = {"node": ""}
+    load_models_gpu = mm.load_models_gpu
+
+    def recording_load_models_gpu(models, memory_required=0, *args, **kwargs):
+        asked.append((current["node"], memory_required))
+        return load_models_gpu(models, memory_required, *args, **kwargs)
+
+    mm.load_models_gpu = recording_load_models_gpu     # calls through: ComfyUI does the work
+
     def run(node_id, **kw):
+        current["node"] = node_id
         cls = classes[node_id].PREPARE_CLASS_CLONE({})
         return cls.execute(**kw).result
 
@@ -122,6 +133,45 @@ def main() -> int:
         fail.append("feature cache kept after keep_loaded=False answer")
     if dev.type == "cuda" and next(hf.parameters()).device.type == "cuda":
         fail.append("weights still on the GPU with keep_loaded off")
+
+    def loaded() -> bool:
+        return any(lm.model is model.patcher for lm in mm.current_loaded_models)
+
+    with torch.inference_mode():               # keep_loaded off and Cancel: nothing stays loaded
+        (ranked3,) = run("AdaptToken_AttentionRank", model=model, groups=groups, question="Cancelled?",
+                         options="", layer=-1, aggregation="max")
+        (scored3,) = run("AdaptToken_EntropyScore", ranked=ranked3, mode="auto", tokens=1)
+        sel3, _ = run("AdaptToken_BudgetAllocate", scored=scored3, budget=256, relevance="linear",
+                      tau=0.1, floor=0, redundancy_threshold=0.9)
+        if not (loaded() and model._features):
+            fail.append("Budget Allocate left the model unloaded or without features")
+        mm.interrupt_current_processing(True)
+        try:
+            run("AdaptToken_MLLMAnswer", selection=sel3, max_new_tokens=4, do_sample=False,
+                temperature=1.0, top_p=1.0, seed=0)
+            fail.append("MLLM Answer ran although Cancel was pressed (keep_loaded off)")
+        except mm.InterruptProcessingException:
+            pass
+        mm.interrupt_current_processing(False)
+    facts["loaded_after_cancel_keep_loaded_off"] = loaded()
+    facts["features_after_cancel_keep_loaded_off"] = len(model._features)
+    if loaded() or model._features:
+        fail.append("a cancelled answer with keep_loaded off left the model loaded or its features")
+    if dev.type == "cuda" and next(hf.parameters()).device.type == "cuda":
+        fail.append("weights still on the GPU after a cancelled answer with keep_loaded off")
+
+    # every load asked ComfyUI for the step's working memory besides the weights
+    facts["memory_required"] = asked
+    for node in ("AdaptToken_BudgetAllocate", "AdaptToken_MLLMAnswer"):
+        sizes = [m for n, m in asked if n == node]
+        if not sizes or min(sizes) <= 0:
+            fail.append(f"{node} loaded the model without memory_required: {sizes}")
+    mm.load_models_gpu = load_models_gpu
+    # the pack's library is its own subpackage: no top-level `adapttoken` was imported
+    facts["top_level_adapttoken"] = sorted(k for k in sys.modules
+                                           if k == "adapttoken" or k.startswith("adapttoken."))
+    if facts["top_level_adapttoken"]:
+        fail.append(f"the pack imported a top-level adapttoken: {facts['top_level_adapttoken'][:5]}")
     facts["failures"] = fail
     print(json.dumps(facts))
     return 1 if fail else 0

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import json
 import time
-import urllib.request
 from pathlib import Path
 
 import sys
@@ -129,6 +128,16 @@ def test_object_info_matches_the_spec(comfy_server, model_name):
     assert spec.SAMPLE_VIDEO_NAME in videos
 
 
+def test_harness_request_returns_binary_bodies_as_bytes(comfy_server):
+    """The harness's own client: a video or image body comes back as bytes (it used to die
+    decoding them as JSON), JSON as objects, text as str."""
+    status, body = comfy_server.request("GET", f"/view?filename={spec.SAMPLE_VIDEO_NAME}&type=input")
+    assert status == 200 and body == (comfy_server.input_dir / spec.SAMPLE_VIDEO_NAME).read_bytes()
+    status, body = comfy_server.request("GET", f"/extensions/{comfy_server.pack}/adapttoken.js")
+    assert status == 200 and isinstance(body, str) and "registerExtension" in body
+    assert isinstance(comfy_server.get("/system_stats"), dict)
+
+
 def test_sample_video_copied_and_templates_listed(comfy_server):
     copied = comfy_server.input_dir / spec.SAMPLE_VIDEO_NAME
     bundled = REPO_ROOT / "adapttoken" / "assets" / "sample.mp4"
@@ -157,10 +166,9 @@ def test_workflow_runs_to_an_answer(comfy_server, api, model_name, stem):
         assert "group  frames  H/Hmax" in summary
     if stem == "adapttoken_preview":
         img = run.outputs[node_of(prompt, "AdaptToken_SelectionPreview")]["images"][0]
-        url = (f"{comfy_server.base_url}/view?filename={img['filename']}&type={img['type']}"
-               f"&subfolder={img['subfolder']}")
-        with urllib.request.urlopen(url, timeout=30) as r:     # binary: not the harness's request()
-            assert r.status == 200 and r.read(8) == b"\x89PNG\r\n\x1a\n"
+        status, png = comfy_server.request(
+            "GET", f"/view?filename={img['filename']}&type={img['type']}&subfolder={img['subfolder']}")
+        assert status == 200 and isinstance(png, bytes) and png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_multiple_choice_gives_option_probabilities(comfy_server, api, model_name):
@@ -327,12 +335,30 @@ def test_bad_input_is_refused_before_any_work(comfy_server, api, model_name, cas
 
 
 def test_error_during_a_run_has_the_library_message_and_server_goes_on(comfy_server, api, model_name):
-    p = make(api, "adapttoken_full", model_name, GroupSplit__group_size=1000)
+    p = make(api, "adapttoken_full", model_name, AttentionRank__layer=999)   # within the widget's range
     run = comfy_server.run(p, timeout=300)
     assert run.status == "error"
-    assert run.error["node_type"] == "AdaptToken_GroupSplit"
-    assert "group_size=1000 slices is larger than the video's 480 slices" in run.error["exception_message"]
+    assert run.error["node_type"] == "AdaptToken_AttentionRank"
+    assert run.error["exception_type"].endswith("ValueError")
+    assert "layer=999 is out of range" in run.error["exception_message"]
     assert comfy_server.run(make(api, "adapttoken_full", model_name), timeout=300).status == "success"
+
+
+def test_group_size_above_the_slices_runs_one_group(comfy_server, api, model_name):
+    """group_size 1000 on the sample's 480 slices: one group of all of them (it used to fail), and
+    the clamp is shown on Group Split, in Budget Allocate's summary and in the answer's report."""
+    p = make(api, "adapttoken_full", model_name, GroupSplit__group_size=1000,
+             AttentionRank__question="One group?")
+    run = comfy_server.run(p, timeout=300)
+    assert run.status == "success", run.error
+    shown = run.outputs[node_of(p, "AdaptToken_GroupSplit")]["text"][0]
+    assert shown == ("1 strided group of <= 480 slices (480 slices); group_size=1000 clamped to the "
+                     "video's 480 slices")
+    summary = run.outputs[node_of(p, "AdaptToken_BudgetAllocate")]["text"][0]
+    assert "1 group of <= 480 slices (group_size=1000 clamped" in summary
+    st = stats(run, p)
+    assert st["group_passes"] == 1 and (st["group_size"], st["requested_group_size"]) == (480, 1000)
+    assert "group_size=1000 clamped to the video's 480 slices" in comfy_server.log()
 
 
 def test_cancel_stops_a_long_run(comfy_server, api, model_name, tmp_path):

@@ -1,5 +1,6 @@
-// AdaptToken nodes in the ComfyUI frontend: show the answer (MLLM Answer) and the budget summary
-// (Budget Allocate) on the node once it has run. Text streamed during generation is shown by the
+// AdaptToken nodes in the ComfyUI frontend: show the answer (MLLM Answer), the budget summary
+// (Budget Allocate) and the groups as split (Group Split: a clamped group_size shows here) on the
+// node once it has run. Text streamed during generation is shown by the
 // frontend itself (PromptServer.send_progress_text); the final text then replaces it.
 import { app } from "../../scripts/app.js";
 import { ComfyWidgets } from "../../scripts/widgets.js";
@@ -7,6 +8,7 @@ import { ComfyWidgets } from "../../scripts/widgets.js";
 const SHOW_TEXT = {
   AdaptToken_MLLMAnswer: "answer_view",
   AdaptToken_BudgetAllocate: "summary_view",
+  AdaptToken_GroupSplit: "groups_view",
 };
 const PROGRESS_TEXT_WIDGET = "$$node-text-preview";
 
