@@ -155,7 +155,7 @@ SPECS: tuple[NodeSpec, ...] = (
     NodeSpec(
         "AdaptToken_EarlyStop", "Early Stop (AdaptToken-Lite)",
         "AdaptToken-Lite: process groups in order and stop once the model is certain enough; the "
-        "groups after the stop are never decoded, encoded or run.",
+        "groups after the stop are never encoded or run (only frames that lie next to an earlier group's are decoded on the way).",
         (In("scored", AT_SCORED),
          In("threshold", "FLOAT", 0.2, 0.0, 1.0, 0.01, tooltip="Stop when entropy / max entropy is below this."),
          In("min_groups", "INT", 1, 1, 100_000, 1, tooltip="Process at least this many groups.")),

@@ -34,5 +34,5 @@ def summary(sel) -> str:
         lines.append(f"{g.group:>5}  {len(g.frame_indices):>6}  {g.entropy_norm:>6.3f}  "
                      f"{g.relevance:>9.3f}  {g.budget:>6}  {g.kept:>4}")
     if sel.skipped_groups:
-        lines.append(f"skipped by Early Stop (never decoded or run): groups {sel.skipped_groups}")
+        lines.append(f"skipped by Early Stop (never encoded or run): groups {sel.skipped_groups}")
     return "\n".join(lines)

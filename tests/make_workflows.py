@@ -29,7 +29,7 @@ NOTE = {
     "full": "AdaptToken: each group of frames is ranked by the question's attention and scored by "
             "how certain the answer is (entropy); Budget Allocate gives confident groups more tokens.",
     "lite": "AdaptToken-Lite: the same graph plus Early Stop. Groups are processed in order and the "
-            "run stops once the model is certain: the remaining groups are never decoded or run.",
+            "run stops once the model is certain: the remaining groups are never encoded or run.",
     "uniform": "Baseline: evenly spaced frames that fit the same token budget, no selection.",
     "preview": "AdaptToken with Selection Preview: which frames and cells were kept, tokens over time, "
                "and the budget of each group.",
