@@ -106,3 +106,35 @@ def test_compiled_kernels_match_eager(model):
             assert (out - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
     finally:
         f.uninstall()
+
+
+def test_rotary_wrapper_is_inert_outside_this_models_forward(model, monkeypatch):
+    """The module-global rotary wrapper runs the original function unless this text model's forward
+    is running with fusing on (enabled=True here; `_compiled` replaced by a recorder)."""
+    import sys
+
+    lm = model.model.language_model
+    f = FusedText(lm, enabled=True).install()
+    try:
+        assert f.rotary
+        mod = sys.modules[type(f.attns[0]).__module__]
+        orig = mod.apply_rotary_pos_emb.__wrapped__
+        used = []
+        monkeypatch.setattr(ft, "_compiled", lambda fn: used.append(fn) or fn)
+        g = torch.Generator().manual_seed(0)
+        q, k = torch.randn(1, 4, 6, 8, generator=g), torch.randn(1, 2, 6, 8, generator=g)
+        cos, sin = torch.randn(1, 6, 8, generator=g), torch.randn(1, 6, 8, generator=g)
+        a = mod.apply_rotary_pos_emb(q, k, cos, sin)
+        b = orig(q, k, cos, sin)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and used == []
+        x, pos = _inputs(model)
+        ref = None
+        f.enabled = False
+        ref = _logits(model, x, pos)
+        assert used == []
+        f.enabled = True
+        out = _logits(model, x, pos)                  # inside the forward: the wrapper is used
+        assert used.count(orig) == len(lm.layers) and torch.equal(out, ref)
+        assert ft._ACTIVE.get() is None               # reset after the forward
+    finally:
+        f.uninstall()

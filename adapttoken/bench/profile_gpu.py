@@ -158,7 +158,18 @@ def group_pass_bench(model, dev, dtype, tiny, iters, out: Path) -> dict:
             except Exception as e:  # noqa: BLE001
                 res[label] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
                 print(f"[profile] group pass {label}: {res[label]['error']}", flush=True)
+    ad.fuse_text = False
+    a = with_store()
     ad.fuse_text = None
+    b = with_store()
+    rel = lambda x, y: float((x.float() - y.float()).norm() / y.float().norm())  # noqa: E731
+    k = min(220, b.scores.numel())
+    top_a, top_b = set(a.scores.topk(k).indices.tolist()), set(b.scores.topk(k).indices.tolist())
+    res["fused_vs_eager"] = {"logits_rel_l2": rel(b.logits, a.logits),
+                             "scores_rel_l2": rel(b.scores, a.scores),
+                             "top220_overlap": len(top_a & top_b) / k,
+                             "argmax_equal": int(a.logits.argmax()) == int(b.logits.argmax())}
+    print(f"[profile] fused vs eager: {res['fused_vs_eager']}", flush=True)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
