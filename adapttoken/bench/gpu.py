@@ -483,7 +483,7 @@ def text_path(meta: dict) -> str:
         return "transformers' eager RMSNorm/MLP (runs before fused_text.py)"
     if meta["fuse_text"] is False:
         return "transformers' eager RMSNorm/MLP (--no-fuse-text)"
-    return "fused RMSNorm / SiLU-MLP kernels, torch.compile (the library's default on CUDA)"
+    return "fused RMSNorm / SiLU-MLP / rotary kernels, torch.compile (the library's default on CUDA)"
 
 
 def vision_path(meta: dict) -> str:
@@ -792,6 +792,8 @@ def main(argv=None) -> int:
                          "(compile off); compiled_vision (compile forced, chunks padded); "
                          "unfused_text (transformers' eager RMSNorm/MLP in the language model); "
                          "repeat (the same again: run-to-run spread); no names: the first four")
+    ap.add_argument("--variants-frames", type=int, default=None,
+                    help="length the variants run at (default: the smallest --frames)")
     ap.add_argument("--time-limit", type=float, default=None,
                     help="seconds: skip the remaining cases once this much time has passed")
     ap.add_argument("--from-json", nargs="+", default=None,
@@ -954,7 +956,7 @@ def main(argv=None) -> int:
 
         # variants of the full method at the smallest length: what each optimisation is worth
         if args.variants is not None:
-            L = min(args.frames)
+            L = args.variants_frames or min(args.frames)
             base = dict(feature_device=args.feature_device, decode_workers=args.decode_workers,
                         no_overlap=args.no_overlap)
             table = {
@@ -965,7 +967,7 @@ def main(argv=None) -> int:
                 "eager_vision": ("fast vision tower, eager (compile off)", dict(compile_vision=False), True),
                 "compiled_vision": ("fast vision tower, compile forced, chunks padded",
                                     dict(compile_vision=True), True),
-                "unfused_text": ("language model: transformers' eager norm/MLP (no fused kernels)",
+                "unfused_text": ("language model: transformers' eager norm/MLP/rotary (no fused kernels)",
                                  dict(fuse_text=False), True),
                 "repeat": ("as benchmarked above, run again (run-to-run spread)", {}, True),
             }
