@@ -188,6 +188,50 @@ def group_pass_bench(model, dev, dtype, tiny, iters, out: Path) -> dict:
     return res
 
 
+def accuracy_check(model, dev, tiny) -> dict:
+    """Group-pass logits and probe scores of eager bf16 and fused bf16 against a float32 eager
+    reference (TF32 off) on the same inputs: is the fused path further from the truth than eager?"""
+    from ..models.base import Question
+    from .gpu import Q1
+
+    ad = model.adapter
+    rows, cols = (11, 20) if not tiny else (2, 4)
+    S = 64 if not tiny else 8
+    D = ad.model.config.text_config.hidden_size
+    g = torch.Generator(device="cpu").manual_seed(1)
+    embeds = (0.02 * torch.randn(S * rows * cols, D, generator=g)).to(dev, torch.bfloat16)
+    s, r, c = torch.meshgrid(torch.arange(S), torch.arange(rows), torch.arange(cols), indexing="ij")
+    coords = torch.stack([4 * s.reshape(-1), r.reshape(-1), c.reshape(-1)])
+    extent = max(int(coords[0].max()), rows - 1, cols - 1)
+    prompt = ad.build_prompt(Question(Q1[0], Q1[1]))
+    layer = ad.default_layer
+    runs = {}
+    for name, fuse in (("eager_bf16", False), ("fused_bf16", None)):
+        ad.fuse_text = fuse
+        o = ad.forward(prompt, embeds, coords, extent, probe_layer=layer)
+        runs[name] = (o.logits.float().cpu(), o.scores.float().cpu())
+    ad.fuse_text = False
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ad.model.float()
+    try:
+        o = ad.forward(prompt, embeds.float(), coords, extent, probe_layer=layer)
+        ref = (o.logits.float().cpu(), o.scores.float().cpu())
+    finally:
+        ad.model.to(torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        ad.fuse_text = None
+    rel = lambda x, y: float((x - y).norm() / y.norm())  # noqa: E731
+    k = min(220, ref[1].numel())
+    top_ref = set(ref[1].topk(k).indices.tolist())
+    res = {}
+    for name, (lg, sc) in runs.items():
+        res[name] = {"logits_rel_l2_vs_fp32": rel(lg, ref[0]), "scores_rel_l2_vs_fp32": rel(sc, ref[1]),
+                     "top220_overlap_vs_fp32": len(set(sc.topk(k).indices.tolist()) & top_ref) / k}
+        print(f"[profile] accuracy {name}: {res[name]}", flush=True)
+    return res
+
+
 def vision_bench(model, dev, dtype, tiny, iters, out: Path) -> dict:
     from ..models.qwen_vision_fast import count_flops, fast_video_features
     visual = model.adapter.model.model.visual
@@ -232,7 +276,7 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--parts", nargs="+", default=["sdpa", "group_pass", "vision"],
-                    choices=["sdpa", "group_pass", "vision"])
+                    choices=["sdpa", "group_pass", "vision", "accuracy"])
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -246,12 +290,14 @@ def main(argv=None) -> int:
     print(f"[profile] {res['gpu']} matmul {res['matmul']['flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
     if "sdpa" in args.parts:
         res["sdpa"] = sdpa_bench(dev, dtype, args.tiny, args.iters)
-    if {"group_pass", "vision"} & set(args.parts):
+    if {"group_pass", "vision", "accuracy"} & set(args.parts):
         model, _ = build_model(args.tiny, dev, dtype, 308 * 560 if not args.tiny else 56 * 112)
         if "group_pass" in args.parts:
             res["group_pass"] = group_pass_bench(model, dev, dtype, args.tiny, args.iters, out)
         if "vision" in args.parts:
             res["vision"] = vision_bench(model, dev, dtype, args.tiny, args.iters, out)
+        if "accuracy" in args.parts:
+            res["accuracy"] = accuracy_check(model, dev, args.tiny)
     (out / "profile.json").write_text(json.dumps(res, indent=1, default=str))
     print(f"[profile] wrote {out / 'profile.json'}", flush=True)
     return 0
