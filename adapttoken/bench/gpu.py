@@ -569,25 +569,27 @@ def markdown(results: dict) -> str:
         lines.append(f"- {'MET' if t['met'] else 'MISSED'}: {t['what']}: {t['measured']}")
     if results.get("disk_cache"):
         dc = results["disk_cache"]
-        lines += ["", "## On-disk feature cache", "",
+        lines += ["", "## On-disk feature cache" + (f" (run {dc['run']})" if dc.get("run") else ""), "",
                   f"- {dc['frames']} frames: first run (computes and writes) {dc['first_wall']:.2f} s; "
                   f"new in-memory cache, same cache folder: {dc['second_wall']:.2f} s "
                   f"(decoded {dc['second_decoded']} frames, loaded {dc['second_loaded']} slices in "
                   f"{dc['second_cache_load_s']:.2f} s); cache size {dc['bytes'] / 2 ** 30:.2f} GiB"]
     if results.get("variants"):
-        lines += ["", "## One optimisation undone at a time (full method, "
-                      f"{results['variants'][0]['frames']} frames"
-                      + (f", run {results['variants'][0]['run']}" if results['variants'][0].get('run')
-                         else "") + ")", "",
-                  "| variant | decode | preproc | vision | group pass | allocate | answer | wall s | x floor |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        ref = next((c for c in results["cases"] if c["frames"] == results["variants"][0]["frames"]
-                    and c["method"] == "adapttoken"), None)
-        rows = ([("as benchmarked above", ref)] if ref else []) + [(v["variant"], v) for v in results["variants"]]
+        lines += ["", "## One optimisation undone at a time (full method)", "",
+                  "| variant | frames | run | decode | preproc | vision | group pass | allocate | answer "
+                  "| wall s | x floor |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        rows = [(v["variant"], v) for v in results["variants"]]
+        if not any(v.get("reference") for v in results["variants"]):
+            L = results["variants"][0]["frames"]
+            ref = next((c for c in results["cases"] if c["frames"] == L
+                        and c["method"] == "adapttoken"), None)
+            rows = ([("as benchmarked above", ref)] if ref else []) + rows
         for name, c in rows:
             s = c["seconds"]
-            lines.append("| " + " | ".join([name] + [_fmt(s.get(k, 0.0)) for k in
-                         ("decode", "preprocess", "vision", "group_pass", "allocate", "answer")]
+            lines.append("| " + " | ".join([name, str(c["frames"]), str(c.get("run", 1))]
+                         + [_fmt(s.get(k, 0.0)) for k in
+                            ("decode", "preprocess", "vision", "group_pass", "allocate", "answer")]
                          + [_fmt(c["wall"]), _fmt(c["derived"]["x_floor"])]) + " |")
     if results.get("errors"):
         lines += ["", "Errors: " + "; ".join(results["errors"])]
@@ -727,12 +729,16 @@ def merge_results(paths, notes=()) -> dict:
         for c in r["cases"]:
             c = dict(c, run=i)
             by[(c["frames"], c["method"])] = c
-        for k in ("variants", "disk_cache"):
-            if r.get(k):
-                out[k] = r[k]
-                if k == "variants":
-                    for v in out[k]:
-                        v["run"] = i
+        if r.get("disk_cache"):
+            out["disk_cache"] = dict(r["disk_cache"], run=i)
+        if r.get("variants"):
+            # every run's variants, each after its own run's reference case at that length
+            L = r["variants"][0]["frames"]
+            ref = next((c for c in r["cases"] if c["frames"] == L and c["method"] == "adapttoken"), None)
+            if ref is not None:
+                out.setdefault("variants", []).append(dict(ref, variant="as benchmarked (reference)",
+                                                           reference=True, run=i))
+            out.setdefault("variants", []).extend(dict(v, run=i) for v in r["variants"])
         out.setdefault("errors", []).extend(r.get("errors", []))
     out["cases"] = list(by.values())
     out["meta"]["command"] = "python -m adapttoken bench gpu --from-json " + " ".join(map(str, paths))

@@ -23,8 +23,9 @@ two and the final one) and each SiLU-gated MLP *instance* with the same formula,
   a pre-hook on the text model and reset by an always-called forward hook) and the tensors are on
   CUDA; any other caller, any other model, gets the original function.
 
-Off CUDA, with `enabled=False`, or once a compile has failed (warned once), the replaced forwards
-run transformers' own formula eagerly (bit-identical: tests/test_fused_text.py). `uninstall()`
+Off CUDA, for small inputs (`min_elements`), with `enabled=False`, or once a compile has failed
+(warned once), the replaced forwards run transformers' own formula eagerly (bit-identical:
+tests/test_fused_text.py). `uninstall()`
 puts the modules' own forwards back and removes the hooks (the rotary wrapper stays, inert).
 
 Measured (H100, one 14,150-token group pass of the Qwen2.5-VL-7B architecture, random weights):
@@ -128,8 +129,15 @@ class FusedText:
         self._hooks: list = []
         self._tokens: list = []
 
+    # Inputs smaller than this run eager even on CUDA: a short pass (a second question's ~110
+    # tokens, a decode step) is launch-bound, and each compiled call adds Python time (guards);
+    # 2^20 elements = 293 tokens of a 3584-wide hidden state.
+    min_elements = 1 << 20
+
     def use(self, x: torch.Tensor) -> bool:
         if self.enabled is False or _STATE["failed"]:
+            return False
+        if self.enabled is None and x.numel() < self.min_elements:
             return False
         return bool(self.enabled) or x.is_cuda
 
