@@ -428,19 +428,30 @@ class PrefixKVCache:
     attention is causal, so their keys and values do not depend on the question: exact reuse.
 
     Kept on the model's device while everything allocated there stays under `fraction` of the
-    device's memory budget (`device_memory_budget`); a group that does not fit is not cached (its
-    next question recomputes it). Off CUDA: at most `cpu_bytes`."""
+    device's memory budget (`device_memory_budget`); off CUDA at most `cpu_bytes`. A group that
+    does not fit there goes to the host tier when `host_bytes` > 0 (CPU memory, copied back to the
+    device when a later question uses it: a 10,000-frame video's 79 groups of Qwen2.5-VL-7B hold
+    ~63 GB, more than a 24 GB card has); else it is not cached (its next question recomputes it)."""
 
-    def __init__(self, fraction: float = 0.75, cpu_bytes: int = 2 * 2 ** 30):
-        self.fraction, self.cpu_bytes = fraction, cpu_bytes
+    def __init__(self, fraction: float = 0.75, cpu_bytes: int = 2 * 2 ** 30, host_bytes: int = 0):
+        self.fraction, self.cpu_bytes, self.host_bytes = fraction, cpu_bytes, int(host_bytes)
         self._store: dict = {}
-        self.bytes = 0
-        self.hits = self.stored = self.refused = 0
+        self._host: set = set()          # keys whose states live in the host tier
+        self.bytes = 0                   # on the device (or, off CUDA, in the primary tier)
+        self.host_used = 0
+        self.hits = self.stored = self.refused = self.host_stored = 0
+        self.host_seconds = 0.0          # spent copying to and from the host tier
 
-    def get(self, key):
+    def get(self, key, device=None):
         kv = self._store.get(key)
-        if kv is not None:
-            self.hits += 1
+        if kv is None:
+            return None
+        self.hits += 1
+        if key in self._host and device is not None:
+            t0 = time.perf_counter()
+            kv = [(k.to(device, non_blocking=k.is_pinned()), v.to(device, non_blocking=v.is_pinned()))
+                  for k, v in kv]
+            self.host_seconds += time.perf_counter() - t0
         return kv
 
     def room(self, nbytes: int, device: torch.device) -> bool:
@@ -454,9 +465,28 @@ class PrefixKVCache:
         self.bytes += nbytes
         self.stored += 1
 
+    def offer(self, key, kv: list, nbytes: int, device: torch.device) -> bool:
+        """Keep `kv` on the device if there is room, else in the host tier if it has room; False
+        when neither has (counted in `refused`)."""
+        if self.room(nbytes, device):
+            self.put(key, kv, nbytes)
+            return True
+        if self.host_used + nbytes <= self.host_bytes:
+            t0 = time.perf_counter()
+            self._store[key] = [(k.to("cpu"), v.to("cpu")) for k, v in kv]
+            self.host_seconds += time.perf_counter() - t0
+            self._host.add(key)
+            self.host_used += nbytes
+            self.stored += 1
+            self.host_stored += 1
+            return True
+        self.refused += 1
+        return False
+
     def clear(self) -> None:
         self._store.clear()
-        self.bytes = 0
+        self._host.clear()
+        self.bytes = self.host_used = 0
 
 
 FEATURE_DEVICES = ("auto", "gpu", "cpu")
@@ -507,6 +537,7 @@ class SliceFeatures:
         self.stash = FrameStash(DEFAULT_FRAME_STASH_BYTES)
         self._disk = None
         self._cache_dir = None
+        self._prefix_host_bytes = 0
         self.prefix_kv: PrefixKVCache | None = PrefixKVCache()
         self.feature_device = "auto"
         self.decode_workers = default_decode_workers()
@@ -522,15 +553,23 @@ class SliceFeatures:
     def configure(self, *, feature_device: str | None = None, decode_workers: int | None = None,
                   overlap: bool | None = None, cache_dir=None, pad_chunks: bool | None = None,
                   gpu_feature_bytes: int | None = None, prefix_cache: bool | None = None,
-                  frame_stash_bytes: int | None = None) -> "SliceFeatures":
+                  frame_stash_bytes: int | None = None, prefix_host_bytes: int | None = None
+                  ) -> "SliceFeatures":
         """Change options (None leaves one as it is). Features already computed stay valid: they
         move when the storage device changes. prefix_cache: keep each group pass's prefix
-        keys/values for later questions (PrefixKVCache)."""
+        keys/values for later questions (PrefixKVCache); prefix_host_bytes: how much of them may
+        live in CPU memory when the device is full (0: none)."""
         if prefix_cache is not None:
             if not prefix_cache:
                 self.prefix_kv = None
             elif self.prefix_kv is None:
-                self.prefix_kv = PrefixKVCache()
+                self.prefix_kv = PrefixKVCache(host_bytes=self._prefix_host_bytes)
+        if prefix_host_bytes is not None:
+            if prefix_host_bytes < 0:
+                raise InputError(f"prefix_host_bytes={prefix_host_bytes} must be >= 0 (0: off)")
+            self._prefix_host_bytes = int(prefix_host_bytes)
+            if self.prefix_kv is not None:
+                self.prefix_kv.host_bytes = int(prefix_host_bytes)
         if feature_device is not None:
             if feature_device not in FEATURE_DEVICES:
                 raise InputError(f"feature_device={feature_device!r} is not known: use one of "

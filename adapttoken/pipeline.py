@@ -61,6 +61,7 @@ class AdaptTokenConfig:
     overlap: bool = True            # decode the next chunk / group while the GPU works
     cache_dir: str | None = None    # on-disk vision-feature cache (safetensors); None: memory only
     frame_stash_bytes: int = 2 ** 30    # Lite: decoded frames of later groups taken on the way (0: off)
+    prefix_host_bytes: int = 0      # group-prefix keys/values kept in CPU memory when the GPU is full
 
 
 @dataclass
@@ -167,7 +168,8 @@ def ask(model: Model, video_path, question: str | Question, options=(),
     feats = model.features_for(video)
     feats.configure(feature_device=config.feature_device, decode_workers=config.decode_workers,
                     overlap=config.overlap, cache_dir=config.cache_dir,
-                    frame_stash_bytes=config.frame_stash_bytes)
+                    frame_stash_bytes=config.frame_stash_bytes,
+                    prefix_host_bytes=config.prefix_host_bytes)
     feats.reset_stats()
     feats.timer.add("probe", probe_s)
     sel = select(model, video, q, config, method, hooks)

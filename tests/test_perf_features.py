@@ -3,6 +3,7 @@ lookahead for Lite, the on-disk cache (hit, and misses on a changed file / plan 
 cancellation from the decoder threads; plus a CPU smoke test of `bench gpu --tiny`."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -291,3 +292,32 @@ def test_second_question_reuses_group_prefix_kv_exactly(tiny_model, clip):
         assert a.entropy == pytest.approx(b.entropy, abs=1e-5) and a.budget == b.budget
     assert [k["slice"] for k in warm.kept_tokens] == [k["slice"] for k in cold.kept_tokens]
     feats.configure(prefix_cache=True)
+
+
+def test_prefix_kv_host_tier_when_the_device_tier_is_full(tiny_model, clip):
+    """No room in the device tier (cpu_bytes 0 here): the states go to the host tier, a second
+    question uses them and gets exactly the fresh result; with the host tier off they are refused."""
+    cfg = at.AdaptTokenConfig(num_frames=96, group_size=8, budget=24, prefix_host_bytes=2 ** 30, **PX)
+    q1 = at.Question("What is shown?", ("a", "b", "c"))
+    q2 = at.Question("Which colour came first in the video?", ("red", "blue"))
+    tiny_model.clear_cache()
+    feats = tiny_model.features_for(at.open_video(clip, 96, **PX))
+    feats.prefix_kv.cpu_bytes = 0
+    at.ask(tiny_model, clip, q1, config=cfg)
+    kv = feats.prefix_kv
+    assert kv.stored == kv.host_stored == 6 and kv.bytes == 0 and kv.host_used > 0 and kv.refused == 0
+    warm = at.ask(tiny_model, clip, q2, config=cfg)
+    assert kv.hits == 6
+    feats.configure(prefix_cache=False)
+    cold = at.ask(tiny_model, clip, q2, config=cfg)
+    assert cold.option_probs == pytest.approx(warm.option_probs, abs=1e-5)
+    for a, b in zip(warm.groups, cold.groups):
+        assert a.entropy == pytest.approx(b.entropy, abs=1e-5)
+    # host tier off: nothing fits anywhere, every group refused
+    feats.configure(prefix_cache=True, prefix_host_bytes=0)
+    feats.prefix_kv.cpu_bytes = 0
+    at.ask(tiny_model, clip, q1, config=dataclasses.replace(cfg, prefix_host_bytes=0))
+    assert feats.prefix_kv.refused == 6 and feats.prefix_kv.stored == 0
+    with pytest.raises(at.InputError, match="prefix_host_bytes"):
+        feats.configure(prefix_host_bytes=-1)
+    tiny_model.clear_cache()

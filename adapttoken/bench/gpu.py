@@ -412,7 +412,8 @@ def run_case(model, video_path, frames: int, method: str, args, counter: LLMCoun
     feats = model.features_for(video)
     feats.configure(feature_device=args.feature_device, decode_workers=args.decode_workers,
                     overlap=not args.no_overlap, cache_dir=cache_dir,
-                    pad_chunks=bool(args.compile_vision))
+                    pad_chunks=bool(args.compile_vision),
+                    prefix_host_bytes=int(args.kv_host_gib * 2 ** 30))
     feats.reset_stats()
     feats.timer.add("probe", probe_s)
     n_groups = 0
@@ -450,7 +451,10 @@ def run_case(model, video_path, frames: int, method: str, args, counter: LLMCoun
     kv = getattr(feats, "prefix_kv", None)
     if kv is not None:
         c.features.update(prefix_kv_hits=kv.hits, prefix_kv_stored=kv.stored,
-                          prefix_kv_refused=kv.refused, prefix_kv_gib=kv.bytes / 2 ** 30)
+                          prefix_kv_refused=kv.refused, prefix_kv_gib=kv.bytes / 2 ** 30,
+                          prefix_kv_host_stored=kv.host_stored,
+                          prefix_kv_host_gib=kv.host_used / 2 ** 30,
+                          prefix_kv_host_s=round(kv.host_seconds, 4))
     if dev.type == "cuda":
         from ..features import device_memory_budget
         c.features["device_budget_gib"] = device_memory_budget(dev) / 2 ** 30
@@ -790,6 +794,9 @@ def main(argv=None) -> int:
                     help="emulate a card of this many GiB (torch.cuda.set_per_process_memory_fraction: "
                          "allocations beyond it fail) for the lengths >= --card-from; 0: off")
     ap.add_argument("--card-from", type=int, default=10000)
+    ap.add_argument("--kv-host-gib", type=float, default=0.0,
+                    help="let group-prefix keys/values that do not fit on the GPU live in this many "
+                         "GiB of CPU memory (PrefixKVCache host tier; 0: off)")
     ap.add_argument("--variants", nargs="*", default=None,
                     choices=["threads", "hf_vision", "cpu_features", "one_thread", "eager_vision",
                              "compiled_vision", "unfused_text", "repeat"],
@@ -843,7 +850,7 @@ def main(argv=None) -> int:
             "max_new_tokens": args.max_new_tokens, "compile_vision": args.compile_vision,
             "fuse_text": args.fuse_text,
             "feature_device": args.feature_device, "overlap": not args.no_overlap,
-            "card_gib": args.card_gib, "card_from": args.card_from,
+            "card_gib": args.card_gib, "card_from": args.card_from, "kv_host_gib": args.kv_host_gib,
             "command": "python -m adapttoken bench gpu " + " ".join(argv if argv is not None else sys.argv[1:])}
     if device.type == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(device)

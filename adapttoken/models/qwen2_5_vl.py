@@ -290,7 +290,7 @@ class Qwen25VLAdapter(Adapter):
         n_pre, n_vis = len(prompt.prefix_ids), embeds.shape[0]
         n0 = n_pre + n_vis                       # rows whose keys/values ignore the question
         layers = self.text_model.layers
-        kv = store.get(key)
+        kv = store.get(key, x.device)
         cache = DynamicCache()
         if kv is not None:
             for i, (k, v) in enumerate(kv):
@@ -304,10 +304,7 @@ class Qwen25VLAdapter(Adapter):
         if kv is None:
             kept = [tuple(t[:, :, :n0] for t in _layer_kv(cache, i)) for i in range(len(layers))]
             nbytes = sum(2 * k.numel() * k.element_size() for k, _ in kept)
-            if store.room(nbytes, x.device):
-                store.put(key, kept, nbytes)
-            else:
-                store.refused += 1
+            store.offer(key, kept, nbytes, x.device)
         if probe_layer is None:
             return ForwardOut(logits.float())
         if kv is None:
