@@ -437,10 +437,44 @@ class PrefixKVCache:
         self.fraction, self.cpu_bytes, self.host_bytes = fraction, cpu_bytes, int(host_bytes)
         self._store: dict = {}
         self._host: set = set()          # keys whose states live in the host tier
+        self._pending: list = []         # (key, event, sources) of copies to the host in flight
+        self._stream = None
         self.bytes = 0                   # on the device (or, off CUDA, in the primary tier)
         self.host_used = 0
         self.hits = self.stored = self.refused = self.host_stored = 0
         self.host_seconds = 0.0          # spent copying to and from the host tier
+
+    def _to_host(self, key, kv: list) -> list:
+        """CPU copies of `kv`. From CUDA: into pinned memory on a side stream, so the copy runs
+        while the next group pass computes; `_pending` holds the sources and the copy's event
+        until it is done (at most two copies in flight)."""
+        dev = kv[0][0].device
+        if dev.type != "cuda":
+            return [(k.to("cpu"), v.to("cpu")) for k, v in kv]
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(dev)
+        while len(self._pending) >= 2:
+            self._pending.pop(0)[1].synchronize()
+        self._stream.wait_stream(torch.cuda.current_stream(dev))
+        out = []
+        with torch.cuda.stream(self._stream):
+            for k, v in kv:
+                hk = torch.empty(k.shape, dtype=k.dtype, pin_memory=True)
+                hv = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+                hk.copy_(k, non_blocking=True)
+                hv.copy_(v, non_blocking=True)
+                out.append((hk, hv))
+            ev = torch.cuda.Event()
+            ev.record(self._stream)
+        self._pending.append((key, ev, kv))        # the sources stay alive until the copy is done
+        return out
+
+    def _wait(self, key) -> None:
+        for i, (k, ev, _) in enumerate(self._pending):
+            if k == key:
+                ev.synchronize()
+                del self._pending[i]
+                return
 
     def get(self, key, device=None):
         kv = self._store.get(key)
@@ -448,6 +482,7 @@ class PrefixKVCache:
             return None
         self.hits += 1
         if key in self._host and device is not None:
+            self._wait(key)
             t0 = time.perf_counter()
             kv = [(k.to(device, non_blocking=k.is_pinned()), v.to(device, non_blocking=v.is_pinned()))
                   for k, v in kv]
@@ -473,7 +508,7 @@ class PrefixKVCache:
             return True
         if self.host_used + nbytes <= self.host_bytes:
             t0 = time.perf_counter()
-            self._store[key] = [(k.to("cpu"), v.to("cpu")) for k, v in kv]
+            self._store[key] = self._to_host(key, kv)
             self.host_seconds += time.perf_counter() - t0
             self._host.add(key)
             self.host_used += nbytes
@@ -484,6 +519,9 @@ class PrefixKVCache:
         return False
 
     def clear(self) -> None:
+        for _, ev, _ in self._pending:
+            ev.synchronize()
+        self._pending.clear()
         self._store.clear()
         self._host.clear()
         self.bytes = self.host_used = 0
