@@ -487,8 +487,11 @@ class PrefixKVCache:
         def move(ev=ev, views=views, out=out, held=held):
             ev.synchronize()
             held.clear()
-            for o, v_ in zip(out, views):
-                o.copy_(v_)
+            # `out` may be inference tensors (the caller runs under inference mode, which is
+            # per thread): write to them in the same mode here
+            with torch.inference_mode(out[0].is_inference()):
+                for o, v_ in zip(out, views):
+                    o.copy_(v_)
 
         fut = self._mover.submit(move)
         self._slot_free[slot] = fut
