@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -733,8 +732,7 @@ class SliceFeatures:
         return self._decoder.busy_seconds - self._busy0
 
     def release(self) -> None:
-        self.drop_lookahead()
-        self.stash.clear()
+        self.drop_lookahead()                    # also empties the frame stash
         if self._decoder is not None:
             self._decoder.close()
             self._decoder = None

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import Cancelled, ModelLoadError
+from ..errors import ModelLoadError
 from ..rank import AttentionProbe, token_scores
 from .base import NO_HOOKS, Adapter, ForwardOut, Generation, Hooks, Prompt, Question
-from .qwen2_5_vl import _LayerCancel
+from .qwen2_5_vl import _LayerCancel, generate_from_embeds
 
 
 @dataclass
@@ -171,53 +171,14 @@ class FamilyAdapter(Adapter):
     def generate(self, prompt, embeds, coords, extent, max_new_tokens=32, do_sample=False,
                  temperature=1.0, top_p=1.0, seed=0, hooks: Hooks = NO_HOOKS,
                  return_logits=True) -> Generation:
-        from transformers import StoppingCriteria, StoppingCriteriaList
-        from transformers.generation.streamers import BaseStreamer
-
         tok = self.tokenizer
         seq = self._sequence(prompt, embeds, coords, extent)
-        x, pos = seq.embeds, seq.position_ids
-
-        class _Cancel(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kw):
-                stop = hooks.cancelled is not None and hooks.cancelled()
-                return torch.full((input_ids.shape[0],), bool(stop), device=input_ids.device)
-
-        class _Stream(BaseStreamer):
-            def __init__(self):
-                self.ids = []
-
-            def put(self, value):
-                if value.dim() > 1 or value.numel() > 1:
-                    return          # generate first hands over the prompt (empty here)
-                self.ids.append(int(value.reshape(-1)[0]))
-                if hooks.on_text is not None:
-                    hooks.on_text(tok.decode(self.ids, skip_special_tokens=True))
-
-            def end(self):
-                pass
-
         pad = tok.pad_token_id if tok.pad_token_id is not None else self.eos_token_ids()[0]
-        kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad,
-                  eos_token_id=self.eos_token_ids(), output_logits=return_logits,
-                  return_dict_in_generate=True, stopping_criteria=StoppingCriteriaList([_Cancel()]))
-        if do_sample:
-            torch.manual_seed(seed)
-            if torch.cuda.is_available():
-                torch.cuda.manual_seed_all(seed)
-            kw.update(temperature=temperature, top_p=top_p, top_k=0)
-        else:
-            kw.update(temperature=None, top_p=None, top_k=None)
-        with _LayerCancel(self.text_model.layers, hooks), self._context(seq):
-            out = self.model.generate(inputs_embeds=x, position_ids=pos,
-                                      attention_mask=torch.ones(x.shape[:2], dtype=torch.long,
-                                                                device=x.device),
-                                      streamer=_Stream() if hooks.on_text else None, **kw)
-        if hooks.cancelled is not None and hooks.cancelled():
-            raise Cancelled("generation cancelled by the user")
-        ids = out.sequences[0].tolist()
-        logits = [lg[0].float() for lg in out.logits] if return_logits else []
-        return Generation(tok.decode(ids, skip_special_tokens=True).strip(), ids, logits)
+        return generate_from_embeds(
+            self.model, tok, self.text_model.layers, seq.embeds, seq.position_ids,
+            pad_token_id=pad, eos_token_id=self.eos_token_ids(), hooks=hooks,
+            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+            top_p=top_p, seed=seed, return_logits=return_logits, context=self._context(seq))
 
 
 def video_processor_kwargs(vp) -> dict:

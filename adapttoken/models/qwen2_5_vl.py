@@ -45,6 +45,70 @@ class _LayerCancel:
             h.remove()
 
 
+def generate_from_embeds(model, tok, layers, x, pos, *, pad_token_id, eos_token_id, hooks: Hooks,
+                         max_new_tokens, do_sample, temperature, top_p, seed, return_logits,
+                         context=None) -> Generation:
+    """transformers' generate on prepared input embeddings and position ids (every adapter's
+    answer): greedy or sampled, streamed to `hooks.on_text`, cancellable between layers and steps.
+    `context`: a context manager held around the call (Qwen3-VL's deepstack inputs)."""
+    from contextlib import nullcontext
+
+    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers.generation.streamers import BaseStreamer
+
+    class _Cancel(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kw):
+            stop = hooks.cancelled is not None and hooks.cancelled()
+            return torch.full((input_ids.shape[0],), bool(stop), device=input_ids.device)
+
+    class _Stream(BaseStreamer):
+        def __init__(self):
+            self.ids = []
+
+        def put(self, value):
+            if value.dim() > 1 or value.numel() > 1:
+                return          # generate first hands over the prompt (empty here)
+            self.ids.append(int(value.reshape(-1)[0]))
+            if hooks.on_text is not None:
+                hooks.on_text(tok.decode(self.ids, skip_special_tokens=True))
+
+        def end(self):
+            pass
+
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad_token_id,
+              eos_token_id=eos_token_id, output_logits=return_logits, return_dict_in_generate=True,
+              stopping_criteria=StoppingCriteriaList([_Cancel()]))
+    if do_sample:
+        torch.manual_seed(seed)
+        if torch.cuda.is_available():
+            torch.cuda.manual_seed_all(seed)
+        kw.update(temperature=temperature, top_p=top_p, top_k=0)
+    else:
+        kw.update(temperature=None, top_p=None, top_k=None)
+    with _LayerCancel(layers, hooks), (context if context is not None else nullcontext()):
+        out = model.generate(inputs_embeds=x, position_ids=pos,
+                             attention_mask=torch.ones(x.shape[:2], dtype=torch.long, device=x.device),
+                             streamer=_Stream() if hooks.on_text else None, **kw)
+    if hooks.cancelled is not None and hooks.cancelled():
+        raise Cancelled("generation cancelled by the user")
+    ids = out.sequences[0].tolist()
+    logits = [lg[0].float() for lg in out.logits] if return_logits else []
+    return Generation(tok.decode(ids, skip_special_tokens=True).strip(), ids, logits)
+
+
+def resize_exact(frames: torch.Tensor, device, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 frames [T, H, W, 3] on `device` at exactly `size` (h, w): bicubic, antialiased, as
+    the Qwen processors resize (they cannot be told an exact size themselves)."""
+    h, w = size
+    fr = frames.to(device)
+    if tuple(fr.shape[1:3]) != (h, w):
+        import torchvision.transforms.v2.functional as tvF
+        fr = tvF.resize(fr.permute(0, 3, 1, 2), [h, w],
+                        interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
+        fr = fr.permute(0, 2, 3, 1).contiguous()
+    return fr
+
+
 def _layer_kv(cache, i: int):
     """(keys, values) [B, Hkv, L, hd] of layer i of a transformers DynamicCache."""
     layers = getattr(cache, "layers", None)
@@ -177,12 +241,7 @@ class Qwen25VLAdapter(Adapter):
         another (h', w') whenever the frame's aspect differs from h:w (e.g. 640x360 at 308x560)."""
         dev = self.device
         h, w = resized
-        fr = frames.to(dev)
-        if tuple(fr.shape[1:3]) != (h, w):
-            import torchvision.transforms.v2.functional as tvF
-            fr = tvF.resize(fr.permute(0, 3, 1, 2), [h, w],
-                            interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
-            fr = fr.permute(0, 2, 3, 1).contiguous()
+        fr = resize_exact(frames, dev, resized)
         vp = self.processor.video_processor
         batch = vp(videos=[fr], size={"shortest_edge": h * w, "longest_edge": h * w},
                    do_sample_frames=False, return_tensors="pt", device=dev, **self._vp_kwargs)
@@ -322,49 +381,10 @@ class Qwen25VLAdapter(Adapter):
     def generate(self, prompt, embeds, coords, extent, max_new_tokens=32, do_sample=False,
                  temperature=1.0, top_p=1.0, seed=0, hooks: Hooks = NO_HOOKS,
                  return_logits=True) -> Generation:
-        from transformers import StoppingCriteria, StoppingCriteriaList
-        from transformers.generation.streamers import BaseStreamer
-
         tok = self.tokenizer
         x, pos = self._inputs(prompt, embeds, coords, extent)
-
-        class _Cancel(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kw):
-                stop = hooks.cancelled is not None and hooks.cancelled()
-                return torch.full((input_ids.shape[0],), bool(stop), device=input_ids.device)
-
-        class _Stream(BaseStreamer):
-            def __init__(self):
-                self.ids = []
-
-            def put(self, value):
-                if value.dim() > 1 or value.numel() > 1:
-                    return          # generate first hands over the prompt (empty here)
-                self.ids.append(int(value.reshape(-1)[0]))
-                if hooks.on_text is not None:
-                    hooks.on_text(tok.decode(self.ids, skip_special_tokens=True))
-
-            def end(self):
-                pass
-
-        kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
-                  pad_token_id=tok.pad_token_id, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
-                  output_logits=return_logits, return_dict_in_generate=True,
-                  stopping_criteria=StoppingCriteriaList([_Cancel()]))
-        if do_sample:
-            torch.manual_seed(seed)
-            if torch.cuda.is_available():
-                torch.cuda.manual_seed_all(seed)
-            kw.update(temperature=temperature, top_p=top_p, top_k=0)
-        else:
-            kw.update(temperature=None, top_p=None, top_k=None)
-        with _LayerCancel(self.text_model.layers, hooks):
-            out = self.model.generate(inputs_embeds=x, position_ids=pos,
-                                      attention_mask=torch.ones(x.shape[:2], dtype=torch.long,
-                                                                device=x.device),
-                                      streamer=_Stream() if hooks.on_text else None, **kw)
-        if hooks.cancelled is not None and hooks.cancelled():
-            raise Cancelled("generation cancelled by the user")
-        ids = out.sequences[0].tolist()
-        logits = [lg[0].float() for lg in out.logits] if return_logits else []
-        return Generation(tok.decode(ids, skip_special_tokens=True).strip(), ids, logits)
+        return generate_from_embeds(
+            self.model, tok, self.text_model.layers, x, pos, pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), hooks=hooks,
+            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+            top_p=top_p, seed=seed, return_logits=return_logits)

@@ -30,6 +30,7 @@ import contextlib
 import torch
 
 from ._common import FamilyAdapter, Sequence, slice_runs, video_processor_kwargs
+from .qwen2_5_vl import resize_exact
 
 # No measured reference layer for Qwen3-VL: ~0.7 of the depth (25 of 36 for the 8B) is a guess.
 REFERENCE_LAYER_FRACTION = 0.7
@@ -81,13 +82,7 @@ class Qwen3VLAdapter(FamilyAdapter):
         """Resize to `resized` (bicubic, antialiased, as the processor would) on the model's device,
         then normalise + patchify with the family's processor: (pixel_values_videos, grid_thw)."""
         dev = self.device
-        h, w = resized
-        fr = frames.to(dev)
-        if tuple(fr.shape[1:3]) != (h, w):
-            import torchvision.transforms.v2.functional as tvF
-            fr = tvF.resize(fr.permute(0, 3, 1, 2), [h, w],
-                            interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
-            fr = fr.permute(0, 2, 3, 1).contiguous()
+        fr = resize_exact(frames, dev, resized)
         vp = self.processor.video_processor
         batch = vp(videos=[fr], do_resize=False, do_sample_frames=False, return_tensors="pt",
                    device=dev, **self._vp_kwargs)
