@@ -9,10 +9,11 @@ Implements arXiv 2603.28696 on transformers' model classes. Imports nothing from
 from .budget import Selection, allocate, even_split, uniform_frames
 from .entropy import ScoredGroups, StopRule, early_stop, response_entropy, score_groups
 from .errors import AdaptTokenError, Cancelled, InputError, ModelLoadError, VideoError
-from .features import SliceFeatures, VideoHandle, open_video
+from .decode import VideoHandle, open_video
+from .features import SliceFeatures
 from .groups import Groups, split_groups
-from .models.base import (Hooks, Model, Question, detect_family, download_model, load_model,
-                          supported_families)
+from .models.loading import Model, detect_family, download_model, load_model, supported_families
+from .question import Hooks, Question
 from .pipeline import AdaptTokenConfig, Result, answer, ask, select
 from .rank import RankedGroups
 

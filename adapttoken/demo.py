@@ -42,10 +42,11 @@ def run_demo(args) -> int:
     import torch
     from PIL import Image
 
-    from . import synthetic as syn
-    from .cli import default_model_dir
-    from .features import open_video
-    from .models.base import Question, load_model
+    from .training import synthetic as syn
+    from .defaults import default_model_dir
+    from .decode import open_video
+    from .models.loading import load_model
+    from .question import Question
     from .pipeline import answer, select
     from .preview import render_preview
 

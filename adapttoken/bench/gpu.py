@@ -76,7 +76,7 @@ Q2 = ("Which appeared first in the video, the red object or the blue object?",
 def build_config(tok, text: dict, vision: dict, attn: str = "sdpa"):
     from transformers import Qwen2_5_VLConfig
 
-    from ..tiny import SPECIAL_TOKENS
+    from ..training.tiny import SPECIAL_TOKENS
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     head_dim = text["hidden_size"] // text["num_attention_heads"]
     q = head_dim // 2
@@ -112,9 +112,9 @@ def build_model(tiny: bool, device: torch.device, dtype: torch.dtype, pixels: in
     """(Model, build seconds): random weights created directly on `device` in `dtype`."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from ..models.base import Model
+    from ..models.loading import Model
     from ..models.qwen2_5_vl import Qwen25VLAdapter
-    from ..tiny import build_processor, build_tokenizer
+    from ..training.tiny import build_processor, build_tokenizer
 
     t0 = time.perf_counter()
     tok = build_tokenizer()
@@ -320,10 +320,10 @@ def copy_bandwidth(device, nbytes: int = 2 * 2 ** 30) -> float | None:
 
 def make_video(path: Path, frames: int, size: tuple[int, int], fps: float = 8.0, gop: int = 64,
                crf: int = 18, clip: int = 48, seed: int = 0) -> dict:
-    """A real H.264 file of `frames` frames: a rendered synthetic clip (adapttoken.synthetic.Scene)
+    """A real H.264 file of `frames` frames: a rendered synthetic clip (adapttoken.training.synthetic.Scene)
     looped with a drift of 4 px per loop and a binary frame counter stamped in, so no two frames
     are equal. Decoding it is real work; rendering 10,000 distinct scenes would cost minutes."""
-    from ..synthetic import Scene, write_video
+    from ..training.synthetic import Scene, write_video
 
     t0 = time.perf_counter()
     H, W = size
@@ -390,9 +390,9 @@ def run_case(model, video_path, frames: int, method: str, args, counter: LLMCoun
     """One question through the library pipeline (what `ask` does), timed and counted."""
     from ..budget import allocate, uniform_frames
     from ..entropy import score_groups
-    from ..features import open_video
+    from ..decode import open_video
     from ..groups import split_groups
-    from ..models.base import Question
+    from ..question import Question
     from ..pipeline import answer
     from ..rank import RankedGroups
 
@@ -456,7 +456,7 @@ def run_case(model, video_path, frames: int, method: str, args, counter: LLMCoun
                           prefix_kv_host_gib=kv.host_used / 2 ** 30,
                           prefix_kv_host_s=round(kv.host_seconds, 4))
     if dev.type == "cuda":
-        from ..features import device_memory_budget
+        from ..kv_cache import device_memory_budget
         c.features["device_budget_gib"] = device_memory_budget(dev) / 2 ** 30
     return c
 
@@ -893,7 +893,7 @@ def main(argv=None) -> int:
     res_hw = model.adapter.resized_size(H, W, args.pixels, args.pixels)
     rows, cols = model.adapter.token_grid(res_hw)
     meta["tokens_per_slice"] = rows * cols
-    from ..features import default_decode_workers
+    from ..decode import default_decode_workers
     meta["decode_workers"] = args.decode_workers if args.decode_workers is not None else default_decode_workers()
     vis_per_slice = vision_flops_per_slice(model, res_hw)
     meta["vision_flops_per_slice"] = vis_per_slice

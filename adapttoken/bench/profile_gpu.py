@@ -115,8 +115,8 @@ def kernel_table(prof, n=25) -> str:
 
 
 def group_pass_bench(model, dev, dtype, tiny, iters, out: Path) -> dict:
-    from ..features import PrefixKVCache
-    from ..models.base import Question
+    from ..kv_cache import PrefixKVCache
+    from ..question import Question
     from .gpu import LLMCounter, Q1
 
     ad = model.adapter
@@ -191,7 +191,7 @@ def group_pass_bench(model, dev, dtype, tiny, iters, out: Path) -> dict:
 def accuracy_check(model, dev, tiny) -> dict:
     """Group-pass logits and probe scores of eager bf16 and fused bf16 against a float32 eager
     reference (TF32 off) on the same inputs: is the fused path further from the truth than eager?"""
-    from ..models.base import Question
+    from ..question import Question
     from .gpu import Q1
 
     ad = model.adapter
