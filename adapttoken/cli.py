@@ -120,8 +120,8 @@ def _print_result(res, as_json: bool) -> None:
 def cmd_ask(args) -> int:
     from .errors import InputError
     from .models.loading import load_model
-    from .question import Question
     from .pipeline import ask
+    from .question import Question
     if not os.path.exists(args.video):
         from .errors import VideoError
         raise VideoError(f"video {args.video!r} does not exist: check the path")

@@ -12,9 +12,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .budget import GroupReport, Selection, allocate, even_split, uniform_frames
+from .decode import open_video
 from .entropy import early_stop, response_entropy, score_groups
 from .errors import InputError
-from .decode import open_video
 from .groups import split_groups
 from .models.loading import Model
 from .question import NO_HOOKS, Hooks, Question

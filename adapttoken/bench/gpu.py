@@ -145,11 +145,11 @@ def run_case(model, video_path, frames: int, method: str, args, counter: LLMCoun
              vis_per_slice: float, question=Q1, fresh: bool = True, cache_dir=None) -> Case:
     """One question through the library pipeline (what `ask` does), timed and counted."""
     from ..budget import allocate, uniform_frames
-    from ..entropy import score_groups
     from ..decode import open_video
+    from ..entropy import score_groups
     from ..groups import split_groups
-    from ..question import Question
     from ..pipeline import answer
+    from ..question import Question
     from ..rank import RankedGroups
 
     dev = model.adapter.device

@@ -1,5 +1,9 @@
 """Train the bundled demo model: a tiny Qwen2.5-VL on synthetic long videos (synthetic.py).
 
+Why one file of ~800 lines: a script read top to bottom as the model card tells it (data, model,
+losses, loop, checks), run once to make the bundled weights; the library imports none of it
+(a test reuses its vision check).
+
     python -m adapttoken.training.train_tiny --out adapttoken/assets/adapttoken-tiny-synth --device cuda \\
         --steps 3000 --batch 32 --workers 14
 
