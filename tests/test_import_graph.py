@@ -104,3 +104,14 @@ def test_no_import_circle_in_the_library():
     graph = import_graph(ROOT / "adapttoken")
     assert "adapttoken.decode" in graph and "adapttoken.models.loading" in graph
     assert find_circles(graph) == []
+
+
+def test_the_method_never_imports_training():
+    """training/ (synthetic videos, tiny models, the training script) serves the demo, the
+    benchmarks and the tests; no step of the method depends on it."""
+    graph = import_graph(ROOT / "adapttoken")
+    users = ("adapttoken.training", "adapttoken.bench", "adapttoken.demo", "adapttoken.cli",
+             "adapttoken.__main__")
+    wrong = {m: sorted(d for d in deps if d.startswith("adapttoken.training"))
+             for m, deps in graph.items() if not m.startswith(users)}
+    assert {m: d for m, d in wrong.items() if d} == {}
