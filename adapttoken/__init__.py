@@ -7,13 +7,14 @@ Implements arXiv 2603.28696 on transformers' model classes. Imports nothing from
     result = ask(model, "video.mp4", "What happens?", options=["a", "b", "c", "d"])
 """
 from .budget import Selection, allocate, even_split, uniform_frames
+from .decode import VideoHandle, open_video
 from .entropy import ScoredGroups, StopRule, early_stop, response_entropy, score_groups
 from .errors import AdaptTokenError, Cancelled, InputError, ModelLoadError, VideoError
-from .features import SliceFeatures, VideoHandle, open_video
+from .features import SliceFeatures
 from .groups import Groups, split_groups
-from .models.base import (Hooks, Model, Question, detect_family, download_model, load_model,
-                          supported_families)
+from .models.loading import Model, detect_family, download_model, load_model, supported_families
 from .pipeline import AdaptTokenConfig, Result, answer, ask, select
+from .question import Hooks, Question
 from .rank import RankedGroups
 
 __version__ = "0.1.0"

@@ -225,7 +225,7 @@ def even_split(scored, budget: int = 7040, hooks=None) -> Selection:
 def uniform_frames(model, video, question, budget: int = 7040) -> Selection:
     """Baseline every VLM pack does today: as many evenly spaced slices as fit the budget, all of
     their tokens, no group pass."""
-    from .models.base import Question
+    from .question import Question
     if not isinstance(budget, (int, np.integer)) or budget <= 0:
         raise InputError(f"budget={budget} must be a positive number of tokens")
     q = question if isinstance(question, Question) else Question(str(question))

@@ -7,13 +7,8 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
-BUNDLED_MODEL = Path(__file__).parent / "assets" / "adapttoken-tiny-synth"
-
-
-def default_model_dir() -> str:
-    return os.environ.get("ADAPTTOKEN_MODEL") or str(BUNDLED_MODEL)
+from .defaults import default_model_dir
 
 
 def _add_method_args(p: argparse.ArgumentParser) -> None:
@@ -124,8 +119,9 @@ def _print_result(res, as_json: bool) -> None:
 
 def cmd_ask(args) -> int:
     from .errors import InputError
-    from .models.base import Question, load_model
+    from .models.loading import load_model
     from .pipeline import ask
+    from .question import Question
     if not os.path.exists(args.video):
         from .errors import VideoError
         raise VideoError(f"video {args.video!r} does not exist: check the path")
@@ -158,7 +154,7 @@ def main(argv=None) -> int:
                 from .bench.gpu import main as bench_main
             return bench_main(args.rest)
         if args.cmd == "download":
-            from .models.base import download_model
+            from .models.loading import download_model
             print(download_model(args.repo_id, args.dest))
             return 0
     except KeyboardInterrupt:

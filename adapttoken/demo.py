@@ -42,12 +42,13 @@ def run_demo(args) -> int:
     import torch
     from PIL import Image
 
-    from . import synthetic as syn
-    from .cli import default_model_dir
-    from .features import open_video
-    from .models.base import Question, load_model
+    from .decode import open_video
+    from .defaults import default_model_dir
+    from .models.loading import load_model
     from .pipeline import answer, select
     from .preview import render_preview
+    from .question import Question
+    from .training import synthetic as syn
 
     frames = int(getattr(args, "frames", 2048) or 2048)
     form = getattr(args, "form", None) or DEMO_FORM

@@ -16,7 +16,7 @@ import torch
 from .errors import InputError
 
 # Lite: frames of at most this many groups after the current one are taken on the way when a read
-# passes them (features.FrameStash); a stop wastes at most their decoding.
+# passes them (decode.FrameStash); a stop wastes at most their decoding.
 RIDE_ALONG_GROUPS = 4
 
 ENTROPY_MODES = ("auto", "options", "first_token", "greedy_mean")

@@ -52,7 +52,7 @@ def llm_pass_bytes(adapter, tokens: int, query_tokens: int = 0, new_tokens: int 
         total += 2 * heads * n * n * b                   # scores and softmax of one layer
     else:
         total += n * n                                   # a boolean causal mask, if one is built
-    if query_tokens:                                     # rank.probe_attention: float32 scores
+    if query_tokens:                                     # models/probe.py: float32 scores
         total += 3 * heads * int(query_tokens) * n * 4 + 2 * n * kv_heads * hd * 4
     total += 2 * vocab * 4                               # last-position logits, float32
     if new_tokens:
@@ -106,7 +106,7 @@ def _feature_bytes_per_slice(adapter, resized: tuple[int, int]) -> int:
 def stored_features_bytes(features, device: torch.device | None = None) -> int:
     """Bytes the video's features take on the compute device `device` (default: where the model
     is now; 0 where they go to CPU memory off a CPU device), following SliceFeatures' own rule."""
-    from .features import device_memory_budget
+    from .kv_cache import device_memory_budget
     dev = torch.device(device) if device is not None else features.adapter.device
     if features.feature_device == "cpu":
         return 0

@@ -12,11 +12,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .budget import GroupReport, Selection, allocate, even_split, uniform_frames
+from .decode import open_video
 from .entropy import early_stop, response_entropy, score_groups
 from .errors import InputError
-from .features import open_video
 from .groups import split_groups
-from .models.base import NO_HOOKS, Hooks, Model, Question
+from .models.loading import Model
+from .question import NO_HOOKS, Hooks, Question
 from .rank import RankedGroups
 
 METHODS = ("adapttoken", "lite", "even_split", "uniform")

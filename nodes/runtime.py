@@ -26,7 +26,7 @@ from comfy.patcher_extension import CallbacksMP
 
 from .. import adapttoken as at
 from ..adapttoken import memory
-from ..adapttoken.models.base import resolve_dtype
+from ..adapttoken.models.loading import resolve_dtype
 from .spec import BUNDLED_MODEL_NAME
 
 LLM_FOLDER = "LLM"
@@ -36,7 +36,7 @@ log = logging.getLogger("adapttoken")
 # -- model folders ---------------------------------------------------------------------------------
 
 def bundled_model_dir() -> str:
-    from ..adapttoken.cli import BUNDLED_MODEL
+    from ..adapttoken.defaults import BUNDLED_MODEL
     return str(BUNDLED_MODEL)
 
 

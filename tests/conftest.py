@@ -14,7 +14,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture(scope="session")
 def tiny():
     """(model, processor) of a 4-layer random tiny Qwen2.5-VL (sdpa)."""
-    from adapttoken.tiny import build_tiny_model
+    from adapttoken.training.tiny import build_tiny_model
     return build_tiny_model(seed=0, layers=4, vision_depth=2)
 
 
@@ -27,14 +27,14 @@ def tiny_adapter(tiny):
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_adapter):
-    from adapttoken.models.base import Model
+    from adapttoken.models.loading import Model
     return Model(tiny_adapter, name="tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory, tiny):
     """The tiny model saved as a local model folder (config.json + model.safetensors + tokenizer)."""
-    from adapttoken.tiny import save_model_folder
+    from adapttoken.training.tiny import save_model_folder
     model, proc = tiny
     return save_model_folder(tmp_path_factory.mktemp("models") / "tiny-qwen25vl", model, proc)
 
@@ -43,7 +43,7 @@ def tiny_folder(tmp_path_factory, tiny):
 def peaky():
     """A 6-layer tiny model whose attention is sharp, so RoPE/GQA/mask mistakes in the probe show."""
     from adapttoken.models.qwen2_5_vl import Qwen25VLAdapter
-    from adapttoken.tiny import build_tiny_model
+    from adapttoken.training.tiny import build_tiny_model
     model, proc = build_tiny_model(seed=1, layers=6, vision_depth=2)
     with torch.no_grad():
         for layer in model.model.language_model.layers:

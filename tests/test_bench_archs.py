@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from adapttoken.bench.archs import ARCHS, arch_config, build_arch_model, vision_flops_per_slice
-from adapttoken.bench.gpu import _vision_modules, default_out
+from adapttoken.bench.gpu import default_out
+from adapttoken.bench.gpu_measure import _vision_modules
 
 
 def _measured_vision_flops(model, frames, resized, monkeypatch) -> float:

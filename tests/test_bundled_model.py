@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import adapttoken as at
-from adapttoken import synthetic as syn
-from adapttoken.cli import BUNDLED_MODEL
+from adapttoken.training import synthetic as syn
+from adapttoken.defaults import BUNDLED_MODEL
 
 pytestmark = pytest.mark.skipif(not (BUNDLED_MODEL / "model.safetensors").is_file(),
                                 reason="bundled model weights missing")
@@ -89,5 +89,5 @@ def test_synthetic_benchmark_small(tmp_path):
 
 def test_training_inputs_match_inference(bundled):
     """The training script's pixel and vision path equals the processor + transformers' tower."""
-    from adapttoken.train_tiny import check_vision
+    from adapttoken.training.train_tiny import check_vision
     assert check_vision(bundled.adapter.model, bundled.adapter.processor, torch.device("cpu")) < 1e-4

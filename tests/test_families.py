@@ -10,9 +10,10 @@ from transformers.video_utils import VideoMetadata
 
 import adapttoken as at
 from adapttoken.models._common import reference_layer, video_processor_kwargs
-from adapttoken.models.base import Question, _families
-from adapttoken.rank import AttentionProbe
-from adapttoken.tiny_families import FAMILIES, build_tiny_family
+from adapttoken.models.loading import _families
+from adapttoken.question import Question
+from adapttoken.models.probe import AttentionProbe
+from adapttoken.training.tiny_families import FAMILIES, build_tiny_family
 
 Q = Question("What happens in the video?", ("a dog runs", "a cat sleeps", "a car drives"))
 SLICES = 4
@@ -292,7 +293,7 @@ def test_default_reference_layers():
 # -- loading: the family comes from config.json ------------------------------------------------
 
 def test_loader_detects_family(ad, tmp_path):
-    from adapttoken.tiny import save_model_folder
+    from adapttoken.training.tiny import save_model_folder
     folder = save_model_folder(tmp_path / f"tiny-{ad.family}", ad.model, ad.processor)
     assert json.loads((folder / "config.json").read_text())["model_type"] == ad.family
     assert at.detect_family(folder) == ad.family

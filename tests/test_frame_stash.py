@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import adapttoken as at
-from adapttoken.video import SEEK_COST_FRAMES, FrameReader, plan_extras
+from adapttoken.frame_reader import SEEK_COST_FRAMES, FrameReader, plan_extras
 
 from videos import frame_number, write_video
 

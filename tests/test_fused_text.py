@@ -16,7 +16,7 @@ from adapttoken.models.fused_text import FusedText
 
 @pytest.fixture(scope="module")
 def model():
-    from adapttoken.tiny import build_tiny_model
+    from adapttoken.training.tiny import build_tiny_model
     m, _ = build_tiny_model(seed=3, layers=3, vision_depth=1)
     return m.eval().requires_grad_(False)
 

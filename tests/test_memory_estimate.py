@@ -109,8 +109,8 @@ def test_estimate_grows_with_the_group_and_with_eager_attention(tiny_model):
 @pytest.mark.parametrize("family", ["qwen3_vl", "internvl", "llava_onevision"])
 def test_estimates_cover_every_family(clip, family):
     """The other families' configs (InternVL's llm_config, LLaVA-OneVision's SigLIP tower)."""
-    from adapttoken.models.base import _families
-    from adapttoken.tiny_families import FAMILIES, build_tiny_family
+    from adapttoken.models.loading import _families
+    from adapttoken.training.tiny_families import FAMILIES, build_tiny_family
     assert family in FAMILIES
     model = at.Model(_families()[family](*build_tiny_family(family, seed=0, layers=4)), name=family)
     n = 32 if model.adapter.frames_per_slice == 2 else 16

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from transformers.video_utils import VideoMetadata
 
-from adapttoken.models.base import Question
+from adapttoken.question import Question
 from adapttoken.positions import build_position_ids, video_extent
-from adapttoken.rank import AttentionProbe
+from adapttoken.models.probe import AttentionProbe
 
 
 def _frames(t=8, h=56, w=84, seed=0):

@@ -15,7 +15,7 @@ import torch
 import adapttoken as at
 from adapttoken.errors import Cancelled
 from adapttoken.features import SliceFeatures
-from adapttoken.models.base import Hooks
+from adapttoken.question import Hooks
 
 from videos import write_video
 
@@ -92,7 +92,7 @@ def test_decoder_error_reaches_the_caller_and_threads_stop(tiny_adapter, clip, m
         calls.append(threading.current_thread().name)
         raise RuntimeError("decoder exploded")
 
-    from adapttoken.features import FrameDecoder
+    from adapttoken.decode import FrameDecoder
     monkeypatch.setattr(FrameDecoder, "_read_part", boom)
     with pytest.raises(RuntimeError, match="decoder exploded"):
         f.prefetch()
@@ -196,7 +196,7 @@ def test_disk_cache_misses_on_changed_file_plan_or_model(tiny_adapter, tiny, cli
     assert c.stats["cache_loaded_slices"] == 0 and c.encoded_slices == 1
     # another model (same config, other weights)
     from adapttoken.models.qwen2_5_vl import Qwen25VLAdapter
-    from adapttoken.tiny import build_tiny_model
+    from adapttoken.training.tiny import build_tiny_model
     m2, p2 = build_tiny_model(seed=7, layers=4, vision_depth=2)
     assert _fresh(Qwen25VLAdapter(m2, p2), path, cache).disk_cache.key != key
     # the file changes (same length, other content): a miss

@@ -9,7 +9,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from adapttoken import synthetic as S
+from adapttoken.training import synthetic as S
 
 NEEDLE_SAT = 150  # every palette colour has max-min >= 150 over RGB
 GREY_SAT = 60     # background and distractors stay far below, even after compression
@@ -180,10 +180,10 @@ def test_vocab_texts_cover_every_prompt():
 
 
 def test_prompt_layout_matches_model_question():
-    base = pytest.importorskip("adapttoken.models.base")
+    question = pytest.importorskip("adapttoken.question")
     _, (mc, op) = S.plan(300, 2, "order", "both")
-    assert mc.prompt_text() == base.Question(mc.text, mc.options).prompt_text()
-    assert op.prompt_text() == base.Question(op.text).prompt_text()
+    assert mc.prompt_text() == question.Question(mc.text, mc.options).prompt_text()
+    assert op.prompt_text() == question.Question(op.text).prompt_text()
 
 
 def test_needle_tokens_on_the_28px_grid():

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from adapttoken.errors import InputError, VideoError
-from adapttoken.video import FrameReader, SamplingPlan, VideoInfo, plan_sampling, probe_video
+from adapttoken.frame_reader import FrameReader
+from adapttoken.video import SamplingPlan, VideoInfo, plan_sampling, probe_video
 
 try:  # tests/ on sys.path (pytest's default rootdir-less import) or tests as a package
     from videos import frame_number, is_upright, truncate, write_audio_only, write_empty_video, write_video
@@ -355,12 +356,12 @@ def test_file_cut_while_open_names_file_and_frame(tmp_path, backend: str) -> Non
 def test_pyav_checks_every_frame_even_if_the_change_goes_unnoticed(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     # As if the file system hid the change (stale attributes): PyAV matches each decoded frame's pts
     # against the frame table, so it still refuses instead of returning another frame.
-    import adapttoken.video as video
+    import adapttoken.frame_reader as frame_reader
 
     path = write_video(tmp_path / "stale.mkv", 80, width=160, height=120, codec="libx264", gop=10, noise=True)
     with FrameReader(path, backend="pyav") as reader:
         truncate(path, 0.3)
-        monkeypatch.setattr(video, "_changed", lambda info: False)
+        monkeypatch.setattr(frame_reader, "_changed", lambda info: False)
         with pytest.raises(VideoError, match=r"frame 79 of .*stale.mkv could not be decoded .*re-download it"):
             reader.read([79])
 

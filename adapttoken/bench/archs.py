@@ -10,7 +10,7 @@ OpenGVLab/InternVL3-8B-hf), in transformers 5.x key names (`rope_parameters`). W
 `arch_config` points the special-token ids at that tokenizer's (the benchmarks use our small
 offline tokenizer; the vocabulary keeps its full size, so the embedding and head cost the same).
 `build_arch_model(..., tiny=True)` builds the tiny random model of the same family instead
-(tiny_families.py), for CPU smoke tests of the benchmark.
+(training/tiny_families.py), for CPU smoke tests of the benchmark.
 
 Vision FLOPs (`vision_flops_per_slice`, multiply-add = 2), per slice as the adapters encode it:
 
@@ -82,7 +82,7 @@ ARCHS = {"qwen3-vl-8b": QWEN3_VL_8B, "internvl3-8b": INTERNVL3_8B}
 
 def _remap(d: dict, tok) -> dict:
     """Point the special-token ids at `tok`'s."""
-    from ..tiny import SPECIAL_TOKENS
+    from ..training.tiny import SPECIAL_TOKENS
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     text = d["text_config"]
     if text["vocab_size"] < len(tok):
@@ -146,11 +146,11 @@ def build_arch_model(name: str, device, dtype=torch.bfloat16, pixels: int = 448 
                      tiny: bool = False):
     """(at.Model with the family's adapter, seconds): random weights created on `device` in `dtype`,
     our offline tokenizer, the family's processor at full size (Qwen3-VL: `pixels` per frame).
-    tiny: the family's tiny random model instead (tiny_families.py; CPU smoke tests)."""
+    tiny: the family's tiny random model instead (training/tiny_families.py; CPU smoke tests)."""
     import transformers
 
-    from ..models.base import Model, _families
-    from ..tiny_families import (build_family_tokenizer, internvl_processor, qwen3_vl_processor,
+    from ..models.loading import Model, _families
+    from ..training.tiny_families import (build_family_tokenizer, internvl_processor, qwen3_vl_processor,
                                  tiny_internvl, tiny_qwen3_vl)
 
     t0 = time.perf_counter()

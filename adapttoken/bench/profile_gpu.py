@@ -115,9 +115,10 @@ def kernel_table(prof, n=25) -> str:
 
 
 def group_pass_bench(model, dev, dtype, tiny, iters, out: Path) -> dict:
-    from ..features import PrefixKVCache
-    from ..models.base import Question
-    from .gpu import LLMCounter, Q1
+    from ..kv_cache import PrefixKVCache
+    from ..question import Question
+    from .gpu import Q1
+    from .gpu_measure import LLMCounter
 
     ad = model.adapter
     rows, cols = (11, 20) if not tiny else (2, 4)
@@ -191,7 +192,7 @@ def group_pass_bench(model, dev, dtype, tiny, iters, out: Path) -> dict:
 def accuracy_check(model, dev, tiny) -> dict:
     """Group-pass logits and probe scores of eager bf16 and fused bf16 against a float32 eager
     reference (TF32 off) on the same inputs: is the fused path further from the truth than eager?"""
-    from ..models.base import Question
+    from ..question import Question
     from .gpu import Q1
 
     ad = model.adapter
@@ -287,7 +288,7 @@ def main(argv=None) -> int:
     import transformers
     res = {"torch": torch.__version__, "transformers": transformers.__version__,
            "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None}
-    from .gpu import build_model, matmul_rate
+    from .gpu_measure import build_model, matmul_rate
     res["matmul"] = matmul_rate(dev)
     print(f"[profile] {res['gpu']} matmul {res['matmul']['flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
     if "sdpa" in args.parts:

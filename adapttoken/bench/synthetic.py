@@ -56,7 +56,7 @@ def sample_seed(base: int, length: int, i: int) -> int:
 
 def _make(job):
     path, length, seed, attribute = job
-    from adapttoken import synthetic as syn
+    from adapttoken.training import synthetic as syn
     meta = Path(str(path) + ".json")
     if Path(path).exists() and meta.exists():
         return json.loads(meta.read_text())
@@ -96,7 +96,7 @@ def is_correct(q: dict, answer: str) -> bool:
 
 def run_one(model, sample: dict, length: int, methods, cfg, form: str = "mc") -> list[dict]:
     """Every method on one video; returns one row per method."""
-    from adapttoken.models.base import Question
+    from adapttoken.question import Question
     from adapttoken.pipeline import ask
     q = sample["questions"][0 if form == "mc" else 1]
     question = Question(q["text"], tuple(q["options"]))
@@ -132,7 +132,7 @@ def _worker(args):
     model_dir, device, dtype, items, methods, budget, group_size, stop, threads, form = args
     import torch
     torch.set_num_threads(threads)
-    from adapttoken.models.base import load_model
+    from adapttoken.models.loading import load_model
     model = load_model(model_dir, dtype=dtype, device=device)
     out = []
     for sample, length in items:
@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    from adapttoken.cli import default_model_dir
+    from adapttoken.defaults import default_model_dir
     model_dir = args.model or default_model_dir()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

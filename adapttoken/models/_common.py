@@ -1,10 +1,11 @@
-"""What the Qwen3-VL, InternVL and LLaVA-OneVision adapters share.
+"""What the family adapters share.
 
-Each family builds its own input sequence (`_sequence`): the prompt text around the kept visual
-tokens, with the family's per-slice wrappers, the position ids and where the visual rows are. The
-rest is the same for all: the no-cache forward with `logits_to_keep=1`, the attention probe on one
-layer (rank.py), greedy or sampled generation with streaming and cancellation, loading from a local
-folder.
+All of them: `generate_from_embeds` (greedy or sampled generation with streaming and cancellation,
+`_LayerCancel`); both Qwen families: `resize_exact`. The Qwen3-VL, InternVL and LLaVA-OneVision
+adapters also share `FamilyAdapter`: each builds its own input sequence (`_sequence`): the prompt
+text around the kept visual tokens, with the family's per-slice wrappers, the position ids and where
+the visual rows are. The rest is the same for all: the no-cache forward with `logits_to_keep=1`, the
+attention probe on one layer (probe.py), loading from a local folder.
 """
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelLoadError
-from ..rank import AttentionProbe, token_scores
-from .base import NO_HOOKS, Adapter, ForwardOut, Generation, Hooks, Prompt, Question
-from .qwen2_5_vl import _LayerCancel, generate_from_embeds
+from ..errors import Cancelled, ModelLoadError
+from ..question import NO_HOOKS, Hooks, Question
+from .base import Adapter, ForwardOut, Generation, Prompt
+from .probe import AttentionProbe, token_scores
 
 
 @dataclass
@@ -199,3 +200,84 @@ def slice_runs(coords: torch.Tensor) -> list[tuple[int, int]]:
     new[1:] = (t[1:] != t[:-1]) | (r[1:] < r[:-1]) | ((r[1:] == r[:-1]) & (col[1:] <= col[:-1]))
     starts = torch.nonzero(new).flatten().tolist() + [n]
     return list(zip(starts[:-1], starts[1:]))
+
+
+class _LayerCancel:
+    """Pre-hooks on every decoder layer that raise Cancelled when the user cancels."""
+
+    def __init__(self, layers, hooks: Hooks):
+        self.layers, self.hooks, self.handles = layers, hooks, []
+
+    def __enter__(self):
+        if self.hooks.cancelled is not None:
+            self.handles = [layer.register_forward_pre_hook(lambda *a: self.hooks.check())
+                            for layer in self.layers]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def generate_from_embeds(model, tok, layers, x, pos, *, pad_token_id, eos_token_id, hooks: Hooks,
+                         max_new_tokens, do_sample, temperature, top_p, seed, return_logits,
+                         context=None) -> Generation:
+    """transformers' generate on prepared input embeddings and position ids (every adapter's
+    answer): greedy or sampled, streamed to `hooks.on_text`, cancellable between layers and steps.
+    `context`: a context manager held around the call (Qwen3-VL's deepstack inputs)."""
+    from contextlib import nullcontext
+
+    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers.generation.streamers import BaseStreamer
+
+    class _Cancel(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kw):
+            stop = hooks.cancelled is not None and hooks.cancelled()
+            return torch.full((input_ids.shape[0],), bool(stop), device=input_ids.device)
+
+    class _Stream(BaseStreamer):
+        def __init__(self):
+            self.ids = []
+
+        def put(self, value):
+            if value.dim() > 1 or value.numel() > 1:
+                return          # generate first hands over the prompt (empty here)
+            self.ids.append(int(value.reshape(-1)[0]))
+            if hooks.on_text is not None:
+                hooks.on_text(tok.decode(self.ids, skip_special_tokens=True))
+
+        def end(self):
+            pass
+
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad_token_id,
+              eos_token_id=eos_token_id, output_logits=return_logits, return_dict_in_generate=True,
+              stopping_criteria=StoppingCriteriaList([_Cancel()]))
+    if do_sample:
+        torch.manual_seed(seed)
+        if torch.cuda.is_available():
+            torch.cuda.manual_seed_all(seed)
+        kw.update(temperature=temperature, top_p=top_p, top_k=0)
+    else:
+        kw.update(temperature=None, top_p=None, top_k=None)
+    with _LayerCancel(layers, hooks), (context if context is not None else nullcontext()):
+        out = model.generate(inputs_embeds=x, position_ids=pos,
+                             attention_mask=torch.ones(x.shape[:2], dtype=torch.long, device=x.device),
+                             streamer=_Stream() if hooks.on_text else None, **kw)
+    if hooks.cancelled is not None and hooks.cancelled():
+        raise Cancelled("generation cancelled by the user")
+    ids = out.sequences[0].tolist()
+    logits = [lg[0].float() for lg in out.logits] if return_logits else []
+    return Generation(tok.decode(ids, skip_special_tokens=True).strip(), ids, logits)
+
+
+def resize_exact(frames: torch.Tensor, device, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 frames [T, H, W, 3] on `device` at exactly `size` (h, w): bicubic, antialiased, as
+    the Qwen processors resize (they cannot be told an exact size themselves)."""
+    h, w = size
+    fr = frames.to(device)
+    if tuple(fr.shape[1:3]) != (h, w):
+        import torchvision.transforms.v2.functional as tvF
+        fr = tvF.resize(fr.permute(0, 3, 1, 2), [h, w],
+                        interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
+        fr = fr.permute(0, 2, 3, 1).contiguous()
+    return fr

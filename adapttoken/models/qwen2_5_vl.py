@@ -6,7 +6,7 @@
   can be encoded in any chunking with identical results.
 - Positions: explicit 3D M-RoPE ids by Qwen's original rule (positions.py), passed to the model
   with `inputs_embeds`; `rope_deltas` state is never relied on.
-- The attention probe is a pre-hook on one layer (rank.py); cancellation is a pre-hook on every
+- The attention probe is a pre-hook on one layer (probe.py); cancellation is a pre-hook on every
   layer; generation streams through a transformers streamer and stops on a StoppingCriteria.
 - On CUDA the language model's RMSNorms and SiLU MLPs run fused, compiled kernels (fused_text.py;
   `adapter.fuse_text = False` for transformers' eager formula); the vision tower runs
@@ -19,94 +19,16 @@ from pathlib import Path
 
 import torch
 
-from ..errors import Cancelled, ModelLoadError
+from ..errors import ModelLoadError
 from ..positions import build_position_ids
-from ..rank import AttentionProbe, token_scores
-from .base import NO_HOOKS, Adapter, ForwardOut, Generation, Hooks, Prompt, Question
+from ..question import NO_HOOKS, Hooks, Question
+from ._common import _LayerCancel, generate_from_embeds, resize_exact
+from .base import Adapter, ForwardOut, Generation, Prompt
+from .probe import AttentionProbe, token_scores
 
 # FlexSelect's measured best reference layer for Qwen2.5-VL-7B: 20 of 28 (ALGORITHM.md step 4).
 REFERENCE_LAYER_FRACTION = 20 / 28
 
-
-class _LayerCancel:
-    """Pre-hooks on every decoder layer that raise Cancelled when the user cancels."""
-
-    def __init__(self, layers, hooks: Hooks):
-        self.layers, self.hooks, self.handles = layers, hooks, []
-
-    def __enter__(self):
-        if self.hooks.cancelled is not None:
-            self.handles = [layer.register_forward_pre_hook(lambda *a: self.hooks.check())
-                            for layer in self.layers]
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-
-
-def generate_from_embeds(model, tok, layers, x, pos, *, pad_token_id, eos_token_id, hooks: Hooks,
-                         max_new_tokens, do_sample, temperature, top_p, seed, return_logits,
-                         context=None) -> Generation:
-    """transformers' generate on prepared input embeddings and position ids (every adapter's
-    answer): greedy or sampled, streamed to `hooks.on_text`, cancellable between layers and steps.
-    `context`: a context manager held around the call (Qwen3-VL's deepstack inputs)."""
-    from contextlib import nullcontext
-
-    from transformers import StoppingCriteria, StoppingCriteriaList
-    from transformers.generation.streamers import BaseStreamer
-
-    class _Cancel(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kw):
-            stop = hooks.cancelled is not None and hooks.cancelled()
-            return torch.full((input_ids.shape[0],), bool(stop), device=input_ids.device)
-
-    class _Stream(BaseStreamer):
-        def __init__(self):
-            self.ids = []
-
-        def put(self, value):
-            if value.dim() > 1 or value.numel() > 1:
-                return          # generate first hands over the prompt (empty here)
-            self.ids.append(int(value.reshape(-1)[0]))
-            if hooks.on_text is not None:
-                hooks.on_text(tok.decode(self.ids, skip_special_tokens=True))
-
-        def end(self):
-            pass
-
-    kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad_token_id,
-              eos_token_id=eos_token_id, output_logits=return_logits, return_dict_in_generate=True,
-              stopping_criteria=StoppingCriteriaList([_Cancel()]))
-    if do_sample:
-        torch.manual_seed(seed)
-        if torch.cuda.is_available():
-            torch.cuda.manual_seed_all(seed)
-        kw.update(temperature=temperature, top_p=top_p, top_k=0)
-    else:
-        kw.update(temperature=None, top_p=None, top_k=None)
-    with _LayerCancel(layers, hooks), (context if context is not None else nullcontext()):
-        out = model.generate(inputs_embeds=x, position_ids=pos,
-                             attention_mask=torch.ones(x.shape[:2], dtype=torch.long, device=x.device),
-                             streamer=_Stream() if hooks.on_text else None, **kw)
-    if hooks.cancelled is not None and hooks.cancelled():
-        raise Cancelled("generation cancelled by the user")
-    ids = out.sequences[0].tolist()
-    logits = [lg[0].float() for lg in out.logits] if return_logits else []
-    return Generation(tok.decode(ids, skip_special_tokens=True).strip(), ids, logits)
-
-
-def resize_exact(frames: torch.Tensor, device, size: tuple[int, int]) -> torch.Tensor:
-    """uint8 frames [T, H, W, 3] on `device` at exactly `size` (h, w): bicubic, antialiased, as
-    the Qwen processors resize (they cannot be told an exact size themselves)."""
-    h, w = size
-    fr = frames.to(device)
-    if tuple(fr.shape[1:3]) != (h, w):
-        import torchvision.transforms.v2.functional as tvF
-        fr = tvF.resize(fr.permute(0, 3, 1, 2), [h, w],
-                        interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
-        fr = fr.permute(0, 2, 3, 1).contiguous()
-    return fr
 
 
 def _layer_kv(cache, i: int):
@@ -123,7 +45,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _probe_with_keys(attn, hidden_q, cos_q, sin_q, keys, q_pos) -> torch.Tensor:
-    """The attention probe (rank.AttentionProbe) for query rows whose keys come from a KV cache:
+    """The attention probe (probe.AttentionProbe) for query rows whose keys come from a KV cache:
     hidden_q [B, nq, D] (normalised layer input of the query rows), cos_q/sin_q [B, nq, hd] their
     rotary tables, keys [B, Hkv, L, hd] after RoPE (what the cache holds), q_pos [nq] the query rows'
     indices in the full sequence (causal mask). Returns [B, heads, nq, L] float32."""

@@ -29,8 +29,7 @@ import contextlib
 
 import torch
 
-from ._common import FamilyAdapter, Sequence, slice_runs, video_processor_kwargs
-from .qwen2_5_vl import resize_exact
+from ._common import FamilyAdapter, Sequence, resize_exact, slice_runs, video_processor_kwargs
 
 # No measured reference layer for Qwen3-VL: ~0.7 of the depth (25 of 36 for the 8B) is a guess.
 REFERENCE_LAYER_FRACTION = 0.7

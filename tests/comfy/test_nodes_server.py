@@ -36,14 +36,14 @@ SAMPLE_GROUPS = 8            # group_size 64 over 480 slices (strided)
 
 
 def bundled_installed() -> bool:
-    from adapttoken.cli import BUNDLED_MODEL
+    from adapttoken.defaults import BUNDLED_MODEL
     return (Path(BUNDLED_MODEL) / "config.json").is_file()
 
 
 @pytest.fixture(scope="module")
 def model_name(comfy_server) -> str:
     """The model the prompts use: the bundled one when installed, else a tiny random one."""
-    from adapttoken.tiny import build_tiny_model, save_model_folder
+    from adapttoken.training.tiny import build_tiny_model, save_model_folder
     m, p = build_tiny_model(seed=0, layers=4, vision_depth=2)
     save_model_folder(comfy_server.models_dir / "LLM" / TINY, m, p)
     llama = comfy_server.models_dir / "LLM" / "some-llama"

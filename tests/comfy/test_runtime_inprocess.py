@@ -19,7 +19,7 @@ BUNDLED = HERE.parents[1] / "adapttoken" / "assets" / "adapttoken-tiny-synth"
 def test_model_lifetime_in_process(comfyui_dir, tmp_path):
     model = BUNDLED
     if not (model / "config.json").is_file():
-        from adapttoken.tiny import build_tiny_model, save_model_folder
+        from adapttoken.training.tiny import build_tiny_model, save_model_folder
         m, p = build_tiny_model(seed=0, layers=4, vision_depth=2)
         model = save_model_folder(tmp_path / "LLM" / "tiny-qwen25vl", m, p)
     r = subprocess.run([sys.executable, str(HERE / "inprocess_check.py"), "--model", str(model)],

@@ -1,6 +1,10 @@
-"""Train the bundled demo model: a tiny Qwen2.5-VL on synthetic long videos (adapttoken/synthetic.py).
+"""Train the bundled demo model: a tiny Qwen2.5-VL on synthetic long videos (synthetic.py).
 
-    python -m adapttoken.train_tiny --out adapttoken/assets/adapttoken-tiny-synth --device cuda \\
+Why one file of ~800 lines: a script read top to bottom as the model card tells it (data, model,
+losses, loop, checks), run once to make the bundled weights; the library imports none of it
+(a test reuses its vision check).
+
+    python -m adapttoken.training.train_tiny --out adapttoken/assets/adapttoken-tiny-synth --device cuda \\
         --steps 3000 --batch 32 --workers 14
 
 What it builds: the real architecture (`Qwen2_5_VLForConditionalGeneration`) at a small size
@@ -29,7 +33,7 @@ Auxiliary probe loss [ours]: AdaptToken ranks a group's tokens by the attention 
 tokens at one layer (max over heads and query tokens; layer round(0.7 * depth) = 3 here). Nothing
 in the answer loss forces that particular layer to look at the evidence, so on examples with the
 needle we add lambda * -log(sum_needle s / sum_all s), s = the probe's score of each visual token,
-computed with the library's own probe math (`rank.probe_attention`) and gradients.
+computed with the library's own probe math (`models.probe.probe_attention`) and gradients.
 
 Frames: rendered from `synthetic.Scene` (only the sampled frames of the virtual video); a cheap
 emulation of the video codec (4:2:0 chroma subsampling, a little noise) runs on the device for most
@@ -50,9 +54,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..defaults import BUNDLED_MODEL
+from ..groups import split_slices
+from ..positions import build_position_ids
 from . import synthetic as syn
-from .groups import split_slices
-from .positions import build_position_ids
 
 FRAME = 112                    # px: the synthetic videos' frame side
 FPS = syn.DEFAULT_FPS          # 8 fps
@@ -225,7 +230,7 @@ class _PromptBuilder:
         self.processor = processor
 
     def build_prompt(self, question):
-        from .models.qwen2_5_vl import Qwen25VLAdapter
+        from ..models.qwen2_5_vl import Qwen25VLAdapter
         return Qwen25VLAdapter.build_prompt(self, question)
 
 
@@ -235,7 +240,7 @@ class Packer:
     text, then the answer's input tokens (teacher forcing)."""
 
     def __init__(self, processor, max_aux: int = 8):
-        from .models.base import Question
+        from ..question import Question
         self.Question, self.builder = Question, _PromptBuilder(processor)
         self.tok = processor.tokenizer
         self.vocab = len(self.tok)
@@ -468,7 +473,7 @@ def forward_batch(model, vision, processor, batch: dict, device, probe_layer: in
                   aux_weight: float = 0.5, opt_weight: float = 1.0):
     """Loss of one packed batch: answer CE (hard targets with the needle in view, the uniform soft
     target without) + aux_weight * probe loss. Returns (loss, stats as device tensors)."""
-    from .rank import probe_attention
+    from ..models.probe import probe_attention
     fr = batch["frames"].to(device, non_blocking=True)
     x = fr.permute(0, 3, 1, 2).float()
     codec = batch["codec"].to(device, non_blocking=True)
@@ -596,8 +601,8 @@ def rows_attention(attn, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
 def evaluate(adapter, n: int = 200, seed: int = 12345, situation: str = "group") -> dict:
     """Accuracy with the needle in view, entropy with and without, and the probe's ranking of the
     needle's tokens, on held-out examples run exactly as the pipeline runs them."""
-    from .entropy import response_entropy
-    from .models.base import Question
+    from ..entropy import response_entropy
+    from ..question import Question
     rng = np.random.default_rng([seed, 7])
     tok = adapter.tokenizer
     rows = []
@@ -678,8 +683,8 @@ def check_vision(model, processor, device) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m adapttoken.train_tiny", description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=str(Path(__file__).parent / "assets" / "adapttoken-tiny-synth"))
+    ap = argparse.ArgumentParser(prog="python -m adapttoken.training.train_tiny", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(BUNDLED_MODEL))
     ap.add_argument("--init", default=None, help="start from this model folder (continue training)")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--minutes", type=float, default=None,
@@ -706,7 +711,7 @@ def main(argv=None) -> int:
     ap.add_argument("--log", default=None, help="also write the log lines and metrics as JSON here")
     args = ap.parse_args(argv)
 
-    from .models.qwen2_5_vl import Qwen25VLAdapter
+    from ..models.qwen2_5_vl import Qwen25VLAdapter
     from .tiny import save_model_folder
     dev = torch.device(args.device)
     torch.manual_seed(args.seed)

@@ -1,5 +1,9 @@
 """Synthetic long-video QA: seeded clips with short coloured "needle" events among grey distractors.
 
+Why one file of ~700 lines: the scene, the video writer and the question planner share one seed
+discipline and one vocabulary (`VOCAB_TEXTS`), and the tests check them together; apart they would
+each import the other two.
+
 Used to train the bundled tiny Qwen2.5-VL demo model and by the offline benchmark, so everything runs
 on CPU with no downloads. A scene is a drifting grey texture with a slow light gradient and film grain,
 grey shapes that wander across the picture, and grey shapes that flash for a few frames (distractor
@@ -48,7 +52,7 @@ FORMS: tuple[str, ...] = ("mc", "open")
 ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "both")  # what a "what" question asks for
 COUNTS: tuple[str, ...] = ("1", "2", "3", "4")
 
-# Same layout as adapttoken.models.base.Question.prompt_text (lmms-eval's VideoMME layout).
+# Same layout as adapttoken.question.Question.prompt_text (lmms-eval's VideoMME layout).
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 
 TEMPLATES: dict[str, str] = {
