@@ -28,6 +28,8 @@ def response_entropy(logits: torch.Tensor, option_ids: list[list[int]] | None = 
     if option_ids is None:
         h = -(logp.exp() * logp).sum(-1)
         return float(h), math.log(logp.shape[-1]), None
+    if any(len(ids) == 0 for ids in option_ids):     # logsumexp over nothing is -inf: NaN entropy
+        raise ValueError("every option needs at least one token id (see option_token_ids)")
     lp = torch.stack([logp[ids].logsumexp(-1) for ids in option_ids]).log_softmax(-1)
     h = -(lp.exp() * lp).sum(-1)
     return float(h), math.log(len(option_ids)), lp.exp().tolist()

@@ -346,6 +346,32 @@ def test_whole_pipeline_runs(ad, video_file):
     assert lite.group_passes >= 1 and lite.encoded_slices == 0            # features re-used
 
 
+def test_lite_from_a_cold_cache_encodes_only_the_groups_it_runs(ad, video_file):
+    """Lite on fresh features: a stop after group 0 means the other groups' slices are never encoded
+    (the check in test_whole_pipeline_runs follows a full pass, so "0 encoded" there cannot fail)."""
+    model = at.Model(ad, name=ad.family)
+    cfg = at.AdaptTokenConfig(num_frames=16, group_size=2, budget=20, max_pixels=64 * 64,
+                              min_pixels=64 * 64, max_new_tokens=4)
+    full = at.ask(model, video_file, Q, config=cfg, fresh_features=True)
+    n_groups = len(full.groups)
+    assert n_groups >= 3 and full.encoded_slices == full.num_slices
+    cfg.stop_threshold = full.groups[0].entropy_norm + 1e-6     # group 0 is under it: stop there
+    calls = []
+    hook = ad.text_model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        lite = at.ask(model, video_file, Q, config=cfg, method="lite", fresh_features=True)
+    finally:
+        hook.remove()
+    assert lite.group_passes == 1 and lite.skipped_groups == list(range(1, n_groups))
+    per_group = full.num_slices // n_groups
+    assert lite.encoded_slices == per_group                      # group 0's slices, nothing else
+    feats = model.features_for(at.open_video(video_file, 16, max_pixels=64 * 64, min_pixels=64 * 64))
+    computed = set(torch.nonzero(torch.as_tensor(feats._have)).flatten().tolist())
+    assert computed == set(range(0, full.num_slices, n_groups))  # strided: group 0 = 0, G, 2G...
+    assert 1 <= len(calls) - 1 <= cfg.max_new_tokens             # one group pass, then the answer
+    assert lite.groups[0].entropy == pytest.approx(full.groups[0].entropy, abs=1e-5)
+
+
 def test_redundancy_compares_the_main_embedding_only():
     """Qwen3-VL caches deepstack levels after the main embedding: redundancy looks at main_dim."""
     from types import SimpleNamespace

@@ -194,3 +194,92 @@ def test_option_letters_and_prompt(tiny_adapter):
     assert len(p.option_token_ids) == 4
     for letter, ids in zip("ABCD", p.option_token_ids):
         assert ids and all(tok.decode([i]).strip() == letter for i in ids)
+
+
+def _qwen_original_rope_index(input_ids, video_grid_thw, second_per_grid_ts, video_token_id,
+                              vision_start_id, merge=2, tokens_per_second=2):
+    """Qwen2.5-VL's original get_rope_index (Qwen's release code, transformers <= 5.2), written
+    out independently for one sequence with video blocks: text tokens count on from the largest
+    id used so far + 1; a video token gets (st + floor(tp * second_per_grid * tokens_per_second),
+    st + row, st + col)."""
+    ids = input_ids.tolist()
+    out, pos, v = [], 0, 0
+    i = 0
+    while i < len(ids):
+        if ids[i] == video_token_id and i > 0 and ids[i - 1] == vision_start_id:
+            t, h, w = (int(x) for x in video_grid_thw[v])
+            hm, wm = h // merge, w // merge
+            st = pos
+            for tp in range(t):
+                tt = int(tp * float(second_per_grid_ts[v]) * tokens_per_second)
+                for r in range(hm):
+                    for c in range(wm):
+                        out.append((st + tt, st + r, st + c))
+            n = t * hm * wm
+            pos = max(max(p) for p in out[-n:]) + 1
+            i += n
+            v += 1
+        else:
+            out.append((pos, pos, pos))
+            pos += 1
+            i += 1
+    return torch.tensor(out, dtype=torch.long).T            # [3, L]
+
+
+def test_text_after_the_video_follows_qwens_original_rule_when_time_exceeds_the_grid(tiny_adapter):
+    """The case transformers >= 5.3 gets wrong (its text resumes at max(rows, cols)) and 5.17 too
+    (seconds truncated per slice): 6 frames at 0.5 fps = 3 slices of 4 s, temporal ids 0, 8, 16 on a
+    4x6 grid, so t_max = 16 > 5. Our ids must equal an independent writing of Qwen's original rule,
+    and our forward must equal the model's own forward given those ids."""
+    ad = tiny_adapter
+    frames, fps = _frames(6, 112, 168), 0.5
+    q = Question("What happens?", ("a dog runs", "a cat sleeps"))
+    inp = _native_inputs(ad, frames, fps, q.prompt_text())
+    assert float(inp["second_per_grid_ts"][0]) == 4.0
+    ref_pos = _qwen_original_rope_index(
+        inp["input_ids"][0], inp["video_grid_thw"], inp["second_per_grid_ts"], ad.video_token_id,
+        ad.tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        tokens_per_second=ad.tokens_per_second)
+    emb, coords, extent, prompt = _full_inputs(ad, frames, fps, q)
+    assert int(coords[0].max()) == 16 and extent == 16       # time ids exceed the 4x6 grid
+    _, pos = ad._inputs(prompt, emb, coords, extent)
+    assert torch.equal(pos[:, 0].cpu(), ref_pos)
+    n_text_after = len(prompt.suffix_ids)
+    first_after = ref_pos[:, -n_text_after]
+    assert first_after.tolist() == [len(prompt.prefix_ids) + 17] * 3
+    with torch.inference_mode():
+        ref = ad.model(**inp, position_ids=ref_pos[:, None], logits_to_keep=1).logits[0, -1]
+    out = ad.forward(prompt, emb, coords, extent)
+    assert (out.logits - ref).abs().max() < 1e-4
+
+
+def _letters_tokenizer(vocab_chars: str):
+    """A real fast tokenizer (tokenizers' BPE, no byte fallback) that knows only `vocab_chars`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"[UNK]": 0, **{c: i + 1 for i, c in enumerate(vocab_chars)}}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="[UNK]"))
+    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="[UNK]")
+
+
+def test_option_letter_without_a_single_token_is_a_clear_error():
+    import pytest
+
+    from adapttoken.errors import InputError
+    from adapttoken.models._common import option_token_ids
+    tok = _letters_tokenizer("ABDabcd")                     # no 'C': it encodes to [UNK]
+    assert len(tok.encode("C", add_special_tokens=False)) == 1   # a single token, but the wrong one
+    assert option_token_ids(tok, "ABD") == [[1], [2], [3]]
+    with pytest.raises(InputError, match=r"option letter 'C' is not a single token.*fewer options"):
+        option_token_ids(tok, "ABCD")
+
+
+def test_the_adapter_refuses_a_letter_its_tokenizer_cannot_score(tiny_adapter, monkeypatch):
+    """Through build_prompt of the real adapter: no NaN entropy downstream, an InputError here."""
+    import pytest
+
+    from adapttoken.errors import InputError
+    monkeypatch.setattr(tiny_adapter.processor, "tokenizer", _letters_tokenizer("AB"), raising=False)
+    with pytest.raises(InputError, match="option letter 'C'"):
+        tiny_adapter.build_prompt(Question("Which?", ("x", "y", "z")))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import Cancelled, ModelLoadError
+from ..errors import Cancelled, InputError, ModelLoadError
 from ..question import NO_HOOKS, Hooks, Question
 from .base import Adapter, ForwardOut, Generation, Prompt
 from .probe import AttentionProbe, token_scores
@@ -34,11 +34,18 @@ class Sequence:
 
 
 def option_token_ids(tok, letters) -> list[list[int]]:
-    """Per option letter, the single-token ids of 'A' and ' A' (where they are single tokens)."""
+    """Per option letter, the single-token ids of 'A' and ' A' (where they are single tokens that
+    decode back to the letter). A letter with neither cannot be scored (its probability, hence the
+    entropy over the options, would be undefined): InputError naming it."""
     out = []
     for letter in letters:
         ids = {t[0] for v in (letter, " " + letter)
-               if len(t := tok.encode(v, add_special_tokens=False)) == 1}
+               if len(t := tok.encode(v, add_special_tokens=False)) == 1
+               and tok.decode(t).strip() == letter}
+        if not ids:
+            raise InputError(f"option letter {letter!r} is not a single token of this model's tokenizer, "
+                             f"so the answer's probability over the options cannot be read: give fewer "
+                             f"options, or ask without options (an open question)")
         out.append(sorted(ids))
     return out
 
@@ -120,7 +127,7 @@ class FamilyAdapter(Adapter):
                                           {"type": "text", "text": question.prompt_text()}]}],
             add_generation_prompt=True, tokenize=False)
         if text.count(self.video_token) != 1:
-            from ..errors import ModelLoadError
+            from ..errors import InputError, ModelLoadError
             raise ModelLoadError(f"the model's chat template puts {text.count(self.video_token)} "
                                  f"video placeholders ({self.video_token!r}) in a one-video prompt; "
                                  f"expected exactly one: check chat_template in the model folder")

@@ -22,7 +22,7 @@ import torch
 from ..errors import ModelLoadError
 from ..positions import build_position_ids
 from ..question import NO_HOOKS, Hooks, Question
-from ._common import _LayerCancel, generate_from_embeds, resize_exact
+from ._common import _LayerCancel, generate_from_embeds, option_token_ids, resize_exact
 from .base import Adapter, ForwardOut, Generation, Prompt
 from .probe import AttentionProbe, token_scores
 
@@ -217,13 +217,7 @@ class Qwen25VLAdapter(Adapter):
         video_token = getattr(proc, "video_token", "<|video_pad|>")
         pre, suf = text.split(video_token)
         enc = lambda s: torch.tensor(tok.encode(s, add_special_tokens=False), dtype=torch.long)  # noqa: E731
-        opt_ids = None
-        if question.is_multiple_choice:
-            opt_ids = []
-            for letter in question.letters:
-                ids = {t[0] for v in (letter, " " + letter)
-                       if len(t := tok.encode(v, add_special_tokens=False)) == 1}
-                opt_ids.append(sorted(ids))
+        opt_ids = option_token_ids(tok, question.letters) if question.is_multiple_choice else None
         return Prompt(question, enc(pre), enc(suf), opt_ids)
 
     # -- language model ------------------------------------------------------------------------

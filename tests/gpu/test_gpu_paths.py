@@ -1,0 +1,166 @@
+"""The CUDA-only paths, run on a GPU machine (`python tests/gpu/run.py`; skipped without CUDA):
+the compiled vision tower, the fused language-model kernels, the prefix key/value cache on the device
+and in its host tier, and warm vs cold caches. Each is checked against the path it replaces."""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA (run on a GPU machine: python tests/gpu/run.py)", allow_module_level=True)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # tests/: shared builders
+
+import adapttoken as at                                              # noqa: E402
+from adapttoken.demo import demo_config                              # noqa: E402
+from adapttoken.defaults import BUNDLED_MODEL                        # noqa: E402
+
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+# -- compiled vision tower ---------------------------------------------------------------------
+
+def test_compiled_vision_tower_matches_transformers_on_cuda():
+    from test_fast_vision import EXACT, MIXED, RAGGED, _inputs, _reference, _tiny_model
+
+    from adapttoken.models import qwen_vision_fast as qvf
+    model = _tiny_model().to(CUDA)
+    for grid in (EXACT, RAGGED, MIXED):
+        pv, g = _inputs(grid, seed=11)
+        pv, g = pv.to(CUDA), g.to(CUDA)
+        ref = _reference(model, pv, g)
+        out = qvf.fast_video_features(model.model.visual, pv, g)        # CUDA default: compiled
+        assert qvf._COMPILED and not qvf._COMPILED.get("failed"), "the tower did not compile"
+        eager = qvf.fast_video_features(model.model.visual, pv, g, compile=False)
+        scale = ref.abs().max().item()
+        assert (out - ref).abs().max().item() <= 1e-4 * max(1.0, scale)
+        assert (eager - ref).abs().max().item() <= 1e-4 * max(1.0, scale)
+    # bf16: the compiled tower's error against float64 within 1.5x (+0.01) of transformers' own
+    pv, g = _inputs(MIXED, seed=3)
+    ref64 = _reference(model.double(), pv.double().to(CUDA), g.to(CUDA))
+    model.to(torch.bfloat16)
+    out = qvf.fast_video_features(model.model.visual, pv.to(CUDA, torch.bfloat16), g.to(CUDA))
+    hf = _reference(model, pv.to(CUDA, torch.bfloat16), g.to(CUDA))
+    err_fast = (out.double() - ref64).abs().max().item()
+    err_hf = (hf.double() - ref64).abs().max().item()
+    assert err_fast <= 1.5 * err_hf + 0.01, (err_fast, err_hf)
+
+
+# -- fused RMSNorm / SiLU-MLP / rotary kernels -------------------------------------------------
+
+def test_fused_text_kernels_match_eager_on_cuda():
+    from adapttoken.models import fused_text as ft
+    from adapttoken.models.fused_text import FusedText
+    from adapttoken.training.tiny import build_tiny_model
+    model, _ = build_tiny_model(seed=3, layers=3, vision_depth=1)
+    model = model.eval().requires_grad_(False).to(CUDA)
+    lm = model.model.language_model
+    D = model.config.text_config.hidden_size
+    n = max(64, 2 ** 21 // D)                      # above the eager cut-off for short inputs
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, n, D, generator=g).to(CUDA)
+    pos = torch.arange(n, device=CUDA).expand(3, 1, n)
+    f = FusedText(lm).install()                    # enabled=None: fused on CUDA
+    try:
+        def logits():
+            with torch.inference_mode():
+                return model(inputs_embeds=x, position_ids=pos, use_cache=False).logits
+        f.enabled = False
+        ref = logits()
+        f.enabled = None
+        out = logits()
+        assert not ft._STATE.get("failed"), "the fused kernels did not compile"
+        assert (out - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
+        assert not torch.equal(out, ref) or n * D >= 2 ** 20    # the fused path really ran
+    finally:
+        f.uninstall()
+
+
+# -- the bundled model end to end on the GPU: prefix KV, host tier, warm vs cold -----------------
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    from adapttoken.training import synthetic as syn
+    path = tmp_path_factory.mktemp("gpu") / "needle_512.mp4"
+    s = syn.make_sample(path, 512, seed=3, kind="what", form="mc", attribute="colour")
+    q = s.questions[0]
+    return str(path), at.Question(q.text, tuple(q.options)), q.answer
+
+
+def _model():
+    return at.load_model(BUNDLED_MODEL, device="cuda")
+
+
+def _same(a, b):
+    assert a.kept_tokens == b.kept_tokens
+    assert [g.entropy for g in a.groups] == [g.entropy for g in b.groups]      # bit-identical
+    assert a.answer == b.answer and a.option_probs == b.option_probs
+
+
+def _prefix_store(model):
+    (feats,) = model._features.values()
+    return feats.prefix_kv
+
+
+def test_prefix_kv_on_the_gpu_warm_and_cold_give_the_same_result(sample):
+    path, q, _ = sample
+    cfg = demo_config(512)
+    model = _model()
+    cold = at.ask(model, path, q, config=cfg, fresh_features=True)
+    kv = _prefix_store(model)
+    assert kv.stored >= len(cold.groups) and kv.bytes > 0
+    first_key = next(iter(kv._store))
+    assert kv._store[first_key][0][0].device.type == "cuda"
+    warm = at.ask(model, path, q, config=cfg)
+    assert kv.hits >= len(cold.groups) and warm.encoded_slices == 0 and warm.decoded_frames == 0
+    _same(cold, warm)
+    cold2 = at.ask(_model(), path, q, config=cfg, fresh_features=True)
+    _same(cold, cold2)
+
+
+def test_host_tier_second_question_equals_a_fresh_pass(sample):
+    path, q, _ = sample
+    cfg = demo_config(512)
+    cfg.prefix_host_bytes = 2 ** 30
+    model = _model()
+    video = at.open_video(path, num_frames=cfg.num_frames, max_pixels=cfg.max_pixels,
+                          min_pixels=cfg.min_pixels, frames_per_slice=model.adapter.frames_per_slice)
+    feats = model.features_for(video)
+    feats.configure(prefix_host_bytes=cfg.prefix_host_bytes)
+    feats.prefix_kv.fraction = 0.0                  # the device tier is full: all to the host
+    first = at.ask(model, path, q, config=cfg)
+    kv = feats.prefix_kv
+    assert kv.host_stored >= len(first.groups) and kv.bytes == 0 and kv.host_used > 0
+    second = at.ask(model, path, q, config=cfg)
+    assert kv.hits >= len(first.groups)
+    _same(first, second)
+    fresh = at.ask(_model(), path, q, config=demo_config(512), fresh_features=True)
+    _same(first, fresh)
+
+
+def test_warm_and_cold_feature_cache_on_the_gpu(sample):
+    path, q, _ = sample
+    cfg = demo_config(512)
+    model = _model()
+    cold = at.ask(model, path, q, config=cfg, fresh_features=True)
+    (feats,) = model._features.values()
+    assert str(feats.storage_device).startswith("cuda")
+    assert cold.encoded_slices == cold.num_slices
+    other = at.Question("Which colour was it?", q.options)
+    warm = at.ask(model, path, other, config=cfg)        # new question: features re-used
+    assert warm.encoded_slices == 0 and warm.decoded_frames == 0
+    again = at.ask(model, path, q, config=cfg)
+    _same(cold, again)
+    assert all(math.isfinite(g.entropy) for g in cold.groups)
