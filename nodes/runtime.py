@@ -197,6 +197,7 @@ def load(name: str, dtype: str = "auto", attention: str = "sdpa", keep_loaded: b
         m = ref()
         if unpatch_all and m is not None:
             m.clear_cache()
+            log.info("AdaptToken: %s unloaded; its video features were dropped", m.name)
 
     patcher.add_callback(CallbacksMP.ON_DETACH, drop_features)
     return model
