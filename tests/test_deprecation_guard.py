@@ -145,19 +145,35 @@ EXPECTED = {
 }
 
 
+# a test module whose import goes through our code: its collection fails
+IMPORT_PROBE = """
+from test_probe import OURS
+
+OURS["old_api"]()
+
+def test_never_runs():
+    pass
+"""
+
+
 def test_guard_fails_our_deprecations_only(tmp_path):
     lib = str(tmp_path / "thirdparty" / "deprecation.py")
     (tmp_path / "conftest.py").write_text(CONFTEST)
     (tmp_path / "test_probe.py").write_text(
         textwrap.dedent(PROBE).format(root=str(ROOT), lib=lib))
+    (tmp_path / "test_probe_import.py").write_text(IMPORT_PROBE)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_ADDOPTS", "PYTHONWARNINGS")}
     run = subprocess.run([sys.executable, "-m", "pytest", "-rA", "-p", "no:cacheprovider",
-                          "test_probe.py"], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=300)
+                          "--continue-on-collection-errors",
+                          "test_probe.py", "test_probe_import.py"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
     out = run.stdout + run.stderr
     got = dict((name, outcome) for outcome, name in
                re.findall(r"^(PASSED|FAILED|ERROR) test_probe\.py::(\w+)", out, re.M))
     assert got == EXPECTED, out
+    assert re.search(r"^ERROR test_probe_import\.py\b", out, re.M), out
+    assert "test_never_runs" not in out, out
+    assert "during the collection of test_probe_import.py" in out, out
     # the report names the place in our code, and the attribution that hid it
     assert re.search(r"through adapttoken/_guard_probe\.py:\d+ in old_api "
                      r"\(attributed to .*thirdparty/deprecation\.py:\d+\)", out), out
