@@ -11,6 +11,22 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def load_deprecation_guard():
+    """tests/deprecation_guard.py, loaded by its path (independent of sys.path and import mode)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).with_name("deprecation_guard.py")
+    spec = importlib.util.spec_from_file_location("adapttoken_tests_deprecation_guard", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def pytest_configure(config):
+    # FutureWarning/DeprecationWarning raised through adapttoken/ or nodes/ fail the test
+    config.pluginmanager.register(load_deprecation_guard(), "adapttoken-deprecation-guard")
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """(model, processor) of a 4-layer random tiny Qwen2.5-VL (sdpa)."""

@@ -129,6 +129,8 @@ class LLMCounter:
         self._h = None
 
     def __enter__(self):
+        from ..models.compat import passed_cache
+
         def hook(module, args, kwargs):
             x = kwargs.get("inputs_embeds")
             if x is None:
@@ -136,7 +138,7 @@ class LLMCounter:
             if x is None:
                 x = next((a for a in args if isinstance(a, torch.Tensor) and a.dim() >= 2), None)
             n = int(x.shape[1]) if x is not None else 0
-            past = kwargs.get("past_key_values")
+            past = passed_cache(kwargs)
             p = int(past.get_seq_length()) if past is not None else 0
             self.calls.append((n, p, self.phase == "answer"))
         self._h = self.text.register_forward_pre_hook(hook, with_kwargs=True)

@@ -261,6 +261,8 @@ class Qwen25VLAdapter(Adapter):
         from contextlib import nullcontext
 
         from transformers import DynamicCache
+
+        from .compat import cache_kwargs
         x, pos = self._inputs(prompt, embeds, coords, extent)
         n_pre, n_vis = len(prompt.prefix_ids), embeds.shape[0]
         n0 = n_pre + n_vis                       # rows whose keys/values ignore the question
@@ -274,8 +276,8 @@ class Qwen25VLAdapter(Adapter):
         probe_ctx = (AttentionProbe(layers[probe_layer].self_attn) if probe_layer is not None
                      else nullcontext())
         with _LayerCancel(layers, hooks), probe_ctx as probe:
-            logits = self.model(inputs_embeds=x, position_ids=pos, past_key_values=cache,
-                                use_cache=True, logits_to_keep=1).logits[0, -1]
+            logits = self.model(inputs_embeds=x, position_ids=pos, use_cache=True, logits_to_keep=1,
+                                **cache_kwargs(self.model, cache)).logits[0, -1]
         if kv is None:
             kept = [tuple(t[:, :, :n0] for t in _layer_kv(cache, i)) for i in range(len(layers))]
             nbytes = sum(2 * k.numel() * k.element_size() for k, _ in kept)
