@@ -77,47 +77,144 @@ def split_budget(rel, capacity, budget: int, floor: int = 0) -> list[int]:
     return out.tolist()
 
 
-def remove_redundancy(ranked: list[torch.Tensor], budgets: list[int], features,
-                      threshold: float, max_rounds: int = 256) -> tuple[list[torch.Tensor], int]:
-    """Location-aware redundancy removal with backfill (see module doc).
+def _unit_embeddings(features, gids: torch.Tensor) -> torch.Tensor:
+    """L2-normalised visual embeddings of `gids` (float32, on the features' device)."""
+    emb, _ = features.tokens(gids)
+    dim = getattr(getattr(features, "adapter", None), "main_dim", None)  # Qwen3-VL: no deepstack
+    return torch.nn.functional.normalize(emb[:, :dim].float(), dim=-1)
 
-    ranked[g]: the group's token ids by descending score; budgets[g]: how many it keeps.
-    Returns the kept ids per group and the number of tokens dropped as redundant."""
+
+def _scan_redundant(gids: torch.Tensor, fresh: torch.Tensor, features, threshold: float) -> torch.Tensor:
+    """One pass of the redundancy rule over a set of tokens: at each location, in temporal order,
+    a token is redundant when its cosine similarity with the most recent non-redundant token at
+    that location is > threshold. Returns a bool mask over `gids`.
+
+    Every token that is not `fresh` must already be non-redundant with respect to the others
+    (the set kept by the previous pass): the scan of a location then starts at the last such token
+    before its first fresh one, and locations without fresh tokens are skipped. The loop runs over
+    positions within a location (at most the number of tokens at the busiest location), each step
+    vectorised over the locations still active."""
+    dev = gids.device
+    red = torch.zeros(len(gids), dtype=torch.bool, device=dev)
+    if len(gids) < 2 or not bool(fresh.any()):
+        return red
     tps = features.tokens_per_slice
-    kept = [r[:b].clone() for r, b in zip(ranked, budgets)]
-    ptr = list(budgets)
-    dropped_total = 0
-    for _ in range(max_rounds):
-        owner = torch.cat([torch.full((len(k),), g, dtype=torch.long) for g, k in enumerate(kept)])
-        gids = torch.cat(kept)
-        if gids.numel() < 2:
-            break
-        loc, sl = gids % tps, gids // tps
-        order = torch.argsort(loc * (features.num_slices + 1) + sl)
-        gids, owner, loc = gids[order], owner[order], loc[order]
-        emb, _ = features.tokens(gids)
-        dim = getattr(getattr(features, "adapter", None), "main_dim", None)  # Qwen3-VL: no deepstack
-        emb = torch.nn.functional.normalize(emb[:, :dim].float(), dim=-1)
-        cos = (emb[1:] * emb[:-1]).sum(-1).cpu()
-        raw = torch.zeros(len(gids), dtype=torch.bool)
-        raw[1:] = (loc[1:] == loc[:-1]) & (cos > threshold)
-        # only drop where the predecessor is itself kept; chains resolve over the next rounds
-        red = raw.clone()
-        red[1:] &= ~raw[:-1]
-        if not red.any():
-            break
-        dropped_total += int(red.sum())
-        drop = set(gids[red].tolist())
-        per_group = torch.bincount(owner[red], minlength=len(kept)).tolist()
-        for g, d in enumerate(per_group):
-            if d == 0:
-                continue
-            k = kept[g]
-            k = k[~torch.isin(k, torch.tensor(sorted(drop), dtype=torch.long))]
-            fresh = ranked[g][ptr[g]:ptr[g] + d]
-            ptr[g] += len(fresh)
-            kept[g] = torch.cat([k, fresh])
-    return kept, dropped_total
+    loc, sl = gids % tps, gids // tps
+    order = torch.argsort(loc * (int(sl.max()) + 1) + sl)
+    loc_o, fresh_o = loc[order], fresh[order]
+    n = len(order)
+    start = torch.ones(n, dtype=torch.bool, device=dev)
+    start[1:] = loc_o[1:] != loc_o[:-1]
+    chain = torch.cumsum(start.long(), 0) - 1
+    n_chains = int(chain[-1]) + 1
+    first = torch.nonzero(start).squeeze(1)                       # chain c starts at first[c]
+    pos = torch.arange(n, device=dev) - first[chain]
+    # the first fresh position of each chain (n_chains: none): the scan starts one before it
+    none = torch.full((n_chains,), n + 1, dtype=torch.long, device=dev)
+    ff = none.scatter_reduce(0, chain[fresh_o], pos[fresh_o], reduce="amin")
+    begin = (ff - 1).clamp(min=0)                                 # no fresh token: begin = n
+    use = pos >= begin[chain]
+    order, chain, pos = order[use], chain[use], pos[use] - begin[chain[use]]
+    length = torch.bincount(chain, minlength=n_chains)
+    live = length > 1                                             # chains with something to judge
+    if not bool(live.any()):
+        return red
+    # chains sorted by length, longest first: step k touches the first active[k] rows only
+    by_len = torch.argsort(length, descending=True, stable=True)
+    row_of = torch.empty_like(by_len)
+    row_of[by_len] = torch.arange(n_chains, device=dev)
+    lengths = length[by_len].tolist()
+    rows = sum(1 for x in lengths if x > 1)
+    top = lengths[0]
+    slot = torch.full((rows, top), -1, dtype=torch.long, device=dev)
+    keep_rows = row_of[chain] < rows
+    slot[row_of[chain][keep_rows], pos[keep_rows]] = order[keep_rows]
+    active = np.searchsorted(-np.asarray(lengths[:rows]), -np.arange(top), side="left").tolist()
+    need = slot[slot >= 0]
+    unit = _unit_embeddings(features, gids[need])
+    where = torch.full((len(gids),), -1, dtype=torch.long, device=dev)
+    where[need] = torch.arange(len(need), device=dev)
+    unit_slot = where[slot.clamp(min=0)].to(unit.device)          # rows of `unit`, -1 padding unused
+    last = unit_slot[:, 0].clone()
+    red_u = torch.zeros(len(need), dtype=torch.bool, device=unit.device)
+    for k in range(1, top):
+        m = active[k]                                             # chains longer than k
+        cand, prev = unit_slot[:m, k], last[:m]
+        r = (unit[cand] * unit[prev]).sum(-1) > threshold
+        red_u[cand] = r
+        last[:m] = torch.where(r, prev, cand)
+    red[need] = red_u.to(dev)
+    return red
+
+
+def remove_redundancy(ranked: list[torch.Tensor], budgets: list[int], features,
+                      threshold: float, relevance=None) -> tuple[list[torch.Tensor], int]:
+    """Location-aware redundancy removal with backfill and budget flow.
+
+    ranked[g]: group g's token ids by descending score; budgets[g]: how many it keeps;
+    relevance[g]: its relevance (None: equal), which steers budget that flows between groups.
+    Returns the kept ids per group (in rank order) and the number of tokens dropped as redundant.
+
+    The rule, applied in rounds until nothing changes:
+    1. candidates: every kept token so far plus the fresh ones (round 0: each group's top
+       budgets[g] tokens);
+    2. at each (row, col), in temporal order over all groups' candidates, a candidate is dropped
+       when the most recent kept candidate at that location has cosine similarity > threshold
+       (kept tokens are judged again: a fresh token can make a later kept token redundant);
+       a dropped token never comes back;
+    3. backfill: a group with fewer kept tokens than its budget takes that many of its next-ranked
+       tokens as fresh candidates;
+    4. flow: budget a group cannot use because its ranked tokens ran out moves to the groups that
+       still have tokens beyond their own deficit, in proportion to their relevance (split_budget:
+       capped at what each can take, overflow passed on, evenly when none of them is relevant);
+       their extra share is taken as fresh candidates in the same round.
+    It stops when no group takes a fresh token: then every group has kept its budget or used all
+    of its ranked tokens, so the total budget is spent whenever tokens are left to spend. Each round
+    takes at least one fresh token, so the rounds are bounded by the number of ranked tokens."""
+    G = len(ranked)
+    if G == 0:
+        return [], 0
+    dev = ranked[0].device
+    lens = np.array([len(r) for r in ranked], dtype=np.int64)
+    budget = np.minimum(np.asarray(budgets, dtype=np.int64), lens)
+    rel = np.ones(G) if relevance is None else np.asarray(relevance, dtype=np.float64)
+    flat = torch.cat([r.to(dev) for r in ranked]) if G > 1 else ranked[0]
+    offs = np.concatenate([[0], np.cumsum(lens)])
+    ptr = np.zeros(G, dtype=np.int64)
+    take = budget.copy()
+    cur = torch.zeros(0, dtype=torch.long, device=dev)            # flat indices of kept tokens
+    dropped = 0
+    while take.sum() > 0:
+        new = torch.cat([torch.arange(offs[g] + ptr[g], offs[g] + ptr[g] + take[g], device=dev)
+                         for g in range(G) if take[g] > 0])
+        ptr += take
+        locs = torch.unique(flat[new] % features.tokens_per_slice)
+        near = cur[torch.isin(flat[cur] % features.tokens_per_slice, locs)]
+        cand = torch.cat([near, new])
+        fresh = torch.zeros(len(cand), dtype=torch.bool, device=dev)
+        fresh[len(near):] = True
+        red = _scan_redundant(flat[cand], fresh, features, threshold)
+        dropped += int(red.sum())
+        gone = cand[red]
+        cur = torch.cat([cur[~torch.isin(cur, gone)], new[~red[len(near):]]])
+        owner = torch.searchsorted(torch.as_tensor(offs[1:], device=dev), cur, right=True)
+        have = torch.bincount(owner, minlength=G).cpu().numpy()
+        deficit = budget - have
+        avail = lens - ptr
+        take = np.minimum(deficit, avail)
+        unused = deficit - take                                   # > 0 only where tokens ran out
+        if unused.sum() > 0:
+            budget -= unused
+            spare = avail - take
+            if spare.sum() > 0:
+                extra = np.asarray(split_budget(rel, spare, int(unused.sum())), dtype=np.int64)
+                budget += extra
+                take += extra
+    cur = torch.sort(cur).values
+    owner = torch.searchsorted(torch.as_tensor(offs[1:], device=dev), cur, right=True)
+    counts = torch.bincount(owner, minlength=G).tolist()
+    kept = [flat[c] for c in torch.split(cur, counts)]
+    return kept, dropped
 
 
 @dataclass
@@ -193,7 +290,7 @@ def allocate(scored, budget: int = 7040, relevance_mode: str = "linear", tau: fl
     caps = [len(o) for o in order]
     budgets = split_budget(rel, caps, int(budget), floor)
     if redundancy_threshold is not None:
-        kept, n_red = remove_redundancy(order, budgets, features, float(redundancy_threshold))
+        kept, n_red = remove_redundancy(order, budgets, features, float(redundancy_threshold), rel)
     else:
         kept, n_red = [o[:b] for o, b in zip(order, budgets)], 0
     reports = []
