@@ -7,7 +7,9 @@ top tokens by attention score, and drop tokens that repeat the same place in the
   the overflow redistributed (water-filling), rounded by largest remainder so sum(B_g) = B;
 - location-aware redundancy removal: a kept token is redundant when the most recent kept token at
   the same (row, col) in an earlier slice has cosine similarity > theta in the visual embedding;
-  it is dropped and its group backfills with its next-ranked token.
+  it is dropped and its group backfills with its next-ranked tokens, which the same rule checks;
+  budget a group cannot use (its ranked tokens ran out) flows to the other groups in proportion to
+  their relevance, so the budget is spent while any group has tokens left (remove_redundancy).
 """
 from __future__ import annotations
 
@@ -219,7 +221,10 @@ def remove_redundancy(ranked: list[torch.Tensor], budgets: list[int], features,
 
 @dataclass
 class GroupReport:
-    """Per group: which frames it saw, its entropy, relevance, budget and kept count."""
+    """Per group: which frames it saw, its entropy, relevance, budget and kept count.
+
+    budget is the group's share from split_budget; with redundancy removal, kept can be lower (its
+    ranked tokens ran out) or higher (it received budget other groups could not use)."""
     group: int
     frame_indices: list[int]
     timestamps: list[float]
