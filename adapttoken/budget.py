@@ -86,21 +86,23 @@ def _unit_embeddings(features, gids: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(emb[:, :dim].float(), dim=-1)
 
 
-def _scan_redundant(gids: torch.Tensor, fresh: torch.Tensor, features, threshold: float) -> torch.Tensor:
+def _scan_redundant(gids: torch.Tensor, fresh: torch.Tensor, rows: torch.Tensor, unit: torch.Tensor,
+                    tps: int, threshold: float) -> torch.Tensor:
     """One pass of the redundancy rule over a set of tokens: at each location, in temporal order,
     a token is redundant when its cosine similarity with the most recent non-redundant token at
-    that location is > threshold. Returns a bool mask over `gids`.
+    that location is > threshold. unit[rows[i]] is token i's unit embedding. Returns a bool mask
+    over `gids`.
 
-    Every token that is not `fresh` must already be non-redundant with respect to the others
-    (the set kept by the previous pass): the scan of a location then starts at the last such token
-    before its first fresh one, and locations without fresh tokens are skipped. The loop runs over
+    The tokens that are not `fresh` must be the set kept by the previous pass (each one already
+    passed the rule against the one before it). So a location without fresh tokens is skipped, its
+    scan starts at the last kept token before its first fresh one, and a kept token whose most
+    recent kept token is still the one before it is not compared again. The loop runs over
     positions within a location (at most the number of tokens at the busiest location), each step
     vectorised over the locations still active."""
     dev = gids.device
     red = torch.zeros(len(gids), dtype=torch.bool, device=dev)
     if len(gids) < 2 or not bool(fresh.any()):
         return red
-    tps = features.tokens_per_slice
     loc, sl = gids % tps, gids // tps
     order = torch.argsort(loc * (int(sl.max()) + 1) + sl)
     loc_o, fresh_o = loc[order], fresh[order]
@@ -111,41 +113,52 @@ def _scan_redundant(gids: torch.Tensor, fresh: torch.Tensor, features, threshold
     n_chains = int(chain[-1]) + 1
     first = torch.nonzero(start).squeeze(1)                       # chain c starts at first[c]
     pos = torch.arange(n, device=dev) - first[chain]
-    # the first fresh position of each chain (n_chains: none): the scan starts one before it
+    # the first fresh position of each chain (none: n + 1); the scan starts one before it
     none = torch.full((n_chains,), n + 1, dtype=torch.long, device=dev)
     ff = none.scatter_reduce(0, chain[fresh_o], pos[fresh_o], reduce="amin")
-    begin = (ff - 1).clamp(min=0)                                 # no fresh token: begin = n
+    begin = (ff - 1).clamp(min=0)
     use = pos >= begin[chain]
     order, chain, pos = order[use], chain[use], pos[use] - begin[chain[use]]
     length = torch.bincount(chain, minlength=n_chains)
-    live = length > 1                                             # chains with something to judge
-    if not bool(live.any()):
-        return red
     # chains sorted by length, longest first: step k touches the first active[k] rows only
     by_len = torch.argsort(length, descending=True, stable=True)
     row_of = torch.empty_like(by_len)
     row_of[by_len] = torch.arange(n_chains, device=dev)
     lengths = length[by_len].tolist()
-    rows = sum(1 for x in lengths if x > 1)
+    n_rows = sum(1 for x in lengths if x > 1)                     # chains with something to judge
+    if n_rows == 0:
+        return red
     top = lengths[0]
-    slot = torch.full((rows, top), -1, dtype=torch.long, device=dev)
-    keep_rows = row_of[chain] < rows
-    slot[row_of[chain][keep_rows], pos[keep_rows]] = order[keep_rows]
-    active = np.searchsorted(-np.asarray(lengths[:rows]), -np.arange(top), side="left").tolist()
-    need = slot[slot >= 0]
-    unit = _unit_embeddings(features, gids[need])
-    where = torch.full((len(gids),), -1, dtype=torch.long, device=dev)
-    where[need] = torch.arange(len(need), device=dev)
-    unit_slot = where[slot.clamp(min=0)].to(unit.device)          # rows of `unit`, -1 padding unused
-    last = unit_slot[:, 0].clone()
-    red_u = torch.zeros(len(need), dtype=torch.bool, device=unit.device)
+    r_of = row_of[chain]
+    sel = r_of < n_rows
+    slot = torch.full((n_rows, top), -1, dtype=torch.long, device=dev)
+    slot[r_of[sel], pos[sel]] = order[sel]
+    active = np.searchsorted(-np.asarray(lengths[:n_rows]), -np.arange(top), side="left").tolist()
+    filled = slot >= 0
+    urow = torch.where(filled, rows[slot.clamp(min=0)], -1)      # rows of `unit`
+    old = filled & ~fresh[slot.clamp(min=0)]
+    # the unit row of the closest earlier token that is not fresh (-2: none)
+    k_idx = torch.arange(top, device=dev).expand(n_rows, top)
+    last_old = torch.cummax(torch.where(old, k_idx, -1), dim=1).values
+    prev_old = torch.full_like(urow, -2)
+    prev_old[:, 1:] = torch.where(last_old[:, :-1] >= 0,
+                                  urow.gather(1, last_old[:, :-1].clamp(min=0)), -2)
+    known = old & (prev_old >= 0)                                 # candidates for "already passed"
+    hit = torch.zeros((n_rows, top), dtype=torch.bool, device=dev)
+    last = urow[:, 0].clone()
     for k in range(1, top):
         m = active[k]                                             # chains longer than k
-        cand, prev = unit_slot[:m, k], last[:m]
-        r = (unit[cand] * unit[prev]).sum(-1) > threshold
-        red_u[cand] = r
-        last[:m] = torch.where(r, prev, cand)
-    red[need] = red_u.to(dev)
+        cand, prev = urow[:m, k], last[:m]
+        check = torch.nonzero(~(known[:m, k] & (prev == prev_old[:m, k]))).squeeze(1)
+        if len(check):
+            c, p = cand[check], prev[check]
+            r = torch.zeros(m, dtype=torch.bool, device=dev)
+            r[check] = (unit[c] * unit[p]).sum(-1) > threshold
+            hit[:m, k] = r
+            last[:m] = torch.where(r, prev, cand)
+        else:
+            last[:m] = cand
+    red[slot[hit]] = True
     return red
 
 
@@ -172,30 +185,50 @@ def remove_redundancy(ranked: list[torch.Tensor], budgets: list[int], features,
        their extra share is taken as fresh candidates in the same round.
     It stops when no group takes a fresh token: then every group has kept its budget or used all
     of its ranked tokens, so the total budget is spent whenever tokens are left to spend. Each round
-    takes at least one fresh token, so the rounds are bounded by the number of ranked tokens."""
+    takes at least one fresh token, so the rounds are bounded by the number of ranked tokens.
+    Every token's embedding is read once, when it becomes a candidate."""
     G = len(ranked)
     if G == 0:
         return [], 0
-    dev = ranked[0].device
+    out_dev = ranked[0].device
+    tps = features.tokens_per_slice
     lens = np.array([len(r) for r in ranked], dtype=np.int64)
     budget = np.minimum(np.asarray(budgets, dtype=np.int64), lens)
     rel = np.ones(G) if relevance is None else np.asarray(relevance, dtype=np.float64)
-    flat = torch.cat([r.to(dev) for r in ranked]) if G > 1 else ranked[0]
+    flat = torch.cat([r.reshape(-1).long().to(out_dev) for r in ranked])
     offs = np.concatenate([[0], np.cumsum(lens)])
     ptr = np.zeros(G, dtype=np.int64)
     take = budget.copy()
+    dev = out_dev
     cur = torch.zeros(0, dtype=torch.long, device=dev)            # flat indices of kept tokens
+    pool, size, row_of = None, 0, None                            # unit embeddings of candidates
     dropped = 0
     while take.sum() > 0:
         new = torch.cat([torch.arange(offs[g] + ptr[g], offs[g] + ptr[g] + take[g], device=dev)
                          for g in range(G) if take[g] > 0])
         ptr += take
-        locs = torch.unique(flat[new] % features.tokens_per_slice)
-        near = cur[torch.isin(flat[cur] % features.tokens_per_slice, locs)]
+        u = _unit_embeddings(features, flat[new])
+        if pool is None:                                          # book-keeping where the features are
+            dev = u.device
+            flat, new, cur = flat.to(dev), new.to(dev), cur.to(dev)
+            row_of = torch.full((len(flat),), -1, dtype=torch.long, device=dev)
+            pool = u.new_empty((2 * len(new), u.shape[1]))
+        if size + len(new) > len(pool):                           # full: keep the live rows only
+            grown = u.new_empty((2 * (len(cur) + len(new)), u.shape[1]))
+            grown[:len(cur)] = pool[row_of[cur]]
+            row_of.fill_(-1)
+            row_of[cur] = torch.arange(len(cur), device=dev)
+            pool, size = grown, len(cur)
+        pool[size:size + len(new)] = u
+        row_of[new] = torch.arange(size, size + len(new), device=dev)
+        size += len(new)
+        del u
+        locs = torch.unique(flat[new] % tps)
+        near = cur[torch.isin(flat[cur] % tps, locs)]
         cand = torch.cat([near, new])
         fresh = torch.zeros(len(cand), dtype=torch.bool, device=dev)
         fresh[len(near):] = True
-        red = _scan_redundant(flat[cand], fresh, features, threshold)
+        red = _scan_redundant(flat[cand], fresh, row_of[cand], pool, tps, threshold)
         dropped += int(red.sum())
         gone = cand[red]
         cur = torch.cat([cur[~torch.isin(cur, gone)], new[~red[len(near):]]])
@@ -215,7 +248,7 @@ def remove_redundancy(ranked: list[torch.Tensor], budgets: list[int], features,
     cur = torch.sort(cur).values
     owner = torch.searchsorted(torch.as_tensor(offs[1:], device=dev), cur, right=True)
     counts = torch.bincount(owner, minlength=G).tolist()
-    kept = [flat[c] for c in torch.split(cur, counts)]
+    kept = [flat[c].to(out_dev) for c in torch.split(cur, counts)]
     return kept, dropped
 
 
