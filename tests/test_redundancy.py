@@ -1,6 +1,7 @@
 """Redundancy removal and budget flow against a plain reference written with Python loops."""
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import numpy as np
@@ -180,13 +181,15 @@ def test_threshold_edges_are_strict():
     assert sorted(kept[0].tolist()) == [0] and d == 7
     for theta in (1.0, 0.0, -1.0):
         k, d = remove_redundancy(ranked, [8], f, theta)
-        assert [x.tolist() for x in k], d == reference(ranked, [8], emb, tps, theta)
+        assert ([x.tolist() for x in k], d) == reference(ranked, [8], emb, tps, theta)
 
 
 def test_chain_is_judged_against_the_last_kept_token():
     # A, B ~ A, C far from B but close to A, D far from A but close to C: a scan over time keeps
     # A and D (B and C repeat A; D does not repeat A, the last kept one)
-    e = torch.tensor([[1.0, 0.0, 0.0], [0.95, 0.31, 0.0], [0.95, -0.31, 0.0], [0.7, -0.7, 0.1]])
+    # at 0, +20, -20 and -40 degrees: cos 20 deg = 0.94 > 0.9, cos 40 deg = 0.77
+    ang = torch.tensor([0.0, 20.0, -20.0, -40.0]) * math.pi / 180
+    e = torch.stack([torch.cos(ang), torch.sin(ang)], 1)
     f = _Feats(e, 1)
     kept, d = remove_redundancy([torch.arange(4)], [4], f, 0.9)
     assert sorted(kept[0].tolist()) == [0, 3] and d == 2
