@@ -7,7 +7,9 @@ top tokens by attention score, and drop tokens that repeat the same place in the
   the overflow redistributed (water-filling), rounded by largest remainder so sum(B_g) = B;
 - location-aware redundancy removal: a kept token is redundant when the most recent kept token at
   the same (row, col) in an earlier slice has cosine similarity > theta in the visual embedding;
-  it is dropped and its group backfills with its next-ranked token.
+  it is dropped and its group backfills with its next-ranked tokens, which the same rule checks;
+  budget a group cannot use (its ranked tokens ran out) flows to the other groups in proportion to
+  their relevance, so the budget is spent while any group has tokens left (remove_redundancy).
 """
 from __future__ import annotations
 
@@ -77,52 +79,185 @@ def split_budget(rel, capacity, budget: int, floor: int = 0) -> list[int]:
     return out.tolist()
 
 
-def remove_redundancy(ranked: list[torch.Tensor], budgets: list[int], features,
-                      threshold: float, max_rounds: int = 256) -> tuple[list[torch.Tensor], int]:
-    """Location-aware redundancy removal with backfill (see module doc).
+def _unit_embeddings(features, gids: torch.Tensor) -> torch.Tensor:
+    """L2-normalised visual embeddings of `gids` (float32, on the features' device)."""
+    emb, _ = features.tokens(gids)
+    dim = getattr(getattr(features, "adapter", None), "main_dim", None)  # Qwen3-VL: no deepstack
+    return torch.nn.functional.normalize(emb[:, :dim].float(), dim=-1)
 
-    ranked[g]: the group's token ids by descending score; budgets[g]: how many it keeps.
-    Returns the kept ids per group and the number of tokens dropped as redundant."""
+
+def _scan_redundant(gids: torch.Tensor, fresh: torch.Tensor, rows: torch.Tensor, unit: torch.Tensor,
+                    tps: int, threshold: float) -> torch.Tensor:
+    """One pass of the redundancy rule over a set of tokens: at each location, in temporal order,
+    a token is redundant when its cosine similarity with the most recent non-redundant token at
+    that location is > threshold. unit[rows[i]] is token i's unit embedding. Returns a bool mask
+    over `gids`.
+
+    The tokens that are not `fresh` must be the set kept by the previous pass (each one already
+    passed the rule against the one before it). So a location without fresh tokens is skipped, its
+    scan starts at the last kept token before its first fresh one, and a kept token whose most
+    recent kept token is still the one before it is not compared again. The loop runs over
+    positions within a location (at most the number of tokens at the busiest location), each step
+    vectorised over the locations still active."""
+    dev = gids.device
+    red = torch.zeros(len(gids), dtype=torch.bool, device=dev)
+    if len(gids) < 2 or not bool(fresh.any()):
+        return red
+    loc, sl = gids % tps, gids // tps
+    order = torch.argsort(loc * (int(sl.max()) + 1) + sl)
+    loc_o, fresh_o = loc[order], fresh[order]
+    n = len(order)
+    start = torch.ones(n, dtype=torch.bool, device=dev)
+    start[1:] = loc_o[1:] != loc_o[:-1]
+    chain = torch.cumsum(start.long(), 0) - 1
+    n_chains = int(chain[-1]) + 1
+    first = torch.nonzero(start).squeeze(1)                       # chain c starts at first[c]
+    pos = torch.arange(n, device=dev) - first[chain]
+    # the first fresh position of each chain (none: n + 1); the scan starts one before it
+    none = torch.full((n_chains,), n + 1, dtype=torch.long, device=dev)
+    ff = none.scatter_reduce(0, chain[fresh_o], pos[fresh_o], reduce="amin")
+    begin = (ff - 1).clamp(min=0)
+    use = pos >= begin[chain]
+    order, chain, pos = order[use], chain[use], pos[use] - begin[chain[use]]
+    length = torch.bincount(chain, minlength=n_chains)
+    # chains sorted by length, longest first: step k touches the first active[k] rows only
+    by_len = torch.argsort(length, descending=True, stable=True)
+    row_of = torch.empty_like(by_len)
+    row_of[by_len] = torch.arange(n_chains, device=dev)
+    lengths = length[by_len].tolist()
+    n_rows = sum(1 for x in lengths if x > 1)                     # chains with something to judge
+    if n_rows == 0:
+        return red
+    top = lengths[0]
+    r_of = row_of[chain]
+    sel = r_of < n_rows
+    slot = torch.full((n_rows, top), -1, dtype=torch.long, device=dev)
+    slot[r_of[sel], pos[sel]] = order[sel]
+    active = np.searchsorted(-np.asarray(lengths[:n_rows]), -np.arange(top), side="left").tolist()
+    filled = slot >= 0
+    urow = torch.where(filled, rows[slot.clamp(min=0)], -1)      # rows of `unit`
+    old = filled & ~fresh[slot.clamp(min=0)]
+    # the unit row of the closest earlier token that is not fresh (-2: none)
+    k_idx = torch.arange(top, device=dev).expand(n_rows, top)
+    last_old = torch.cummax(torch.where(old, k_idx, -1), dim=1).values
+    prev_old = torch.full_like(urow, -2)
+    prev_old[:, 1:] = torch.where(last_old[:, :-1] >= 0,
+                                  urow.gather(1, last_old[:, :-1].clamp(min=0)), -2)
+    known = old & (prev_old >= 0)                                 # candidates for "already passed"
+    hit = torch.zeros((n_rows, top), dtype=torch.bool, device=dev)
+    last = urow[:, 0].clone()
+    for k in range(1, top):
+        m = active[k]                                             # chains longer than k
+        cand, prev = urow[:m, k], last[:m]
+        check = torch.nonzero(~(known[:m, k] & (prev == prev_old[:m, k]))).squeeze(1)
+        if len(check):
+            c, p = cand[check], prev[check]
+            r = torch.zeros(m, dtype=torch.bool, device=dev)
+            r[check] = (unit[c] * unit[p]).sum(-1) > threshold
+            hit[:m, k] = r
+            last[:m] = torch.where(r, prev, cand)
+        else:
+            last[:m] = cand
+    red[slot[hit]] = True
+    return red
+
+
+def remove_redundancy(ranked: list[torch.Tensor], budgets: list[int], features,
+                      threshold: float, relevance=None) -> tuple[list[torch.Tensor], int]:
+    """Location-aware redundancy removal with backfill and budget flow.
+
+    ranked[g]: group g's token ids by descending score; budgets[g]: how many it keeps;
+    relevance[g]: its relevance (None: equal), which steers budget that flows between groups.
+    Returns the kept ids per group (in rank order) and the number of tokens dropped as redundant.
+
+    The rule, applied in rounds until nothing changes:
+    1. candidates: every kept token so far plus the fresh ones (round 0: each group's top
+       budgets[g] tokens);
+    2. at each (row, col), in temporal order over all groups' candidates, a candidate is dropped
+       when the most recent kept candidate at that location has cosine similarity > threshold
+       (kept tokens are judged again: a fresh token can make a later kept token redundant);
+       a dropped token never comes back;
+    3. backfill: a group with fewer kept tokens than its budget takes that many of its next-ranked
+       tokens as fresh candidates;
+    4. flow: budget a group cannot use because its ranked tokens ran out moves to the groups that
+       still have tokens beyond their own deficit, in proportion to their relevance (split_budget:
+       capped at what each can take, overflow passed on, evenly when none of them is relevant);
+       their extra share is taken as fresh candidates in the same round.
+    It stops when no group takes a fresh token: then every group has kept its budget or used all
+    of its ranked tokens, so the total budget is spent whenever tokens are left to spend. Each round
+    takes at least one fresh token, so the rounds are bounded by the number of ranked tokens.
+    Every token's embedding is read once, when it becomes a candidate."""
+    G = len(ranked)
+    if G == 0:
+        return [], 0
+    out_dev = ranked[0].device
     tps = features.tokens_per_slice
-    kept = [r[:b].clone() for r, b in zip(ranked, budgets)]
-    ptr = list(budgets)
-    dropped_total = 0
-    for _ in range(max_rounds):
-        owner = torch.cat([torch.full((len(k),), g, dtype=torch.long) for g, k in enumerate(kept)])
-        gids = torch.cat(kept)
-        if gids.numel() < 2:
-            break
-        loc, sl = gids % tps, gids // tps
-        order = torch.argsort(loc * (features.num_slices + 1) + sl)
-        gids, owner, loc = gids[order], owner[order], loc[order]
-        emb, _ = features.tokens(gids)
-        dim = getattr(getattr(features, "adapter", None), "main_dim", None)  # Qwen3-VL: no deepstack
-        emb = torch.nn.functional.normalize(emb[:, :dim].float(), dim=-1)
-        cos = (emb[1:] * emb[:-1]).sum(-1).cpu()
-        raw = torch.zeros(len(gids), dtype=torch.bool)
-        raw[1:] = (loc[1:] == loc[:-1]) & (cos > threshold)
-        # only drop where the predecessor is itself kept; chains resolve over the next rounds
-        red = raw.clone()
-        red[1:] &= ~raw[:-1]
-        if not red.any():
-            break
-        dropped_total += int(red.sum())
-        drop = set(gids[red].tolist())
-        per_group = torch.bincount(owner[red], minlength=len(kept)).tolist()
-        for g, d in enumerate(per_group):
-            if d == 0:
-                continue
-            k = kept[g]
-            k = k[~torch.isin(k, torch.tensor(sorted(drop), dtype=torch.long))]
-            fresh = ranked[g][ptr[g]:ptr[g] + d]
-            ptr[g] += len(fresh)
-            kept[g] = torch.cat([k, fresh])
-    return kept, dropped_total
+    lens = np.array([len(r) for r in ranked], dtype=np.int64)
+    budget = np.minimum(np.asarray(budgets, dtype=np.int64), lens)
+    rel = np.ones(G) if relevance is None else np.asarray(relevance, dtype=np.float64)
+    flat = torch.cat([r.reshape(-1).long().to(out_dev) for r in ranked])
+    offs = np.concatenate([[0], np.cumsum(lens)])
+    ptr = np.zeros(G, dtype=np.int64)
+    take = budget.copy()
+    dev = out_dev
+    cur = torch.zeros(0, dtype=torch.long, device=dev)            # flat indices of kept tokens
+    pool, size, row_of = None, 0, None                            # unit embeddings of candidates
+    dropped = 0
+    while take.sum() > 0:
+        new = torch.cat([torch.arange(offs[g] + ptr[g], offs[g] + ptr[g] + take[g], device=dev)
+                         for g in range(G) if take[g] > 0])
+        ptr += take
+        u = _unit_embeddings(features, flat[new])
+        if pool is None:                                          # book-keeping where the features are
+            dev = u.device
+            flat, new, cur = flat.to(dev), new.to(dev), cur.to(dev)
+            row_of = torch.full((len(flat),), -1, dtype=torch.long, device=dev)
+            pool = u.new_empty((2 * len(new), u.shape[1]))
+        if size + len(new) > len(pool):                           # full: keep the live rows only
+            grown = u.new_empty((2 * (len(cur) + len(new)), u.shape[1]))
+            grown[:len(cur)] = pool[row_of[cur]]
+            row_of.fill_(-1)
+            row_of[cur] = torch.arange(len(cur), device=dev)
+            pool, size = grown, len(cur)
+        pool[size:size + len(new)] = u
+        row_of[new] = torch.arange(size, size + len(new), device=dev)
+        size += len(new)
+        del u
+        locs = torch.unique(flat[new] % tps)
+        near = cur[torch.isin(flat[cur] % tps, locs)]
+        cand = torch.cat([near, new])
+        fresh = torch.zeros(len(cand), dtype=torch.bool, device=dev)
+        fresh[len(near):] = True
+        red = _scan_redundant(flat[cand], fresh, row_of[cand], pool, tps, threshold)
+        dropped += int(red.sum())
+        gone = cand[red]
+        cur = torch.cat([cur[~torch.isin(cur, gone)], new[~red[len(near):]]])
+        owner = torch.searchsorted(torch.as_tensor(offs[1:], device=dev), cur, right=True)
+        have = torch.bincount(owner, minlength=G).cpu().numpy()
+        deficit = budget - have
+        avail = lens - ptr
+        take = np.minimum(deficit, avail)
+        unused = deficit - take                                   # > 0 only where tokens ran out
+        if unused.sum() > 0:
+            budget -= unused
+            spare = avail - take
+            if spare.sum() > 0:
+                extra = np.asarray(split_budget(rel, spare, int(unused.sum())), dtype=np.int64)
+                budget += extra
+                take += extra
+    cur = torch.sort(cur).values
+    owner = torch.searchsorted(torch.as_tensor(offs[1:], device=dev), cur, right=True)
+    counts = torch.bincount(owner, minlength=G).tolist()
+    kept = [flat[c].to(out_dev) for c in torch.split(cur, counts)]
+    return kept, dropped
 
 
 @dataclass
 class GroupReport:
-    """Per group: which frames it saw, its entropy, relevance, budget and kept count."""
+    """Per group: which frames it saw, its entropy, relevance, budget and kept count.
+
+    budget is the group's share from split_budget; with redundancy removal, kept can be lower (its
+    ranked tokens ran out) or higher (it received budget other groups could not use)."""
     group: int
     frame_indices: list[int]
     timestamps: list[float]
@@ -193,7 +328,7 @@ def allocate(scored, budget: int = 7040, relevance_mode: str = "linear", tau: fl
     caps = [len(o) for o in order]
     budgets = split_budget(rel, caps, int(budget), floor)
     if redundancy_threshold is not None:
-        kept, n_red = remove_redundancy(order, budgets, features, float(redundancy_threshold))
+        kept, n_red = remove_redundancy(order, budgets, features, float(redundancy_threshold), rel)
     else:
         kept, n_red = [o[:b] for o, b in zip(order, budgets)], 0
     reports = []
