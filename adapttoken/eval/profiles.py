@@ -4,6 +4,10 @@
   token for VideoMME / LongVideoBench / LVBench, a "Best option: (" suffix for MLVU, "first letter"
   parsing.
 * `lmms_eval`: today's lmms-eval: 16 (32 for LongVideoBench) new tokens and a priority parser.
+* `plain`: our own layout for every benchmark (`Question.prompt_text`: question, "A. ..." lines,
+  "Answer with the option's letter from the given choices directly."), 4 new tokens, the priority
+  parser. Not a published convention: what `adapttoken ask` sends, and what the bundled tiny model
+  was trained on, so the tests can check known answers through every reader.
 
 Texts and rules are quoted with their sources in docs/EVAL.md. A parse failure returns "" and is
 scored wrong; nothing here guesses (LongVideoBench's own scorer picks a random letter instead).
@@ -28,6 +32,7 @@ SUBTITLE_HEAD = "This video's subtitles are listed below:"
 NEW_TOKENS = {
     "flexselect2025": {"videomme": 1, "mlvu": 16, "longvideobench": 1, "lvbench": 1, "jsonl": 1},
     "lmms_eval": {"videomme": 16, "mlvu": 16, "longvideobench": 32, "lvbench": 16, "jsonl": 16},
+    "plain": {"videomme": 4, "mlvu": 4, "longvideobench": 4, "lvbench": 4, "jsonl": 4},
 }
 PROFILES = tuple(NEW_TOKENS)
 
@@ -53,7 +58,9 @@ def prompt_text(profile: str, item, subtitles: list[str] | None = None) -> str:
     """The user text after the video for `item` under `profile`."""
     _check(profile)
     b, L = item.bench, item.letters
-    if b == "videomme":
+    if profile == "plain":
+        text = Question(item.question, tuple(item.options)).prompt_text()
+    elif b == "videomme":
         opts = item.options_raw or [f"{l}. {o}" for l, o in zip(L, item.options)]
         text = f"{VIDEOMME_HEAD}\n{item.question}\n" + "\n".join(opts) + "\n" + "\n" + DIRECT
     elif b == "mlvu":
@@ -146,7 +153,9 @@ def parse(profile: str, bench: str, text: str, letters) -> str:
     """The letter `text` answers under `profile`'s rule for `bench`, or "" (a parse failure)."""
     _check(profile)
     letters = list(letters)
-    if bench == "longvideobench":
+    if profile == "plain":
+        got = priority_letter(text, letters)
+    elif bench == "longvideobench":
         got = first_letter(text, "ABCDE")           # both conventions (no random fallback here)
     elif profile == "flexselect2025":
         got = before_paren(text) if bench == "mlvu" else first_letter(text, "ABCD" if len(letters) <= 4 else "".join(letters))
