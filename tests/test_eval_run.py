@@ -173,21 +173,20 @@ def test_sigkill_at_several_points_then_resume(tmp_path, model, vids):
 
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
-    # 1: while starting (run.json written, no row yet); 2: after a few rows; 3: later
+    # 1: while starting (run.json written, no row yet); 2: after a few rows
     assert _kill_when(_cli(data, out), lambda: (out / "run.json").exists(), env) == -signal.SIGKILL
     assert _kill_when(_cli(data, out), lambda: _lines(out) >= 3, env) == -signal.SIGKILL
-    n3 = _lines(out)
-    assert 3 <= n3 < 16
-    assert _kill_when(_cli(data, out), lambda: _lines(out) >= n3 + 4, env) in (-signal.SIGKILL, 0)
-    # 4: a kill in the middle of a write leaves half a line
+    assert 3 <= _lines(out) < 16
+    # 3: a kill in the middle of a write leaves half a line
     f = next((out / "preds").glob("*.jsonl"))
     with open(f, "ab") as fh:
         fh.write(b'{"qid": "g3_1", "method": "lite", "letter": "')
-    # resume with two workers instead of one
-    for w in ("0", "1"):
-        r = subprocess.run(_cli(data, out, "--workers", "2", "--worker", w), cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-2000:]
+    # resume with two workers at once instead of one
+    procs = [subprocess.Popen(_cli(data, out, "--workers", "2", "--worker", w), cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for w in ("0", "1")]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
     rows = []
     for f in (out / "preds").glob("*.jsonl"):
         for line in f.read_bytes().splitlines():
@@ -198,9 +197,9 @@ def test_sigkill_at_several_points_then_resume(tmp_path, model, vids):
     keys = [(r["qid"], r["method"]) for r in rows]
     assert Counter(keys).most_common(1)[0][1] == 1                  # no duplicates
     assert {k: r["letter"] for k, r in zip(keys, rows)} == want     # same answers
-    r = subprocess.run([sys.executable, "-m", "adapttoken", "eval", "score", str(out)], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    from adapttoken.cli import main
+    assert main(["eval", "score", str(out)]) == 0
+    assert (out / "report.md").exists()
     got, exp = report.summarize(out), report.summarize(ref)
     for m in ("adapttoken", "lite"):
         assert got["methods"][m]["metrics"]["main"] == exp["methods"][m]["metrics"]["main"]
