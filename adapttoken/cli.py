@@ -1,5 +1,5 @@
 """Command line: `python -m adapttoken ask VIDEO "QUESTION" [--option TEXT ...] ...`, `demo`,
-`bench`, `download`. Errors print one line naming the input, exit non-zero, no traceback unless
+`bench`, `eval`, `download`. Errors print one line naming the input, exit non-zero, no traceback unless
 --debug."""
 from __future__ import annotations
 
@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="adapttoken_demo", help="folder for the video and preview")
     d.add_argument("--model", default=None)
     d.add_argument("--debug", action="store_true")
+    e = sub.add_parser("eval", help="run VideoMME / MLVU / LongVideoBench / LVBench / a JSONL "
+                                    "(resumable); `eval score OUT` re-scores a run",
+                       add_help=False)
+    e.add_argument("rest", nargs=argparse.REMAINDER)
     b = sub.add_parser("bench", help="benchmarks: synthetic (accuracy) or gpu (speed)")
     b.add_argument("which", choices=["synthetic", "gpu"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
@@ -139,6 +143,9 @@ def cmd_ask(args) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["eval"] and any(a in ("-h", "--help") for a in argv[1:2]):
+        from .eval.command import main as eval_main       # `eval --help`: eval's own options
+        return eval_main(argv[1:])
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False) or "--debug" in argv
     try:
@@ -147,6 +154,9 @@ def main(argv=None) -> int:
         if args.cmd == "demo":
             from .demo import run_demo
             return run_demo(args)
+        if args.cmd == "eval":
+            from .eval.command import main as eval_main
+            return eval_main(args.rest)
         if args.cmd == "bench":
             if args.which == "synthetic":
                 from .bench.synthetic import main as bench_main

@@ -1,0 +1,107 @@
+"""`python -m adapttoken eval BENCH --data DIR ...` and `python -m adapttoken eval score OUT`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import BENCHES
+from .profiles import PROFILES
+from .runner import ALL_METHODS, NATIVE_FRAMES, NATIVE_MAX_PIXELS, PAPER_CONFIG
+
+
+def _int_or_none(s: str):
+    return None if s.lower() in ("none", "0") else int(s)
+
+
+def run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m adapttoken eval",
+                                description="Run a benchmark (resumable, sharded by video) and write a "
+                                            "Table-1-shaped report into --out.")
+    p.add_argument("bench", choices=BENCHES, help="jsonl: your own file of {video, question, options, answer}")
+    p.add_argument("--data", required=True, help="the benchmark's folder (for jsonl: the .jsonl file)")
+    p.add_argument("--model", default=None, help="local model folder (default: the bundled tiny model)")
+    p.add_argument("--method", nargs="+", default=["native", "adapttoken", "lite"], choices=ALL_METHODS,
+                   help="methods to run (native = the baseline row: uniform frames, every token)")
+    p.add_argument("--profile", choices=PROFILES, default="flexselect2025",
+                   help="prompt texts, new tokens and answer parser (default: what the paper's baselines ran)")
+    p.add_argument("--config", choices=["paper", "default"], default="default",
+                   help="paper: 4096 frames, budget 7040 (the paper's figures are shown beside it); "
+                        "default: 1024 frames, budget 7040")
+    p.add_argument("--frames", type=int, default=None, help="frames sampled for the selection methods")
+    p.add_argument("--budget", type=int, default=None, help="visual tokens kept")
+    p.add_argument("--max-pixels", type=_int_or_none, default=308 * 560, help="per-frame pixel cap (none: off)")
+    p.add_argument("--min-pixels", type=_int_or_none, default=None)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--stop-threshold", type=float, default=0.2)
+    p.add_argument("--native-frames", type=int, default=NATIVE_FRAMES,
+                   help=f"frames of the native baseline (default {NATIVE_FRAMES}, lmms-eval's Qwen2.5-VL default)")
+    p.add_argument("--native-max-pixels", type=_int_or_none, default=NATIVE_MAX_PIXELS,
+                   help=f"per-frame pixel cap of the native baseline (default {NATIVE_MAX_PIXELS})")
+    p.add_argument("--native-min-pixels", type=_int_or_none, default=None)
+    p.add_argument("--subtitles", action="store_true",
+                   help="put the subtitles at the sampled frames' times before the question "
+                        "(VideoMME, LongVideoBench; off: the paper's setting is video only)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    p.add_argument("--out", default=None, help="run folder (default eval_<bench>)")
+    p.add_argument("--worker", type=int, default=0, help="this worker's index (0..workers-1)")
+    p.add_argument("--workers", type=int, default=1, help="number of workers sharing the run (one per GPU)")
+    p.add_argument("--retry-errors", action="store_true", help="run the error rows again")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--attn", default="sdpa")
+    p.add_argument("--cache-dir", default=None, help="on-disk vision-feature cache")
+    p.add_argument("--decode-workers", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def score_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m adapttoken eval score",
+                                description="Merge the worker files of a run and write its report "
+                                            "(no model needed); --profile re-parses the raw outputs.")
+    p.add_argument("out")
+    p.add_argument("--profile", choices=PROFILES, default=None)
+    return p
+
+
+def spec_from_args(a):
+    from .runner import RunSpec, name_config
+    frames = a.frames if a.frames is not None else (PAPER_CONFIG["num_frames"] if a.config == "paper" else 1024)
+    budget = a.budget if a.budget is not None else PAPER_CONFIG["budget"]
+    # `paper` whenever the paper's frames and budget are used; `default` when nothing was set
+    name = name_config(frames, budget)
+    if name != "paper" and a.config == "default" and a.frames is None and a.budget is None:
+        name = "default"
+    return RunSpec(bench=a.bench, data=a.data, out=a.out or f"eval_{a.bench}", methods=list(dict.fromkeys(a.method)),
+                   profile=a.profile, config_name=name,
+                   num_frames=frames, budget=budget, max_pixels=a.max_pixels, min_pixels=a.min_pixels,
+                   group_size=a.group_size, stop_threshold=a.stop_threshold,
+                   native_frames=a.native_frames, native_max_pixels=a.native_max_pixels,
+                   native_min_pixels=a.native_min_pixels, subtitles=a.subtitles, model=a.model or "",
+                   device=a.device, dtype=a.dtype, attn=a.attn, cache_dir=a.cache_dir,
+                   decode_workers=a.decode_workers, worker=a.worker, workers=a.workers, limit=a.limit,
+                   seed=a.seed, quiet=a.quiet, retry_errors=a.retry_errors)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from . import report
+    if argv[:1] == ["score"]:
+        a = score_parser().parse_args(argv[1:])
+        s = report.write(a.out, a.profile)
+        print(report.markdown(s))
+        return 0
+    a = run_parser().parse_args(argv)
+    from .data import load_items
+    from .runner import run
+    spec = spec_from_args(a)
+    items = load_items(spec.bench, spec.data)
+    expected = len(items) if spec.limit is None else min(spec.limit, len(items))
+    stats = run(spec, items)
+    s = report.write(spec.out, None, expected)
+    if not spec.quiet:
+        print(report.markdown(s))
+    print(f"eval: {stats['written']} rows written ({stats['errors']} errors); report in {spec.out}/report.md",
+          file=sys.stderr)
+    return 0
