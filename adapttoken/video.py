@@ -508,7 +508,8 @@ def plan_sampling(
     available = hi - lo
     if available <= 0:
         raise InputError(
-            f"no frame of {info.path} starts in [start={start:g}, end={end:g}) s: widen the range"
+            f"no frame of {info.path} starts in [start={start:g}, end={end:g}) s (duration {duration:.3f} s, "
+            f"{len(times)} frames): widen the range"
         )
     n = min(n_req, available)
     if max_fps is not None:

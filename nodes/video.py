@@ -87,10 +87,11 @@ class LoadVideo(io.ComfyNode):
         except at.VideoError as e:
             return str(e)
         if not os.path.isfile(p):
-            try:
-                check_video_path(p)        # a URL, a folder...: the library's message
-            except at.VideoError as e:
-                return str(e)
+            if os.path.exists(p) or "://" in p:
+                try:
+                    check_video_path(p)    # a URL, a folder: the library's message
+                except at.VideoError as e:
+                    return str(e)
             return f"video file {p!r} does not exist: check `path`"
         return True
 
