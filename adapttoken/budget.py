@@ -24,6 +24,15 @@ from .errors import InputError
 RELEVANCE_MODES = ("linear", "softmax", "even")
 
 
+def check_budget(budget) -> int:
+    """The token budget as an int >= 1, else InputError. A budget above the tokens there are is
+    fine: every token is available (redundancy removal may still drop repeats)."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget <= 0:
+        raise InputError(f"budget={budget!r} must be a positive number of tokens: set it to 1 or more "
+                         f"(7040 by default; more than the video has keeps all of them)")
+    return int(budget)
+
+
 def relevance(entropy_norm, mode: str = "linear", tau: float = 0.1) -> np.ndarray:
     """Per-group relevance from normalised entropies H_g / H_max in [0, 1]."""
     h = np.clip(np.asarray(entropy_norm, dtype=np.float64), 0.0, 1.0)
@@ -45,8 +54,7 @@ def split_budget(rel, capacity, budget: int, floor: int = 0) -> list[int]:
     at most `capacity`, summing to min(budget, sum(capacity))."""
     rel = np.asarray(rel, dtype=np.float64)
     cap = np.asarray(capacity, dtype=np.int64)
-    if budget <= 0:
-        raise InputError(f"budget={budget} must be a positive number of tokens")
+    check_budget(budget)
     total = int(min(budget, cap.sum()))
     n = len(cap)
     floor = max(0, min(int(floor), total // max(n, 1)))
@@ -310,8 +318,7 @@ def allocate(scored, budget: int = 7040, relevance_mode: str = "linear", tau: fl
              floor: int = 0, redundancy_threshold: float | None = 0.9, hooks=None,
              method: str | None = None) -> Selection:
     """Run (or reuse) the group passes of `scored`, then split the budget and select tokens."""
-    if not isinstance(budget, (int, np.integer)) or budget <= 0:
-        raise InputError(f"budget={budget} must be a positive number of tokens")
+    check_budget(budget)
     if redundancy_threshold is not None and not -1.0 <= redundancy_threshold <= 1.0:
         raise InputError(f"redundancy threshold={redundancy_threshold} must be within -1..1 "
                          f"(cosine similarity), or None to keep every selected token")
@@ -361,9 +368,8 @@ def uniform_frames(model, video, question, budget: int = 7040) -> Selection:
     """Baseline every VLM pack does today: as many evenly spaced slices as fit the budget, all of
     their tokens, no group pass."""
     from .question import Question
-    if not isinstance(budget, (int, np.integer)) or budget <= 0:
-        raise InputError(f"budget={budget} must be a positive number of tokens")
-    q = question if isinstance(question, Question) else Question(str(question))
+    check_budget(budget)
+    q = question if isinstance(question, Question) else Question(question)
     features = model.features_for(video)
     n = max(1, min(features.num_slices, int(budget) // features.tokens_per_slice))
     slices = np.unique(np.round(np.linspace(0, features.num_slices - 1, n)).astype(np.int64))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from .defaults import default_model_dir
@@ -126,13 +125,16 @@ def cmd_ask(args) -> int:
     from .models.loading import load_model
     from .pipeline import ask
     from .question import Question
-    if not os.path.exists(args.video):
-        from .errors import VideoError
-        raise VideoError(f"video {args.video!r} does not exist: check the path")
+    from .video import plan_sampling, probe_video
     q = Question(args.question, tuple(args.option))
     cfg = config_from_args(args)
     if cfg.budget <= 0:
-        raise InputError(f"--budget {cfg.budget} must be a positive number of tokens")
+        raise InputError(f"--budget {cfg.budget} must be a positive number of tokens: give 1 or more "
+                         f"(default 7040; more than the video has keeps all of them)")
+    # the video and its range are checked before the model loads (the probe is cached for ask)
+    plan_sampling(probe_video(args.video), num_frames=cfg.num_frames, max_fps=cfg.max_fps,
+                  start=cfg.start, end=cfg.end, max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels,
+                  multiple_of=1)
     method = args.method or ("lite" if args.lite else "adapttoken")
     model = load_model(args.model or default_model_dir(), dtype=args.dtype, device=args.device,
                        attn_implementation=args.attn)

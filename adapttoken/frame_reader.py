@@ -168,6 +168,9 @@ class _DecordSource:
         import decord  # noqa: F401  (ImportError tells the caller decord is missing)
 
         self.path, self.info = path, info
+        if info.frame_index is not None and info.frame_index.params_change:
+            raise VideoError(f"the picture size of {path} may change mid-stream, which decord cannot "
+                             "follow: use backend='pyav'")
         try:
             self.vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=0)
         except Exception as e:  # decord raises RuntimeError / DECORDError / AssertionError

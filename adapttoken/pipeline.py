@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .budget import GroupReport, Selection, allocate, even_split, uniform_frames
+from .budget import GroupReport, Selection, allocate, check_budget, even_split, uniform_frames
 from .decode import open_video
 from .entropy import early_stop, response_entropy, score_groups
 from .errors import InputError
@@ -155,9 +155,8 @@ def ask(model: Model, video_path, question: str | Question, options=(),
     """Answer a question about a video file with AdaptToken ('adapttoken'), AdaptToken-Lite
     ('lite') or a baseline at the same token budget ('uniform', 'even_split')."""
     config = config or AdaptTokenConfig()
-    q = question if isinstance(question, Question) else Question(str(question), tuple(options))
-    if config.budget <= 0:
-        raise InputError(f"budget={config.budget} must be a positive number of tokens")
+    q = question if isinstance(question, Question) else Question(question, tuple(options))
+    check_budget(config.budget)
     t0 = time.perf_counter()
     video = open_video(video_path, num_frames=config.num_frames, max_fps=config.max_fps,
                        start=config.start, end=config.end, max_pixels=config.max_pixels,

@@ -10,6 +10,30 @@ from .errors import Cancelled, InputError
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 
 
+def _text(name: str, value) -> str:
+    """A question or option as str: UTF-8 bytes are decoded; text that is not valid UTF-8 (bytes that
+    do not decode, or a str holding lone surrogates, as Python makes of such bytes on a command
+    line) is refused naming the first bad byte."""
+    if value is None:
+        return ""
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad = f"byte 0x{value[e.start]:02x} at position {e.start}"
+    elif not isinstance(value, str):
+        return str(value)
+    else:
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError as e:
+            code = ord(value[e.start])
+            bad = (f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}") + \
+                f" at position {e.start}"
+    raise InputError(f"{name} is not valid UTF-8 text ({bad}): retype it, or save the text as UTF-8")
+
+
 @dataclass(frozen=True)
 class Question:
     """A question about the video; `options` makes it multiple choice with letters A, B, C..."""
@@ -17,15 +41,21 @@ class Question:
     options: tuple[str, ...] = ()
 
     def __post_init__(self):
-        if not isinstance(self.text, str) or not self.text.strip():
+        object.__setattr__(self, "text", _text("question", self.text))
+        if not self.text.strip():
             raise InputError("question is empty: type a question about the video")
+        if isinstance(self.options, (str, bytes)):
+            raise InputError("options: give a list of option texts (one per letter), not one string")
         if len(self.options) == 1:
             raise InputError("options: give at least two options, or none for an open question")
         if len(self.options) > 26:
-            raise InputError(f"options: {len(self.options)} given, at most 26 (A-Z) are supported")
-        for i, o in enumerate(self.options):
-            if not str(o).strip():
-                raise InputError(f"option {string.ascii_uppercase[i]} is empty: remove it or fill it")
+            raise InputError(f"options: {len(self.options)} given, at most 26 (A-Z) are supported: "
+                             f"remove {len(self.options) - 26} of them")
+        object.__setattr__(self, "options", tuple(
+            _text(f"option {L}", o) for L, o in zip(string.ascii_uppercase, self.options)))
+        for L, o in zip(string.ascii_uppercase, self.options):
+            if not o.strip():
+                raise InputError(f"option {L} is empty: remove it or fill it")
 
     @property
     def letters(self) -> tuple[str, ...]:

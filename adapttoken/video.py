@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ __all__ = [
     "SamplingPlan",
     "probe_video",
     "plan_sampling",
+    "check_video_path",
 ]
 
 logger = logging.getLogger(__name__)
@@ -54,7 +56,9 @@ class FrameIndex:
     frame; keyframes: sorted presentation indices of keyframes (decoding can start there);
     pts_reliable: False when the container gives no usable per-frame timestamps (missing or
     duplicated): frames are then counted in decode output order, times assume a constant rate and the
-    PyAV backend never seeks.
+    PyAV backend never seeks. params_change: the stream's sequence headers (H.264/HEVC SPS, MPEG-1/2
+    sequence header: picture size among others) differ between keyframes, so the picture size may
+    change mid-stream; decord cannot follow that (it repeats or garbles frames), PyAV resizes.
     """
 
     stream_index: int
@@ -63,6 +67,7 @@ class FrameIndex:
     times: np.ndarray
     keyframes: np.ndarray
     pts_reliable: bool
+    params_change: bool = False
 
     def keyframe_before(self, i: int) -> int:
         """Presentation index of the last keyframe at or before frame i (0 when none is known)."""
@@ -118,8 +123,16 @@ _cache: OrderedDict[tuple[str, int, int], _Probed] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 def _stat(path: str) -> os.stat_result:
-    """os.stat with the library's errors for missing files, folders and empty files."""
+    """os.stat with the library's errors for URLs, missing files, folders and empty files."""
+    if _URL.match(path) and not os.path.exists(path):
+        raise VideoError(
+            f"video {path} is a URL: only local files are read (nothing is downloaded or streamed): "
+            "download the video and give the path of the file"
+        )
     if not os.path.exists(path):
         raise VideoError(f"video file not found: {path}: check the path (relative paths start at {os.getcwd()})")
     if os.path.isdir(path):
@@ -131,6 +144,14 @@ def _stat(path: str) -> os.stat_result:
     if st.st_size == 0:
         raise VideoError(f"video file {path} is empty (0 bytes): re-download or re-export it")
     return st
+
+
+def check_video_path(path: str | os.PathLike) -> str:
+    """The path as a str when it names a local, non-empty file; else the VideoError probe_video would
+    raise (a URL, a missing file, a folder, an empty file). Reads nothing: a cheap check up front."""
+    path = os.fspath(path)
+    _stat(path)
+    return path
 
 
 def _open(path: str) -> av.container.InputContainer:
@@ -171,6 +192,51 @@ def _rotation_cw(frame_rotation: float, metadata: dict[str, str]) -> int:
     return int(round(-ccw / 90.0)) % 4 * 90
 
 
+_SCAN_BYTES = 4096  # sequence headers sit at the start of a keyframe packet
+
+
+def _nal_length_size(codec: str, extradata: bytes | None) -> int:
+    """Bytes of the NAL length prefix for H.264/HEVC in MP4/MKV (avcC/hvcC extradata), 0 for
+    Annex-B start codes (MPEG-TS, raw streams)."""
+    if not extradata or extradata[0] != 1:
+        return 0
+    if codec == "h264" and len(extradata) > 4:
+        return (extradata[4] & 3) + 1
+    if codec == "hevc" and len(extradata) > 21:
+        return (extradata[21] & 3) + 1
+    return 0
+
+
+def _sequence_header(data: bytes, codec: str, nal_length: int) -> bytes:
+    """The sequence-level headers at the start of one keyframe packet (H.264/HEVC SPS units, the
+    MPEG-1/2 sequence header's size fields), b"" when there are none (they live in the extradata)."""
+    if codec in ("mpeg1video", "mpeg2video"):
+        at = data.find(b"\x00\x00\x01\xb3")
+        return data[at + 4:at + 7] if at >= 0 else b""
+    if codec == "h264":
+        is_sps, is_slice = (lambda b: b & 0x1F == 7), (lambda b: b & 0x1F in (1, 5))
+    else:  # hevc
+        is_sps, is_slice = (lambda b: (b >> 1) & 0x3F == 33), (lambda b: (b >> 1) & 0x3F < 32)
+    units = []
+    if nal_length:
+        pos = 0
+        while pos + nal_length < len(data):
+            size = int.from_bytes(data[pos:pos + nal_length], "big")
+            unit = data[pos + nal_length:pos + nal_length + size]
+            if not unit or is_slice(unit[0]):
+                break
+            if is_sps(unit[0]):
+                units.append(unit)
+            pos += nal_length + size
+    else:
+        for part in data.split(b"\x00\x00\x01")[1:]:
+            if not part or is_slice(part[0]):
+                break
+            if is_sps(part[0]):
+                units.append(part.rstrip(b"\x00"))
+    return b"".join(units)
+
+
 def _scan(path: str) -> _Probed:
     """Demux every packet of the video stream (no decoding except the first frame) into a FrameIndex."""
     container = _open(path)
@@ -184,6 +250,10 @@ def _scan(path: str) -> _Probed:
         last_duration = 0
         corrupt = discarded = 0
         first = None
+        codec = stream.codec_context.name
+        headers_of = codec in ("h264", "hevc", "mpeg1video", "mpeg2video")
+        nal_length = _nal_length_size(codec, stream.codec_context.extradata) if headers_of else 0
+        headers: set[bytes] = set()
         try:
             for packet in container.demux(stream):
                 if first is None:  # decode until the first frame: rotation, true size, decodability
@@ -204,6 +274,10 @@ def _scan(path: str) -> _Probed:
                 pts_list.append(packet.pts)
                 dts_list.append(packet.dts)
                 key_list.append(bool(packet.is_keyframe))
+                if headers_of and packet.is_keyframe and len(headers) < 2:
+                    header = _sequence_header(bytes(memoryview(packet)[:_SCAN_BYTES]), codec, nal_length)
+                    if header:
+                        headers.add(header)
                 last_duration = packet.duration or 0
         except av.error.FFmpegError as e:  # a read error in the middle: keep what came before it
             logger.warning("%s: reading stopped after %d frames (%s): the file looks truncated or damaged: "
@@ -220,13 +294,14 @@ def _scan(path: str) -> _Probed:
             logger.warning("%s: %d frames are readable but the header declares %d: the file looks truncated: "
                            "re-download it (using the readable part)", path, len(pts_list), declared)
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        index = _build_index(stream.index, tb, pts_list, dts_list, key_list, rate)
+        index = _build_index(stream.index, tb, pts_list, dts_list, key_list, rate, len(headers) > 1)
         n = len(index.times)
         last = (last_duration * tb) if last_duration > 0 else None
         if last is None:
             diffs = np.diff(index.times)
             last = float(np.median(diffs)) if len(diffs) else (1.0 / float(rate) if rate else 1.0)
         duration = float(index.times[-1]) + float(last)
+        _warn_gap(path, index.times, duration)
         fps = n / duration
         if rate and abs(float(rate) * duration - n) <= max(1.0, 0.01 * n):
             fps = float(rate)  # the container's nominal rate, exact for constant-rate files
@@ -243,6 +318,21 @@ def _scan(path: str) -> _Probed:
         container.close()
 
 
+def _warn_gap(path: str, times: np.ndarray, duration: float) -> None:
+    """Log a jump in the timestamps (one frame shown for over a minute and 1000 typical frames): a
+    wrong timestamp, or a header that claims hours the stream does not hold. Sampling stays uniform
+    in time over the frames that are really there, so most sampled frames repeat the one before it."""
+    if len(times) < 3:
+        return
+    gaps = np.diff(times)
+    i = int(np.argmax(gaps))
+    if gaps[i] > max(60.0, 1000.0 * float(np.median(gaps))):
+        logger.warning("%s: frame %d is shown for %.0f s (its timestamps jump from %.3f to %.3f s; the "
+                       "file lasts %.0f s by them): few distinct frames fall into the sampled range: if "
+                       "the jump is a fault of the file, re-encode it", path, i, gaps[i], times[i],
+                       times[i + 1], duration)
+
+
 def _build_index(
     stream_index: int,
     tb: Fraction,
@@ -250,6 +340,7 @@ def _build_index(
     dts_list: list[int | None],
     key_list: list[bool],
     rate: Fraction | None,
+    params_change: bool = False,
 ) -> FrameIndex:
     """Sort packets into presentation order; fall back to decode-order counting without usable pts."""
     raw = pts_list if all(p is not None for p in pts_list) else dts_list
@@ -272,7 +363,7 @@ def _build_index(
         keyframes = np.concatenate([[0], keyframes]).astype(np.int64)
     for arr in (pts, times, keyframes):
         arr.setflags(write=False)
-    return FrameIndex(stream_index, tb, pts, times, keyframes.astype(np.int64), reliable)
+    return FrameIndex(stream_index, tb, pts, times, keyframes.astype(np.int64), reliable, params_change)
 
 
 def probe_video(path: str | os.PathLike) -> VideoInfo:
@@ -378,7 +469,7 @@ def plan_sampling(
     when n reaches the frames in range, all of them are taken. With a strongly variable rate two
     centres can land on one long-lasting frame: it is taken once, so the plan may hold fewer than n
     distinct frames (never a frame twice, except for padding). `end` beyond the duration is clamped
-    to it. Timestamps are the frames' true presentation times.
+    to it (with a warning). Timestamps are the frames' true presentation times.
     """
     n_req = _check_int("num_frames", num_frames, 1)
     step = _check_int("multiple_of", multiple_of, 1)
@@ -388,9 +479,10 @@ def plan_sampling(
         raise InputError(f"min_pixels ({min_px}) is larger than max_pixels ({max_px}): lower min_pixels")
     if max_fps is not None and not (isinstance(max_fps, (int, float)) and math.isfinite(max_fps) and max_fps > 0):
         raise InputError(f"max_fps must be a positive number or None (got {max_fps!r}): change max_fps")
-    if not (isinstance(start, (int, float)) and math.isfinite(start) and start >= 0):
-        raise InputError(f"start must be a number of seconds >= 0 (got {start!r}): change start")
     duration = float(info.duration)
+    if isinstance(start, bool) or not (isinstance(start, (int, float)) and math.isfinite(start) and start >= 0):
+        raise InputError(f"start must be a number of seconds >= 0 (got {start!r}; {info.path} lasts "
+                         f"{duration:.3f} s): change start")
     if start >= duration:
         raise InputError(
             f"start={start:g} s is at or beyond the end of {info.path} (duration {duration:.3f} s): "
@@ -398,10 +490,15 @@ def plan_sampling(
         )
     if end is None:
         end = duration
-    if not (isinstance(end, (int, float)) and not math.isnan(end)):
-        raise InputError(f"end must be a number of seconds or None (got {end!r}): change end")
+    if isinstance(end, bool) or not (isinstance(end, (int, float)) and not math.isnan(end)):
+        raise InputError(f"end must be a number of seconds or None (got {end!r}; {info.path} lasts "
+                         f"{duration:.3f} s): change end")
     if end <= start:
-        raise InputError(f"end ({end:g} s) must be greater than start ({start:g} s): change start or end")
+        raise InputError(f"end ({end:g} s) must be greater than start ({start:g} s) ({info.path} lasts "
+                         f"{duration:.3f} s): change start or end")
+    if math.isfinite(end) and end > duration + _EPS:
+        logger.warning("end=%g s is beyond the end of %s (duration %.3f s): sampling up to %.3f s",
+                       end, info.path, duration, duration)
     end = min(float(end), duration)
     start = float(start)
 
@@ -411,7 +508,8 @@ def plan_sampling(
     available = hi - lo
     if available <= 0:
         raise InputError(
-            f"no frame of {info.path} starts in [start={start:g}, end={end:g}) s: widen the range"
+            f"no frame of {info.path} starts in [start={start:g}, end={end:g}) s (duration {duration:.3f} s, "
+            f"{len(times)} frames): widen the range"
         )
     n = min(n_req, available)
     if max_fps is not None:

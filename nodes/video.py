@@ -12,6 +12,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from .. import adapttoken as at
+from ..adapttoken.video import check_video_path
 from . import runtime
 from .types import schema
 
@@ -86,6 +87,11 @@ class LoadVideo(io.ComfyNode):
         except at.VideoError as e:
             return str(e)
         if not os.path.isfile(p):
+            if os.path.exists(p) or "://" in p:
+                try:
+                    check_video_path(p)    # a URL, a folder: the library's message
+                except at.VideoError as e:
+                    return str(e)
             return f"video file {p!r} does not exist: check `path`"
         return True
 

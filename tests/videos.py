@@ -8,6 +8,7 @@ background, plus a red 8x8 marker block at the bottom-left corner so tests can t
 from __future__ import annotations
 
 import os
+import struct
 from fractions import Fraction
 from typing import Sequence
 
@@ -155,4 +156,130 @@ def truncate(path: str | os.PathLike, fraction: float) -> str:
     size = os.path.getsize(path)
     with open(path, "r+b") as f:
         f.truncate(int(size * fraction))
+    return path
+
+
+# -- odd inputs (tests of bad input): each builder keeps the files tiny -----------------------------
+
+def write_size_change(path: str | os.PathLike, sizes: Sequence[tuple[int, int]] = ((64, 48), (128, 96)),
+                      frames_per_size: int = 8, fps: int = 8) -> str:
+    """One H.264 stream in MPEG-TS whose picture size changes mid-way: `frames_per_size` numbered
+    frames at each (width, height) in turn (a new encoder per size, muxed into the same stream, as
+    a broadcast or a screen recording that changes resolution does). Each later size must be an
+    integer multiple of the first: its frames are the first size's picture scaled up (nearest), so a
+    frame resized back to the first size still reads its number."""
+    path = os.fspath(path)
+    container = av.open(path, "w", format="mpegts")
+    try:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = sizes[0]
+        stream.pix_fmt = "yuv420p"
+        tb = Fraction(1, fps)
+        n = 0
+        for k, (w, h) in enumerate(sizes):
+            if k == 0:
+                ctx = stream.codec_context
+            else:
+                ctx = av.CodecContext.create("libx264", "w")
+                ctx.width, ctx.height, ctx.pix_fmt = w, h, "yuv420p"
+                ctx.time_base, ctx.framerate = stream.codec_context.time_base, Fraction(fps)
+            for _ in range(frames_per_size):
+                fx, fy = w // sizes[0][0], h // sizes[0][1]
+                picture = make_frame(n, *sizes[0]).repeat(fy, axis=0).repeat(fx, axis=1)
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(picture), format="rgb24")
+                frame.pts, frame.time_base = n, tb
+                n += 1
+                for packet in ctx.encode(frame):
+                    packet.stream = stream
+                    container.mux(packet)
+            for packet in ctx.encode():
+                packet.stream = stream
+                container.mux(packet)
+    finally:
+        container.close()
+    return path
+
+
+def write_two_video_streams(path: str | os.PathLike, num_frames: int = 16, fps: int = 8) -> str:
+    """A Matroska file with two video streams: the first 64x48 with frames numbered 0, 1, ..., the
+    second 96x64 numbered from 1000 (so a test can tell which one was read)."""
+    path = os.fspath(path)
+    container = av.open(path, "w")
+    try:
+        streams = []
+        for w, h in ((64, 48), (96, 64)):
+            s = container.add_stream("mpeg4", rate=fps)
+            s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+            s.codec_context.time_base = Fraction(1, fps)
+            streams.append(s)
+        for i in range(num_frames):
+            for s, first in zip(streams, (0, 1000)):
+                frame = av.VideoFrame.from_ndarray(make_frame(first + i, s.width, s.height), format="rgb24")
+                frame.pts, frame.time_base = i, Fraction(1, fps)
+                for packet in s.encode(frame):
+                    container.mux(packet)
+        for s in streams:
+            for packet in s.encode():
+                container.mux(packet)
+    finally:
+        container.close()
+    return path
+
+
+def write_gif(path: str | os.PathLike, num_frames: int = 12, fps: int = 10, width: int = 64,
+              height: int = 48) -> str:
+    """An animated GIF of numbered frames (GIF delays are in 1/100 s: use an fps that divides 100)."""
+    path = os.fspath(path)
+    container = av.open(path, "w", format="gif")
+    try:
+        stream = container.add_stream("gif", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "rgb8"
+        for i in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(make_frame(i, width, height), format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, fps)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    finally:
+        container.close()
+    return path
+
+
+def write_image(path: str | os.PathLike, number: int = 7, width: int = 64, height: int = 48) -> str:
+    """A still image (PNG or JPEG by the file's extension) showing frame number `number`."""
+    from PIL import Image
+    path = os.fspath(path)
+    Image.fromarray(make_frame(number, width, height)).save(path, quality=95)
+    return path
+
+
+def claim_duration(path: str | os.PathLike, seconds: float) -> str:
+    """Edit an MP4's headers in place so they claim `seconds` of video (movie, track and media
+    durations), while the frames and their timestamps stay as written: a header that lies."""
+    path = os.fspath(path)
+    data = bytearray(open(path, "rb").read())
+    timescale_of_movie = None
+    for name in (b"mvhd", b"tkhd", b"mdhd"):
+        pos = data.find(name)
+        while pos >= 0:
+            body = pos + 4
+            version = data[body]
+            if name == b"tkhd":   # version, flags, created, modified, track id, reserved, duration
+                off, scale = (body + 4 + 16 + 4 + 4, timescale_of_movie) if version == 0 else \
+                    (body + 4 + 32 + 4 + 4, timescale_of_movie)
+            else:                 # version, flags, created, modified, timescale, duration
+                t_off = body + 4 + (8 if version == 0 else 16)
+                scale = struct.unpack(">I", data[t_off:t_off + 4])[0]
+                if name == b"mvhd":
+                    timescale_of_movie = scale
+                off = t_off + 4
+            value = int(seconds * scale)
+            if version == 0:
+                struct.pack_into(">I", data, off, min(value, 2**32 - 1))
+            else:
+                struct.pack_into(">Q", data, off, value)
+            pos = data.find(name, pos + 4)
+    with open(path, "wb") as f:
+        f.write(bytes(data))
     return path

@@ -319,6 +319,13 @@ BAD = {
     "empty question": ("AttentionRank__question", "   ", "question is empty"),
     "one option": ("AttentionRank__options", "only one", "at least two options"),
     "budget 0": ("BudgetAllocate__budget", 0, "budget=0"),
+    "budget negative": ("BudgetAllocate__budget", -5, "-5"),
+    "URL as path": ("LoadVideo__path", "https://example.com/clip.mp4",
+                    "is a URL: only local files are read"),
+    "question not UTF-8": ("AttentionRank__question", "What \udcff?",
+                           "question is not valid UTF-8 text (byte 0xff at position 5)"),
+    "27 options": ("AttentionRank__options", "\n".join(f"choice {i}" for i in range(27)),
+                   "27 given, at most 26 (A-Z) are supported: remove 1 of them"),
     "llama folder": ("LoadMLLM__model", "some-llama", "'llama' model; supported families"),
     "unknown model": ("LoadMLLM__model", "gone", "is not in"),
 }
@@ -392,3 +399,86 @@ def test_cancel_stops_a_long_run(comfy_server, api, model_name, tmp_path):
     assert ended["node_type"] in ("AdaptToken_BudgetAllocate", "AdaptToken_MLLMAnswer")
     # the server is fine and the next prompt runs
     assert comfy_server.run(make(api, "uniform_frames_baseline", model_name), timeout=300).status == "success"
+
+
+# -- odd files are answered, bad ranges fail with the library's message, the server goes on --------
+
+def device_memory(comfy_server) -> tuple[str, int]:
+    """(device type, bytes torch holds on it) from /system_stats."""
+    dev = comfy_server.get("/system_stats")["devices"][0]
+    return dev.get("type", "cpu"), int(dev.get("torch_vram_total", 0))
+
+
+def assert_memory_given_back(comfy_server, before: tuple[str, int]) -> None:
+    """On a GPU, torch holds no more memory after a failed prompt than before it (the step's
+    working memory went back to the device); a --cpu server has no device memory to check."""
+    kind, now = device_memory(comfy_server)
+    if kind == "cuda":
+        assert now <= before[1] + 64 * 2**20, (before, now)
+
+
+ODD = {          # file builder, frames sampled: answered from the first video stream
+    "animated GIF": (lambda d: __import__("videos").write_gif(d / "anim.gif", 12, fps=10), 12),
+    "still PNG": (lambda d: __import__("videos").write_image(d / "still.png"), 2),
+    "still JPEG": (lambda d: __import__("videos").write_image(d / "still.jpg"), 2),
+    "two video streams": (lambda d: __import__("videos").write_two_video_streams(d / "two.mkv"), 16),
+    "size change mid-stream": (lambda d: __import__("videos").write_size_change(d / "size.ts"), 16),
+    "10-bit": (lambda d: __import__("videos").write_video(d / "ten.mp4", 16, fps=8, codec="libx264",
+                                                         pix_fmt="yuv420p10le"), 16),
+    "spaces and non-ASCII path": (lambda d: __import__("videos").write_video(d / "my vidéo 日本.mp4", 16,
+                                                                            fps=8), 16),
+    "header claims 20 h": (lambda d: __import__("videos").claim_duration(
+        __import__("videos").write_video(d / "liar.mp4", 16, fps=8), 72000), 16),
+}
+
+
+@pytest.mark.parametrize("case", list(ODD))
+def test_odd_files_are_answered(comfy_server, api, model_name, tmp_path, case):
+    build, frames = ODD[case]
+    clip = build(tmp_path)
+    p = make(api, "adapttoken_full", model_name, LoadVideo__path=str(clip), GroupSplit__group_size=4,
+             AttentionRank__question=f"What is in the {case}?")
+    run = comfy_server.run(p, timeout=300)
+    assert run.status == "success", run.error
+    st = stats(run, p)
+    assert st["num_frames"] == frames and st["num_slices"] == frames // 2
+    assert isinstance(run.outputs[node_of(p, "AdaptToken_MLLMAnswer")]["text"][0], str)
+
+
+def test_budget_above_the_tokens_keeps_them_all(comfy_server, api, model_name, tmp_path):
+    from videos import write_gif
+    clip = write_gif(tmp_path / "small.gif", 12, fps=10)
+    p = make(api, "adapttoken_full", model_name, LoadVideo__path=str(clip), GroupSplit__group_size=4,
+             BudgetAllocate__budget=1_000_000, BudgetAllocate__redundancy_threshold=-1.0,
+             AttentionRank__question="Everything?")
+    run = comfy_server.run(p, timeout=300)
+    assert run.status == "success", run.error
+    st = stats(run, p)
+    summary = run.outputs[node_of(p, "AdaptToken_BudgetAllocate")]["text"][0]
+    assert summary.startswith(f"adapttoken: {st['num_slices'] * st['tokens_per_slice']} tokens kept of "
+                              f"budget 1000000")
+
+
+RUN_ERRORS = {   # found only once the file is probed: an execution_error, then the server goes on
+    "start after the end": (dict(LoadVideo__start=30.0), "AdaptToken_LoadVideo",
+                            "start=30 s is at or beyond the end of"),
+    "end before the first frame's start": (dict(LoadVideo__start=1.9, LoadVideo__end=1.95),
+                                           "AdaptToken_LoadVideo", "widen the range"),
+}
+
+
+@pytest.mark.parametrize("case", list(RUN_ERRORS))
+def test_run_errors_name_the_input_and_the_server_goes_on(comfy_server, api, model_name, tmp_path, case):
+    from videos import write_video
+    changes, node_type, message = RUN_ERRORS[case]
+    clip = write_video(tmp_path / "two_seconds.mp4", 16, fps=8)
+    before = device_memory(comfy_server)
+    p = make(api, "adapttoken_full", model_name, LoadVideo__path=str(clip), **changes)
+    run = comfy_server.run(p, timeout=300)
+    assert run.status == "error"
+    assert run.error["node_type"] == node_type
+    assert message in run.error["exception_message"] and "\n" not in run.error["exception_message"].strip()
+    assert "duration 2.000 s" in run.error["exception_message"]
+    assert_memory_given_back(comfy_server, before)
+    ok = make(api, "uniform_frames_baseline", model_name, LoadVideo__path=str(clip))
+    assert comfy_server.run(ok, timeout=300).status == "success"
