@@ -44,6 +44,9 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    help="where vision features are kept (auto: GPU up to 4 GiB, else CPU memory)")
     p.add_argument("--decode-workers", type=int, default=None,
                    help="video decoding threads (default: half the cores, 1-8; 0: no threads)")
+    p.add_argument("--backend", choices=["auto", "decord", "pyav"], default="auto",
+                   help="video decoder (auto: decord when installed and it agrees with the file, "
+                        "else PyAV)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(resumable); `eval score OUT` re-scores a run",
                        add_help=False)
     e.add_argument("rest", nargs=argparse.REMAINDER)
-    b = sub.add_parser("bench", help="benchmarks: synthetic (accuracy) or gpu (speed)")
-    b.add_argument("which", choices=["synthetic", "gpu"])
+    b = sub.add_parser("bench", help="benchmarks: synthetic (accuracy), gpu (speed) or rss (peak "
+                                     "host memory against the number of sampled frames)")
+    b.add_argument("which", choices=["synthetic", "gpu", "rss"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
     dl = sub.add_parser("download", help="explicitly download a model's safetensors from the hub")
     dl.add_argument("repo_id")
@@ -98,6 +102,7 @@ def config_from_args(args):
     c.cache_dir = getattr(args, "cache_dir", None)
     c.feature_device = getattr(args, "feature_device", "auto")
     c.decode_workers = getattr(args, "decode_workers", None)
+    c.video_backend = getattr(args, "backend", "auto")
     return c
 
 
@@ -162,6 +167,8 @@ def main(argv=None) -> int:
         if args.cmd == "bench":
             if args.which == "synthetic":
                 from .bench.synthetic import main as bench_main
+            elif args.which == "rss":
+                from .bench.rss import main as bench_main
             else:
                 from .bench.gpu import main as bench_main
             return bench_main(args.rest)

@@ -21,9 +21,35 @@ if TYPE_CHECKING:
     from .frame_reader import FrameReader
     from .video import SamplingPlan
 
-# Decoded frames Lite may hold for the next groups (FrameStash): 1 GiB is ~2,000 frames of 308x560
-# or ~170 of 1080p (frames are held at the file's size, before resizing).
+# Decoded frames Lite may hold for the next groups (FrameStash): 1 GiB is ~2,000 frames of 308x560,
+# or ~170 of 1080p where frames are held at the file's size (no Prescale: a model on a GPU).
 DEFAULT_FRAME_STASH_BYTES = 2 ** 30
+
+# Frames at the file's size a decoder lane holds at once when the model's resize runs at decode
+# time (Prescale): 128 MiB is 5 frames of 4K, 21 of 1080p, 16 (the read size) of anything smaller.
+DECODE_BATCH_BYTES = 128 * 2 ** 20
+
+
+class Prescale:
+    """The model's own resize of decoded frames to the size its preprocessing uses, run by the
+    decoder right after each small read (adapter.decode_resize: the same function preprocess would
+    apply, so features do not change). Chunks, the stash and the encode then hold frames at
+    `shape` instead of the file's size: a 4K frame is 24.9 MB as RGB, at 308x532 it is 0.5 MB."""
+
+    def __init__(self, fn, resized: tuple[int, int]):
+        self.fn, self.resized = fn, (int(resized[0]), int(resized[1]))
+        self.shape = (*self.resized, 3)
+
+    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(frames.is_inference()):
+            return self.fn(frames, self.resized)
+
+
+def decode_step(info, resize: "Prescale | None", read_frames: int = 16) -> int:
+    """Frames per read: `read_frames`, fewer when large frames are resized at decode time."""
+    if resize is None:
+        return read_frames
+    return max(1, min(read_frames, DECODE_BATCH_BYTES // max(1, info.height * info.width * 3)))
 
 
 @dataclass(eq=False)
@@ -61,15 +87,22 @@ class VideoHandle:
         f = self.frames_per_slice
         return (np.asarray(slices)[:, None] * f + np.arange(f)).reshape(-1)
 
-    def read(self, positions: np.ndarray, stash: "FrameStash | None" = None) -> torch.Tensor:
+    def read(self, positions: np.ndarray, stash: "FrameStash | None" = None,
+             resize: Prescale | None = None) -> torch.Tensor:
         """uint8 frames [N,H,W,3] at the given plan positions (decoding only those, plus the wanted
-        frames of an active `stash` that lie on the way)."""
+        frames of an active `stash` that lie on the way); with `resize`, at its size (decoded a
+        few at a time, see read_positions)."""
         if self.frames is not None:
             return self.frames[torch.as_tensor(positions, dtype=torch.long)]
         if self._reader is None:
             from .frame_reader import FrameReader
             self._reader = FrameReader(self.plan.info.path, backend=self.backend)
-        return read_positions(self._reader, self.plan, positions, stash)
+        return read_positions(self._reader, self.plan, positions, stash, resize,
+                              decode_step(self.plan.info, resize))
+
+    def park(self) -> None:
+        if self._reader is not None:
+            self._reader.park()
 
     def close(self) -> None:
         if self._reader is not None:
@@ -180,9 +213,25 @@ class FrameStash:
             self._wanted = None
 
 
-def read_positions(reader, plan, positions, stash: FrameStash | None) -> torch.Tensor:
+def read_positions(reader, plan, positions, stash: FrameStash | None,
+                   resize: Prescale | None = None, step: int | None = None) -> torch.Tensor:
     """Frames at plan `positions` from `reader`; with an active stash, wanted frames the reader
-    passes on the way are put in it."""
+    passes on the way are put in it. With `resize`, frames are read `step` at a time and resized
+    at once (stash frames too), so at most `step` frames at the file's size are alive here."""
+    if resize is None:
+        return _read_positions(reader, plan, positions, stash, None)
+    positions = np.asarray(positions, dtype=np.int64)
+    step = max(1, int(step or len(positions)))
+    out = torch.empty((len(positions), *resize.shape), dtype=torch.uint8)
+    for a in range(0, len(positions), step):
+        part = _read_positions(reader, plan, positions[a:a + step], stash, resize)
+        out[a:a + len(part)] = resize(part)
+        del part
+    return out
+
+
+def _read_positions(reader, plan, positions, stash: FrameStash | None,
+                    resize: Prescale | None) -> torch.Tensor:
     idx = [plan.indices[int(p)] for p in positions]
     if stash is None or not stash.active:
         return reader.read(idx)[0]
@@ -190,14 +239,18 @@ def read_positions(reader, plan, positions, stash: FrameStash | None) -> torch.T
     if len(cand) == 0:
         return reader.read(idx)[0]
     info = plan.info
-    room = stash.room(info.height * info.width * 3)
+    shape = resize.shape if resize is not None else (info.height, info.width, 3)
+    room = stash.room(shape[0] * shape[1] * shape[2])
     if room <= 0:
         return reader.read(idx)[0]
     by_index: dict[int, list[int]] = {}
     for p in cand.tolist():
         by_index.setdefault(int(plan.indices[p]), []).append(p)
-    return reader.read(idx, extra=list(by_index), max_extra=room,
-                       on_extra=lambda i, f: stash.put(by_index[i], f))[0]
+    if resize is not None:
+        put = lambda i, f: stash.put(by_index[i], resize(f[None])[0])  # noqa: E731
+    else:
+        put = lambda i, f: stash.put(by_index[i], f)                  # noqa: E731
+    return reader.read(idx, extra=list(by_index), max_extra=room, on_extra=put)[0]
 
 
 class _ReadyJob:
@@ -278,10 +331,13 @@ class FrameDecoder:
     """
 
     def __init__(self, video: "VideoHandle", workers: int, pin: bool = False,
-                 min_part: int = 16, read_frames: int = 16, stash: FrameStash | None = None):
+                 min_part: int = 16, read_frames: int = 16, stash: FrameStash | None = None,
+                 resize: Prescale | None = None):
         self.video, self.workers, self.pin = video, max(1, int(workers)), pin
         self.stash = stash
-        self.min_part, self.read_frames = max(1, min_part), max(1, read_frames)
+        self.resize = resize if video.frames is None else None
+        self.min_part = max(1, min_part)
+        self.read_frames = decode_step(video.plan.info, self.resize, max(1, read_frames))
         self._lanes: list[ThreadPoolExecutor | None] = [None] * self.workers
         self._readers: list = [None] * self.workers
         self._lock = threading.Lock()
@@ -306,6 +362,8 @@ class FrameDecoder:
     def _frame_shape(self) -> tuple[int, ...]:
         if self.video.frames is not None:
             return tuple(self.video.frames.shape[1:])
+        if self.resize is not None:
+            return self.resize.shape
         info = self.video.plan.info
         return (info.height, info.width, 3)
 
@@ -323,8 +381,12 @@ class FrameDecoder:
                 if self.video.frames is not None:
                     frames = self.video.frames[torch.as_tensor(pos, dtype=torch.long)]
                 else:
-                    frames = read_positions(self._reader(j), self.video.plan, pos, self.stash)
+                    frames = read_positions(self._reader(j), self.video.plan, pos, self.stash,
+                                            self.resize, step)
                 out[start + i:start + i + len(pos)] = frames
+                del frames
+            if self._readers[j] is not None:
+                self._readers[j].park()        # the lane waits now: decord must not decode on
         with self._lock:
             self.busy_seconds += time.perf_counter() - t0
             self.frames_read += len(positions)
@@ -363,17 +425,22 @@ class FrameDecoder:
 class _SyncJob:
     """A decode done in the caller's thread (decode_workers=0): same interface as _DecodeJob."""
 
-    def __init__(self, video: "VideoHandle", positions, stash: FrameStash | None = None):
+    def __init__(self, video: "VideoHandle", positions, stash: FrameStash | None = None,
+                 resize: Prescale | None = None):
         self.positions = np.asarray(positions, dtype=np.int64)
         self._video = video
         self._stash = stash
+        self._resize = resize
 
     @property
     def num_frames(self) -> int:
         return len(self.positions)
 
     def result(self) -> torch.Tensor:
-        return self._video.read(self.positions, stash=self._stash)
+        try:
+            return self._video.read(self.positions, stash=self._stash, resize=self._resize)
+        finally:
+            self._video.park()
 
     def cancel(self) -> None:
         pass

@@ -13,8 +13,8 @@ import time
 import numpy as np
 import torch
 
-from .decode import (DEFAULT_FRAME_STASH_BYTES, FrameDecoder, FrameStash, VideoHandle, _ReadyJob,
-                     _SyncJob, default_decode_workers)
+from .decode import (DEFAULT_FRAME_STASH_BYTES, FrameDecoder, FrameStash, Prescale, VideoHandle,
+                     _ReadyJob, _SyncJob, default_decode_workers)
 from .errors import InputError
 from .kv_cache import PrefixKVCache, device_memory_budget
 from .timing import Timer
@@ -76,6 +76,7 @@ class SliceFeatures:
         self.lookahead_chunks = lookahead_chunks
         self.gpu_feature_bytes = gpu_feature_bytes
         self.pad_chunks = pad_chunks
+        self.decode_resize = True          # resize frames at decode time where possible (Prescale)
         self.configure(feature_device=feature_device, decode_workers=decode_workers,
                        overlap=overlap, cache_dir=cache_dir)
         self.reset_stats()
@@ -322,12 +323,24 @@ class SliceFeatures:
             need = [s for s in need if not self._disk.has(s)]
         return need
 
+    def _prescale(self) -> Prescale | None:
+        """Resize at decode time (see Prescale) when the adapter offers its resize for CPU frames
+        and the model runs on the CPU (there preprocess would run the same function on the same
+        frames: identical features). On a GPU preprocess resizes on the device, as before."""
+        fn = getattr(self.adapter, "decode_resize", None)
+        info = self.video.info
+        if (fn is None or not self.decode_resize or self.video.frames is not None
+                or self._compute_device().type != "cpu" or (info.height, info.width) == tuple(self.resized)):
+            return None
+        return Prescale(fn, self.resized)
+
     def _get_decoder(self) -> FrameDecoder | None:
         if self.decode_workers <= 0:
             return None
         if self._decoder is None:
             pin = self._compute_device().type == "cuda" and torch.cuda.is_available()
-            self._decoder = FrameDecoder(self.video, self.decode_workers, pin=pin, stash=self.stash)
+            self._decoder = FrameDecoder(self.video, self.decode_workers, pin=pin, stash=self.stash,
+                                         resize=self._prescale())
         return self._decoder
 
     def lookahead(self, slices) -> None:
@@ -437,7 +450,8 @@ class SliceFeatures:
         job = None
         if len(rest):
             dec = self._get_decoder()
-            job = _SyncJob(self.video, rest, self.stash) if dec is None else dec.submit(rest, lane)
+            job = (_SyncJob(self.video, rest, self.stash, self._prescale()) if dec is None
+                   else dec.submit(rest, lane))
         if not have:
             return job
         dec = self._decoder

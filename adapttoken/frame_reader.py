@@ -152,6 +152,9 @@ class _PyAVSource:
                 raise _truncated(self.path, t, detail)
             yield t, img
 
+    def park(self) -> None:
+        """Nothing to do: PyAV decodes only when asked."""
+
     def close(self) -> None:
         if self.container is not None:
             self.container.close()
@@ -187,6 +190,7 @@ class _DecordSource:
                 f"decord's frame times for {path} differ from the container's by {drift:.3f} s: use backend='pyav'"
             )
         self.pos = 0  # index of the frame vr.next() returns
+        self.parked = False  # park() rewound the reader: the next read seeks
         self.rotate = self._rotation_needed() if info.rotation else 0
 
     def _rotation_needed(self) -> int:
@@ -213,13 +217,22 @@ class _DecordSource:
         skip_frames, which decodes forward and jumps to a keyframe only when it passes one."""
         for t in targets:
             try:
-                if strategy == "seek" or t < self.pos:
+                if strategy == "seek" or t < self.pos or self.parked:
                     self.vr.seek_accurate(int(t))
+                    self.parked = False
                 elif t > self.pos:
                     self.vr.skip_frames(int(t - self.pos))
             except Exception as e:
                 raise _truncated(self.path, t, _short(e)) from e
             yield t, _upright(self._next(t), self.rotate)
+
+    def park(self) -> None:
+        """Stop decord's background thread: after a read it decodes on to the end of the file,
+        keeping every frame (a 4K frame is 25 MB as RGB: ~0.3 GB a second while the caller does
+        something else). A seek to frame 0 stops it; the next read seeks to its first frame."""
+        if self.vr is not None and not self.parked:
+            self.vr.seek(0)
+            self.pos, self.parked = 0, True
 
     def close(self) -> None:
         self.vr = None
@@ -432,6 +445,12 @@ class FrameReader:
                 continue
             for pos in slots[t]:
                 out[pos] = frame
+
+    def park(self) -> None:
+        """Call when no read follows soon: a decord source stops decoding ahead (see
+        _DecordSource.park); the next read seeks to its first frame."""
+        if self._source is not None:
+            self._source.park()
 
     def close(self) -> None:
         """Release the file (safe to call twice)."""

@@ -63,6 +63,7 @@ class AdaptTokenConfig:
     cache_dir: str | None = None    # on-disk vision-feature cache (safetensors); None: memory only
     frame_stash_bytes: int = 2 ** 30    # Lite: decoded frames of later groups taken on the way (0: off)
     prefix_host_bytes: int = 0      # group-prefix keys/values kept in CPU memory when the GPU is full
+    video_backend: str = "auto"     # video decoder: auto (decord, else PyAV), decord or pyav
 
 
 @dataclass
@@ -161,7 +162,8 @@ def ask(model: Model, video_path, question: str | Question, options=(),
     video = open_video(video_path, num_frames=config.num_frames, max_fps=config.max_fps,
                        start=config.start, end=config.end, max_pixels=config.max_pixels,
                        min_pixels=config.min_pixels,
-                       frames_per_slice=model.adapter.frames_per_slice)
+                       frames_per_slice=model.adapter.frames_per_slice,
+                       backend=config.video_backend)
     probe_s = time.perf_counter() - t0
     if fresh_features:
         model.clear_cache()

@@ -155,6 +155,11 @@ class Qwen25VLAdapter(Adapter):
         return torch.floor(slice_times.double() * self.tokens_per_second + 1e-9).long()
 
     # -- vision --------------------------------------------------------------------------------
+    def decode_resize(self, frames: torch.Tensor, resized: tuple[int, int]) -> torch.Tensor:
+        """The resize `preprocess` does, on CPU frames (the decoder threads call it a few frames at
+        a time, so full-size frames never pile up; preprocess then finds them at `resized`)."""
+        return resize_exact(frames, "cpu", resized)
+
     @torch.inference_mode()
     def preprocess(self, frames: torch.Tensor, resized: tuple[int, int]):
         """Resize to exactly `resized` (bicubic, antialiased, as the processor would) on the model's

@@ -76,6 +76,10 @@ class Qwen3VLAdapter(FamilyAdapter):
         return (-int(t_pos) - 1) / 1000.0
 
     # -- vision --------------------------------------------------------------------------------
+    def decode_resize(self, frames: torch.Tensor, resized: tuple[int, int]) -> torch.Tensor:
+        """The resize `preprocess` does, on CPU frames (see Qwen25VLAdapter.decode_resize)."""
+        return resize_exact(frames, "cpu", resized)
+
     @torch.inference_mode()
     def preprocess(self, frames: torch.Tensor, resized: tuple[int, int]):
         """Resize to `resized` (bicubic, antialiased, as the processor would) on the model's device,
