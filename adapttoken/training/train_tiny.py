@@ -671,7 +671,7 @@ def check_vision(model, processor, device) -> float:
     ex = make_example(rng, situation="group", present=True)
     fr = torch.from_numpy(ex.frames[:8])
     vp = processor.video_processor
-    from .models._common import video_processor_kwargs
+    from ..models._common import video_processor_kwargs
     batch = vp(videos=[fr], size={"shortest_edge": FRAME * FRAME, "longest_edge": FRAME * FRAME},
                do_sample_frames=False, return_tensors="pt", **video_processor_kwargs(vp))
     pv_ref = batch["pixel_values_videos"].to(device)
