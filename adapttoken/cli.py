@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default=None)
     d.add_argument("--debug", action="store_true")
     e = sub.add_parser("eval", help="run VideoMME / MLVU / LongVideoBench / LVBench / a JSONL "
-                                    "(resumable); `eval score OUT` re-scores a run",
+                                    "(resumable); `eval score OUT` re-scores a run; `eval make-synthetic` "
+                                    "writes a synthetic set for speed runs",
                        add_help=False)
     e.add_argument("rest", nargs=argparse.REMAINDER)
     b = sub.add_parser("bench", help="benchmarks: synthetic (accuracy), gpu (speed) or rss (peak "

@@ -165,13 +165,19 @@ def _open(path: str) -> av.container.InputContainer:
         ) from e
 
 
+def _flag_value(x) -> int:
+    """An enum flag's (or a plain int's) integer value."""
+    return int(getattr(x, "value", x))
+
+
 def _video_stream(container: av.container.InputContainer, path: str) -> av.video.stream.VideoStream:
     """The first real video stream (cover art in audio files does not count)."""
     if container.format.name == "tty":  # FFmpeg's ANSI-art demuxer opens plain text files as "video"
         raise VideoError(f"{path} is a text file, not a video: give the path of a video file")
     for stream in container.streams.video:
         attached_pic = getattr(getattr(av.stream, "Disposition", None), "attached_pic", 0)
-        if not (attached_pic and int(stream.disposition) & int(attached_pic)):
+        # Disposition is an IntFlag in PyAV >= 16 and a plain Flag (no int()) in 15: compare values
+        if not (attached_pic and _flag_value(stream.disposition) & _flag_value(attached_pic)):
             return stream
     kinds = ", ".join(sorted({s.type for s in container.streams})) or "none"
     raise VideoError(

@@ -1,4 +1,5 @@
-"""`python -m adapttoken eval BENCH --data DIR ...` and `python -m adapttoken eval score OUT`."""
+"""`python -m adapttoken eval BENCH --data DIR ...`, `python -m adapttoken eval score OUT` and the
+benchmarking aid `python -m adapttoken eval make-synthetic videomme --out DIR ...` (bench/eval_aids.py)."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +7,7 @@ import sys
 
 from . import BENCHES
 from .profiles import PROFILES
-from .runner import ALL_METHODS, NATIVE_FRAMES, NATIVE_MAX_PIXELS, PAPER_CONFIG
+from .runner import ALL_METHODS, ARCHS, NATIVE_FRAMES, NATIVE_MAX_PIXELS, PAPER_CONFIG
 
 
 def _int_or_none(s: str):
@@ -16,7 +17,9 @@ def _int_or_none(s: str):
 def run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m adapttoken eval",
                                 description="Run a benchmark (resumable, sharded by video) and write a "
-                                            "Table-1-shaped report into --out.")
+                                            "Table-1-shaped report into --out. Also: `eval score OUT` "
+                                            "(re-score, no model); `eval make-synthetic videomme --out "
+                                            "DIR` (a synthetic set for speed runs with --arch).")
     p.add_argument("bench", choices=BENCHES, help="jsonl: your own file of {video, question, options, answer}")
     p.add_argument("--data", required=True, help="the benchmark's folder (for jsonl: the .jsonl file)")
     p.add_argument("--model", default=None, help="local model folder (default: the bundled tiny model)")
@@ -53,6 +56,21 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-workers", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
+    b = p.add_argument_group(
+        "benchmarking aids (speed only: random weights answer at random, so no accuracy of such a "
+        "run means anything; the report says so)")
+    b.add_argument("--arch", choices=ARCHS, default=None,
+                   help="instead of --model: this architecture with random weights (qwen2.5-vl-7b: "
+                        "the full-size 7B, bf16 on CUDA, as `bench gpu` builds it; tiny: its tiny "
+                        "config, for CPU tests)")
+    b.add_argument("--lite-stop-fraction", type=float, default=None, metavar="F",
+                   help="Lite stops after exactly round(F x groups) groups (at least 1) whatever the "
+                        "entropies, as `bench gpu` does (random weights are never confident); "
+                        "e.g. 0.25")
+    b.add_argument("--no-warmup", dest="warmup", action="store_false", default=None,
+                   help="with --arch: skip the warm-up (one question per method on the first video, "
+                        "not recorded, then the caches are emptied) that keeps kernel set-up and "
+                        "compilation out of the cold seconds")
     return p
 
 
@@ -66,7 +84,12 @@ def score_parser() -> argparse.ArgumentParser:
 
 
 def spec_from_args(a):
+    from ..errors import InputError
     from .runner import RunSpec, name_config
+    if a.arch and a.model:
+        raise InputError("--arch builds a model with random weights: leave --model out")
+    if a.lite_stop_fraction is not None and not 0 < a.lite_stop_fraction <= 1:
+        raise InputError(f"--lite-stop-fraction {a.lite_stop_fraction} must be within (0, 1]")
     frames = a.frames if a.frames is not None else (PAPER_CONFIG["num_frames"] if a.config == "paper" else 1024)
     budget = a.budget if a.budget is not None else PAPER_CONFIG["budget"]
     # `paper` whenever the paper's frames and budget are used; `default` when nothing was set
@@ -81,12 +104,17 @@ def spec_from_args(a):
                    native_min_pixels=a.native_min_pixels, subtitles=a.subtitles, model=a.model or "",
                    device=a.device, dtype=a.dtype, attn=a.attn, cache_dir=a.cache_dir,
                    decode_workers=a.decode_workers, worker=a.worker, workers=a.workers, limit=a.limit,
-                   seed=a.seed, quiet=a.quiet, retry_errors=a.retry_errors)
+                   seed=a.seed, quiet=a.quiet, retry_errors=a.retry_errors, arch=a.arch,
+                   lite_stop_fraction=a.lite_stop_fraction,
+                   warmup=bool(a.arch) if a.warmup is None else a.warmup)
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from . import report
+    if argv[:1] == ["make-synthetic"]:
+        from ..bench.eval_aids import make_synthetic_main
+        return make_synthetic_main(argv[1:])
     if argv[:1] == ["score"]:
         a = score_parser().parse_args(argv[1:])
         s = report.write(a.out, a.profile)

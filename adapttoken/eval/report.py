@@ -54,9 +54,11 @@ def timing(rows: list[dict]) -> dict:
     for name, sel in (("cold", [r for r in ok if r.get("cold")]), ("warm", [r for r in ok if not r.get("cold")])):
         out[name] = {"n": len(sel), "seconds": _mean([r["wall_s"] for r in sel]),
                      "group_passes": _mean([r.get("group_passes") for r in sel]),
+                     "groups": _mean([r.get("groups") for r in sel]),
                      "decoded_frames": _mean([r.get("decoded_frames") for r in sel]),
                      "encoded_slices": _mean([r.get("encoded_slices") for r in sel]),
                      "stages": {s: _mean([r["seconds"].get(s, 0.0) for r in sel]) for s in STAGES} if sel else {}}
+        out[name]["wall_share"] = wall_shares(out[name])
     tot = defaultdict(float)
     for r in ok:
         for s in STAGES:
@@ -65,6 +67,28 @@ def timing(rows: list[dict]) -> dict:
     out["stage_share"] = {s: (tot[s] / all_s if all_s else None) for s in STAGES}
     out["kept_tokens"] = _mean([r.get("kept_tokens") for r in ok])
     return out
+
+
+SHARE_OF = {"decode": ("decode",), "vision": ("preprocess", "vision", "cache_load"),
+            "group_pass": ("group_pass",), "answer": ("answer",)}
+
+
+def wall_shares(t: dict) -> dict:
+    """Shares of the mean wall seconds: decode (waiting for frames), vision (preprocess + tower +
+    cache loads), group passes, answer, and other (probe, allocation, Python between stages)."""
+    wall, st = t.get("seconds"), t.get("stages") or {}
+    if not wall or not st:
+        return {}
+    sh = {k: sum(st.get(x) or 0.0 for x in xs) / wall for k, xs in SHARE_OF.items()}
+    sh["other"] = max(0.0, 1.0 - sum(sh.values()))
+    return sh
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def summarize(out, profile: str | None = None, expected: int | None = None) -> dict:
@@ -83,14 +107,21 @@ def summarize(out, profile: str | None = None, expected: int | None = None) -> d
     methods = [m for m in METHOD_ORDER if m in by_m] + sorted(m for m in by_m if m not in METHOD_ORDER)
     res = {"bench": bench, "profile": profile, "run_profile": run_profile, "fingerprint": fp,
            "spec": {k: spec.get(k) for k in ("methods", "device", "dtype", "workers", "limit", "model")},
-           "expected_questions": expected, "cut_lines_skipped": cut, "methods": {}}
+           "expected_questions": expected, "cut_lines_skipped": cut, "methods": {},
+           "random_weights": bool(fp.get("arch")),
+           "warmup": [w for w in (_read_json(p) for p in sorted(out.glob("warmup-worker*.json"))) if w],
+           "built_models": [w for w in (_read_json(p) for p in sorted(out.glob("model-worker*.json"))) if w]}
+    # the paper's accuracy beside a run of its configuration with its model and Lite's own stop rule
+    claims = fp.get("config_name") == "paper" and not fp.get("arch") and fp.get("lite_stop_fraction") is None
     for m in methods:
         rs = by_m[m]
         e = {"metrics": metrics.compute(bench, rs), "timing": timing(rs)}
         probs = [r for r in rs if r.get("argmax") is not None]
         e["argmax_option_prob_acc"] = metrics.acc_entry(sum(r["argmax"] == r["gold"] for r in probs), len(probs))
-        if fp.get("config_name") == "paper" and bench in PAPER and m in PAPER[bench]:
+        if claims and bench in PAPER and m in PAPER[bench]:
             e["paper"] = {"acc": PAPER[bench][m], "seconds": PAPER[bench]["seconds"].get(m)}
+        if bench in PAPER and PAPER[bench]["seconds"].get(m) is not None:
+            e["paper_seconds"] = PAPER[bench]["seconds"][m]
         res["methods"][m] = e
     return res
 
@@ -107,7 +138,7 @@ def _num(x, f="{:.2f}") -> str:
 
 def markdown(s: dict) -> str:
     bench, fp = s["bench"], s["fingerprint"]
-    paper = fp.get("config_name") == "paper"
+    paper = any(e.get("paper") for e in s["methods"].values())
     bkey, cols = BREAKDOWN[bench]
     if cols is None:
         cols = sorted({k for e in s["methods"].values() for k in e["metrics"].get(bkey, {})})
@@ -116,8 +147,15 @@ def markdown(s: dict) -> str:
         [f"{c}" for c in cols] + ["n", "errors", "parse fail", "s/q cold", "s/q warm",
                                    "passes cold", "passes warm"] + (["paper s/q"] if paper else [])
     lines = [f"# {bench}: {s['profile']} profile" + (f" (re-scored; run with {s['run_profile']})"
-                                                      if s["profile"] != s["run_profile"] else ""), "",
-             "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+                                                      if s["profile"] != s["run_profile"] else ""), ""]
+    if s.get("random_weights"):
+        lines += [f"**Speed run: {fp.get('model')}. Random weights answer at random: the accuracy "
+                  f"columns below mean nothing (they only show the run worked end to end).**", ""]
+    if fp.get("lite_stop_fraction") is not None:
+        lines += [f"**Lite's stop is fixed: it stops after round({fp['lite_stop_fraction']:g} x groups) "
+                  f"groups whatever the entropies (a benchmarking aid), so Lite's accuracy is not the "
+                  f"method's.**", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for m, e in s["methods"].items():
         mt, t = e["metrics"], e["timing"]
         cells = [NAMES.get(m, m), _pct(mt["main"])]
@@ -144,6 +182,7 @@ def markdown(s: dict) -> str:
             share = t["stage_share"].get(st)
             cells.append("-" if v is None else f"{v:.3f} ({100 * (share or 0):.0f}%)")
         lines.append(f"| {NAMES.get(m, m)} | " + " | ".join(cells) + " |")
+    lines += speed_table(s)
     extra = []
     if bench == "mlvu":
         extra.append("M-Avg is the mean of the 7 task accuracies (interval: normal, from the per-task "
@@ -153,8 +192,10 @@ def markdown(s: dict) -> str:
     f = fp
     extra += [
         f"Settings: configuration `{f['config_name']}`: {f['num_frames']} frames, budget {f['budget']} "
-        f"tokens, max {f['max_pixels']} pixels per frame, group size {f['group_size']}, Lite stop "
-        f"threshold {f['stop_threshold']}; native baseline: {f['native_frames']} uniformly sampled "
+        f"tokens, max {f['max_pixels']} pixels per frame, group size {f['group_size']}, Lite "
+        + (f"stop fixed after round({f['lite_stop_fraction']:g} x groups) groups"
+           if f.get("lite_stop_fraction") is not None else f"stop threshold {f['stop_threshold']}")
+        + f"; native baseline: {f['native_frames']} uniformly sampled "
         f"frames, max {f['native_max_pixels']} pixels per frame, every token, no selection; "
         f"subtitles {'on' if f['subtitles'] else 'off'}; model {f['model']}; "
         f"new tokens {profiles.max_new_tokens(s['run_profile'], bench)} ({s['run_profile']}).",
@@ -163,11 +204,19 @@ def markdown(s: dict) -> str:
         "sampling (decodes and runs the vision tower); warm: the others (reuse the features). "
         "The method order rotates per video so each method is cold on its share of videos.",
     ]
+    for w in s.get("warmup") or []:
+        extra.append(f"Warm-up before the recorded questions: one question per method on {Path(w['video']).name} "
+                     f"({w['seconds']:.1f} s, not recorded; every cache emptied after it).")
+    for b in s.get("built_models") or []:
+        extra.append(f"Model: {b['arch']} with random weights, {b['dtype']} on {b['device']}, built in "
+                     f"{b['build_s']:.1f} s.")
     if paper:
         extra.append("Paper: Table 1 of arXiv 2603.28696 (Qwen2.5-VL-7B); its seconds are Lite / full per question.")
+    elif fp.get("config_name") == "paper":
+        extra.append("No paper accuracy beside this run: random weights or a fixed Lite stop.")
     else:
-        extra.append("The paper's figures are printed only beside runs of the `paper` configuration "
-                     "(4096 frames, budget 7040).")
+        extra.append("The paper's accuracy figures are printed only beside runs of the `paper` "
+                     "configuration (4096 frames, budget 7040) with a model's own weights.")
     if s.get("expected_questions") is not None:
         done = {m: e["metrics"]["overall"]["n"] for m, e in s["methods"].items()}
         extra.append(f"Questions in the data set (after --limit): {s['expected_questions']}; rows per method: "
@@ -175,6 +224,37 @@ def markdown(s: dict) -> str:
     if s["cut_lines_skipped"]:
         extra.append(f"{s['cut_lines_skipped']} lines cut by a kill were skipped (their questions re-run on resume).")
     return "\n".join(lines + [""] + [f"- {x}" for x in extra] + ["", "![accuracy](accuracy.png)", ""])
+
+
+def speed_table(s: dict) -> list[str]:
+    """Seconds per question per method, cold and warm, their shares, and the paper's seconds."""
+    fp = s["fingerprint"]
+    paper_s = any(e.get("paper_seconds") is not None for e in s["methods"].values())
+    head = ["method", "", "n", "s/q", "decode", "vision", "group passes", "answer", "other",
+            "group passes run"] + (["paper s/q"] if paper_s else [])
+    out = ["", "Speed: seconds per question (wall) and where they went (share of the wall seconds; "
+               "decode = waiting for frames, vision = preprocessing + vision tower):", "",
+           "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for m, e in s["methods"].items():
+        t = e["timing"]
+        for kind in ("cold", "warm"):
+            x = t[kind]
+            sh = x.get("wall_share") or {}
+            cells = [NAMES.get(m, m), kind, str(x["n"]), _num(x["seconds"])]
+            cells += [f"{100 * sh[k]:.0f}%" if k in sh else "-"
+                      for k in ("decode", "vision", "group_pass", "answer", "other")]
+            cells.append("-" if x.get("group_passes") is None else
+                         f"{x['group_passes']:.1f} / {x['groups'] or 0:.1f}")
+            if paper_s:
+                cells.append(_num(e.get("paper_seconds"), "{:.1f}"))
+            out.append("| " + " | ".join(cells) + " |")
+    if paper_s:
+        same = fp.get("config_name") == "paper"
+        out += ["", "Paper s/q: Table 1 of arXiv 2603.28696, seconds per question of AdaptToken-Lite / "
+                    "AdaptToken with Qwen2.5-VL-7B at 4096 frames and budget 7040 on the authors' GPU"
+                + ("." if same else f"; this run samples {fp['num_frames']} frames with budget "
+                                     f"{fp['budget']}, so the two are not like for like.")]
+    return out
 
 
 def plot(s: dict, path: Path) -> None:

@@ -34,6 +34,8 @@ ALL_METHODS = ("native", "adapttoken", "lite", "uniform", "even_split")
 # the lmms-eval Qwen2.5-VL wrapper's (max_num_frames 32, max_pixels 1605632); set them per run.
 NATIVE_FRAMES = 32
 NATIVE_MAX_PIXELS = 1605632
+# benchmarking aids (`--arch`): architectures built with random weights (bench/eval_aids.py)
+ARCHS = ("qwen2.5-vl-7b", "tiny")
 
 
 @dataclass
@@ -66,14 +68,19 @@ class RunSpec:
     seed: int = 0
     quiet: bool = False
     retry_errors: bool = False
+    # benchmarking aids: random weights (speed only) and Lite's stop fixed at a share of the groups
+    arch: str | None = None
+    lite_stop_fraction: float | None = None
+    warmup: bool = False
 
     # what changes an answer: a resumed run must match these
     def fingerprint(self) -> dict:
         keys = ("bench", "profile", "config_name", "num_frames", "budget", "max_pixels", "min_pixels",
                 "group_size", "stop_threshold", "native_frames", "native_max_pixels",
-                "native_min_pixels", "subtitles", "seed")
+                "native_min_pixels", "subtitles", "seed", "arch", "lite_stop_fraction")
         d = {k: getattr(self, k) for k in keys}
-        d["model"] = Path(self.model).name if self.model else "bundled"
+        d["model"] = (f"{self.arch} (random weights)" if self.arch
+                      else Path(self.model).name if self.model else "bundled")
         return d
 
 
@@ -219,6 +226,8 @@ def check_run_dir(spec: RunSpec) -> None:
     fp = spec.fingerprint()
     if meta.exists():
         old = json.loads(meta.read_text()).get("fingerprint", {})
+        for k in ("arch", "lite_stop_fraction"):        # runs written before these existed
+            old.setdefault(k, None)
         diff = {k: (old.get(k), v) for k, v in fp.items() if old.get(k) != v}
         if diff:
             raise InputError(f"{out} holds a run with other settings ("
@@ -296,10 +305,9 @@ def run(spec: RunSpec, items: list[Item], model=None, log=None) -> dict:
     running = {m: [0, 0] for m in spec.methods}
     try:
         if any(v[0].video_id not in bad for v, _, _ in todo) and model is None:
-            from ..defaults import default_model_dir
-            from ..models.loading import load_model
-            model = load_model(spec.model or default_model_dir(), dtype=spec.dtype, device=spec.device,
-                               attn_implementation=spec.attn)
+            model = load(spec, log)
+        if spec.warmup and model is not None:
+            warmup(model, spec, [v for v in mine if v[0].video_id not in bad], sub_cache={}, log=log)
         t_run, n_run = time.perf_counter(), 0
         sub_cache = {}
         for v in mine:
@@ -355,6 +363,48 @@ def run(spec: RunSpec, items: list[Item], model=None, log=None) -> dict:
     return stats
 
 
+def load(spec: RunSpec, log):
+    """The run's model: --model (or the bundled one), or --arch with random weights."""
+    if spec.arch:
+        from ..bench.eval_aids import build_random_model
+        model, secs, dt = build_random_model(spec.arch, spec.device, spec.dtype)
+        log(f"model: {spec.arch} with random weights ({dt}, {model.adapter.device}), built in "
+            f"{secs:.1f} s: a speed run, its answers are random")
+        _write_json(Path(spec.out) / f"model-worker{spec.worker}-of-{spec.workers}.json",
+                    {"arch": spec.arch, "dtype": dt, "device": str(model.adapter.device),
+                     "build_s": round(secs, 3), "name": model.name})
+        return model
+    from ..defaults import default_model_dir
+    from ..models.loading import load_model
+    return load_model(spec.model or default_model_dir(), dtype=spec.dtype, device=spec.device,
+                      attn_implementation=spec.attn)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def warmup(model, spec: RunSpec, videos: list[list[Item]], sub_cache: dict, log) -> None:
+    """One question per method on the first readable video, not recorded, then every cache emptied:
+    kernel set-up and compilation stay out of the first recorded (cold) question."""
+    if not videos:
+        return
+    it = videos[0][0]
+    t0 = time.perf_counter()
+    per = {}
+    for m in spec.methods:
+        t = time.perf_counter()
+        r = run_one(model, spec, it, m, method_config(spec, m), sub_cache)
+        per[m] = {"wall_s": round(time.perf_counter() - t, 3), "error": r.get("error")}
+    model.clear_cache()
+    total = time.perf_counter() - t0
+    _write_json(Path(spec.out) / f"warmup-worker{spec.worker}-of-{spec.workers}.json",
+                {"video": it.video, "qid": it.qid, "seconds": round(total, 3), "methods": per})
+    log(f"warm-up: {len(per)} methods on {it.video_id} in {total:.1f} s (not recorded; caches emptied)")
+
+
 def run_one(model, spec: RunSpec, item: Item, method: str, cfg, sub_cache: dict) -> dict:
     """One (question, method): the answer, its parse and the costs; an exception -> an error row."""
     from ..pipeline import ask
@@ -362,7 +412,11 @@ def run_one(model, spec: RunSpec, item: Item, method: str, cfg, sub_cache: dict)
         lines = _subtitle_lines(item, cfg, sub_cache) if spec.subtitles else None
         q = profiles.question_for(spec.profile, item, lines)
         t0 = time.perf_counter()
-        res = ask(model, item.video, q, config=cfg, method="uniform" if method == "native" else method)
+        if method == "lite" and spec.lite_stop_fraction is not None:
+            from ..bench.eval_aids import ask_fixed_stop
+            res = ask_fixed_stop(model, item.video, q, cfg, spec.lite_stop_fraction)
+        else:
+            res = ask(model, item.video, q, config=cfg, method="uniform" if method == "native" else method)
         wall = time.perf_counter() - t0
     except KeyboardInterrupt:
         raise
