@@ -150,14 +150,10 @@ def select(model: Model, video, question: Question, config: AdaptTokenConfig, me
                     config.redundancy_threshold, hooks=hooks)
 
 
-def ask(model: Model, video_path, question: str | Question, options=(),
-        config: AdaptTokenConfig | None = None, method: str = "adapttoken",
-        hooks: Hooks = NO_HOOKS, fresh_features: bool = False) -> Result:
-    """Answer a question about a video file with AdaptToken ('adapttoken'), AdaptToken-Lite
-    ('lite') or a baseline at the same token budget ('uniform', 'even_split')."""
-    config = config or AdaptTokenConfig()
-    q = question if isinstance(question, Question) else Question(question, tuple(options))
-    check_budget(config.budget)
+def prepare(model: Model, video_path, config: AdaptTokenConfig, fresh_features: bool = False):
+    """Open `video_path` with the config's sampling and set up its features store (cache, decoding,
+    stash, prefix keys/values) for one question; the probe's seconds go to the store's timer.
+    -> the VideoHandle that select() takes."""
     t0 = time.perf_counter()
     video = open_video(video_path, num_frames=config.num_frames, max_fps=config.max_fps,
                        start=config.start, end=config.end, max_pixels=config.max_pixels,
@@ -174,6 +170,18 @@ def ask(model: Model, video_path, question: str | Question, options=(),
                     prefix_host_bytes=config.prefix_host_bytes)
     feats.reset_stats()
     feats.timer.add("probe", probe_s)
+    return video
+
+
+def ask(model: Model, video_path, question: str | Question, options=(),
+        config: AdaptTokenConfig | None = None, method: str = "adapttoken",
+        hooks: Hooks = NO_HOOKS, fresh_features: bool = False) -> Result:
+    """Answer a question about a video file with AdaptToken ('adapttoken'), AdaptToken-Lite
+    ('lite') or a baseline at the same token budget ('uniform', 'even_split')."""
+    config = config or AdaptTokenConfig()
+    q = question if isinstance(question, Question) else Question(question, tuple(options))
+    check_budget(config.budget)
+    video = prepare(model, video_path, config, fresh_features)
     sel = select(model, video, q, config, method, hooks)
     return answer(sel, config.max_new_tokens, config.do_sample, config.temperature, config.top_p,
                   config.seed, hooks)

@@ -157,28 +157,16 @@ def fixed_stop_k(groups: int, fraction: float) -> int:
 
 
 def ask_fixed_stop(model, video_path, question, config, fraction: float):
-    """`pipeline.ask(..., method="lite")` step for step, with Lite's stop after exactly
+    """`pipeline.ask(..., method="lite")` with Lite's stop after exactly
     `fixed_stop_k(groups, fraction)` groups (bench gpu's StopAfter) instead of the entropy rule."""
     from ..budget import allocate
-    from ..decode import open_video
     from ..entropy import score_groups
     from ..groups import split_groups
-    from ..pipeline import answer
+    from ..pipeline import answer, prepare
     from ..rank import RankedGroups
     from .gpu import StopAfter
 
-    t0 = time.perf_counter()
-    video = open_video(video_path, num_frames=config.num_frames, max_fps=config.max_fps,
-                       start=config.start, end=config.end, max_pixels=config.max_pixels,
-                       min_pixels=config.min_pixels, frames_per_slice=model.adapter.frames_per_slice)
-    probe_s = time.perf_counter() - t0
-    feats = model.features_for(video)
-    feats.configure(feature_device=config.feature_device, decode_workers=config.decode_workers,
-                    overlap=config.overlap, cache_dir=config.cache_dir,
-                    frame_stash_bytes=config.frame_stash_bytes,
-                    prefix_host_bytes=config.prefix_host_bytes)
-    feats.reset_stats()
-    feats.timer.add("probe", probe_s)
+    video = prepare(model, video_path, config)
     groups = split_groups(video, config.group_size, config.layout)
     ranked = RankedGroups(model, groups, question, config.layer, config.aggregation)
     scored = score_groups(ranked, config.entropy_mode, config.entropy_tokens)
