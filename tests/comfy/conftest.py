@@ -36,6 +36,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BROWSER_DIR = REPO_ROOT / "tests" / "browser"
 START_TIMEOUT_S = 120.0
+UNLOADED_LOG = "unloaded; its video features were dropped"     # nodes/runtime.py logs it on unload
 REQUIRE_ENV = "ADAPTTOKEN_REQUIRE_COMFY"  # "1": a skipped test here fails (CI: nothing may skip silently)
 SKIP_NO_COMFY = "set COMFYUI_DIR to a ComfyUI checkout to run the ComfyUI tests"
 TERMINAL_EVENTS = ("execution_success", "execution_error", "execution_interrupted")
@@ -264,9 +265,19 @@ class ComfyClient:
         status, body = self.request("POST", "/interrupt", {"prompt_id": prompt_id} if prompt_id else {})
         assert status == 200, f"/interrupt answered {status}: {body}"
 
-    def free(self, unload_models: bool = True, free_memory: bool = True) -> None:
+    def free(self, unload_models: bool = True, free_memory: bool = True, wait_unload_s: float = 10.0) -> bool:
+        """POST /free, then wait up to `wait_unload_s` for the pack to log that its model was unloaded
+        (/free only sets a flag that the prompt worker acts on when it next wakes: a prompt posted at
+        once can run before it). -> whether an unload was seen (none: no model of ours was loaded)."""
+        before = self.log().count(UNLOADED_LOG)
         status, body = self.request("POST", "/free", {"unload_models": unload_models, "free_memory": free_memory})
         assert status == 200, f"/free answered {status}: {body}"
+        deadline = time.monotonic() + wait_unload_s
+        while self.log().count(UNLOADED_LOG) == before:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+        return True
 
     def wait(self, prompt_id: str, timeout: float = 120) -> RunResult:
         """Block until prompt_id ends; returns how it ended and the messages sent while it ran."""

@@ -215,9 +215,6 @@ def test_budget_change_reruns_only_the_allocation(comfy_server, api, model_name)
     assert st["encoded_slices"] == 0 and st["decoded_frames"] == 0 and st["budget"] == 512
 
 
-UNLOADED = "unloaded; its video features were dropped"    # nodes/runtime.py logs it on unload
-
-
 def test_new_question_reuses_features_until_free(comfy_server, api, model_name):
     p = make(api, "adapttoken_full", model_name, AttentionRank__question="What appeared first?")
     comfy_server.run(p, timeout=300)
@@ -227,12 +224,8 @@ def test_new_question_reuses_features_until_free(comfy_server, api, model_name):
     assert {node_of(p2, "AdaptToken_LoadMLLM"), node_of(p2, "AdaptToken_LoadVideo")} <= cached(run)
     st = stats(run, p2)
     assert st["group_passes"] == SAMPLE_GROUPS and st["encoded_slices"] == 0
-    unloads = comfy_server.log().count(UNLOADED)
-    comfy_server.free()              # "Unload models": the features go with the weights
-    deadline = time.monotonic() + 60     # /free is a flag the prompt worker acts on when it wakes
-    while comfy_server.log().count(UNLOADED) == unloads:
-        assert time.monotonic() < deadline, "the model was not unloaded within 60 s of /free"
-        time.sleep(0.2)
+    # "Unload models": the features go with the weights
+    assert comfy_server.free(wait_unload_s=60), "the model was not unloaded within 60 s of /free"
     p3 = make(api, "adapttoken_full", model_name, AttentionRank__question="What appeared at all?")
     st = stats(comfy_server.run(p3, timeout=300), p3)
     assert st["encoded_slices"] == SAMPLE_SLICES
@@ -252,8 +245,7 @@ def test_keep_loaded_off_offloads_after_the_answer(comfy_server, api, model_name
 
 
 def test_lite_never_touches_the_groups_after_the_stop(comfy_server, api, model_name):
-    comfy_server.free()              # start from an empty feature cache
-    time.sleep(1.0)
+    comfy_server.free()              # start from an empty feature cache (waits for the unload)
     # threshold 1.0: stop after the first group whatever its entropy
     p = make(api, "adapttoken_lite", model_name, EarlyStop__threshold=1.0,
              AttentionRank__question="What colour was it?")
