@@ -9,7 +9,7 @@ Implements arXiv 2603.28696 on transformers' model classes. Imports nothing from
 from .budget import Selection, allocate, even_split, uniform_frames
 from .decode import VideoHandle, open_video
 from .entropy import ScoredGroups, StopRule, early_stop, response_entropy, score_groups
-from .errors import AdaptTokenError, Cancelled, InputError, ModelLoadError, VideoError
+from .errors import AdaptTokenError, Cancelled, InputError, ModelLoadError, OutOfMemory, VideoError
 from .features import SliceFeatures
 from .groups import Groups, split_groups
 from .models.loading import Model, detect_family, download_model, load_model, supported_families
@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaptTokenConfig", "AdaptTokenError", "Cancelled", "Groups", "Hooks", "InputError", "Model",
-    "ModelLoadError", "Question", "RankedGroups", "Result", "ScoredGroups", "Selection",
+    "ModelLoadError", "OutOfMemory", "Question", "RankedGroups", "Result", "ScoredGroups", "Selection",
     "SliceFeatures", "StopRule", "VideoError", "VideoHandle", "allocate", "answer", "ask",
     "detect_family", "download_model", "early_stop", "even_split", "load_model", "open_video",
     "response_entropy", "score_groups", "select", "split_groups", "supported_families",

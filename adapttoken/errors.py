@@ -20,3 +20,7 @@ class InputError(AdaptTokenError, ValueError):
 
 class Cancelled(AdaptTokenError):
     """The user cancelled the run (ComfyUI's Cancel, Ctrl-C in the CLI)."""
+
+
+class OutOfMemory(AdaptTokenError, RuntimeError):
+    """The device ran out of memory; the message names what to lower (memory.out_of_memory)."""

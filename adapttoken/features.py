@@ -16,7 +16,7 @@ import torch
 from .decode import (DEFAULT_FRAME_STASH_BYTES, FrameDecoder, FrameStash, Prescale, VideoHandle,
                      _ReadyJob, _SyncJob, default_decode_workers)
 from .errors import InputError
-from .kv_cache import PrefixKVCache, device_memory_budget
+from .kv_cache import PrefixKVCache, device_memory_budget, tensor_bytes
 from .timing import Timer
 
 
@@ -193,6 +193,42 @@ class SliceFeatures:
         if self._decoder is None:
             return 0.0
         return self._decoder.busy_seconds - self._busy0
+
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes this store holds now, per device ("cuda:0", "cpu"): the feature blocks, the
+        prefix keys/values (device tier; the host tier and its staging buffers under "cpu") and
+        Lite's frame stash (CPU memory). Real tensor sizes, counted when asked."""
+        out = tensor_bytes(b for b in self._blocks if b is not None)
+        if self.prefix_kv is not None:
+            for dev, n in self.prefix_kv.held_bytes().items():
+                out[dev] = out.get(dev, 0) + n
+        if self.stash.bytes:
+            out["cpu"] = out.get("cpu", 0) + int(self.stash.bytes)
+        return out
+
+    def free_memory(self, device=None) -> int:
+        """Drop what this store holds on `device` (everything when None): prefix keys/values
+        there, the features when they are stored there, and (for the CPU) the frame stash. The
+        store stays usable: what a later request needs is computed again. Returns the bytes
+        freed."""
+        before = self.held_bytes()
+        want = None if device is None else str(torch.device(device))
+
+        def here(dev) -> bool:
+            return want is None or str(dev) == want or (
+                want in ("cuda", "cpu") and str(dev).split(":")[0] == want)
+
+        if self.prefix_kv is not None:
+            self.prefix_kv.drop(device)
+        if self._store_device is not None and here(self._store_device):
+            self._blocks = [None] * len(self._blocks)
+            self._store_device = None
+            self._have = torch.zeros_like(self._have)
+        if want is None or want == "cpu":
+            self.drop_lookahead()                # also empties the frame stash
+        after = self.held_bytes()
+        return sum(n for d, n in before.items() if here(d)) - sum(n for d, n in after.items()
+                                                                   if here(d))
 
     def release(self) -> None:
         self.drop_lookahead()                    # also empties the frame stash

@@ -8,6 +8,23 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 
+def tensor_bytes(tensors) -> dict[str, int]:
+    """Bytes the given tensors hold, per device ("cuda:0", "cpu"): each underlying storage counted
+    once, whole (a view keeps all of its storage alive)."""
+    out: dict[str, int] = {}
+    seen = set()
+    for t in tensors:
+        if t is None:
+            continue
+        st = t.untyped_storage()
+        key = (str(t.device), st.data_ptr())
+        if key in seen:
+            continue
+        seen.add(key)
+        out[str(t.device)] = out.get(str(t.device), 0) + st.nbytes()
+    return out
+
+
 def device_memory_budget(device: torch.device) -> int | None:
     """Bytes this process may allocate on a CUDA device: the card's memory times the per-process
     fraction (torch.cuda.set_per_process_memory_fraction), or None off CUDA."""
@@ -40,6 +57,7 @@ class PrefixKVCache:
     def __init__(self, fraction: float = 0.75, cpu_bytes: int = 2 * 2 ** 30, host_bytes: int = 0):
         self.fraction, self.cpu_bytes, self.host_bytes = fraction, cpu_bytes, int(host_bytes)
         self._store: dict = {}
+        self._nbytes: dict = {}          # key -> bytes of its states
         self._host: set = set()          # keys whose states live in the host tier
         self._pending: list = []         # (key, future) of copies to the host in flight
         self._stream = None
@@ -130,6 +148,7 @@ class PrefixKVCache:
 
     def put(self, key, kv: list, nbytes: int) -> None:
         self._store[key] = kv
+        self._nbytes[key] = nbytes
         self.bytes += nbytes
         self.stored += 1
 
@@ -142,6 +161,7 @@ class PrefixKVCache:
         if self.host_used + nbytes <= self.host_bytes:
             t0 = time.perf_counter()
             self._store[key] = self._to_host(key, kv)
+            self._nbytes[key] = nbytes
             self.host_seconds += time.perf_counter() - t0
             self._host.add(key)
             self.host_used += nbytes
@@ -151,13 +171,49 @@ class PrefixKVCache:
         self.refused += 1
         return False
 
-    def clear(self) -> None:
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes held now, per device: the states of both tiers and the host tier's pinned staging
+        buffers (tensor sizes, not the counters)."""
+        flat = [t for kv in self._store.values() for pair in kv for t in pair]
+        flat += [b for b in getattr(self, "_staging", None) or () if b is not None]
+        return tensor_bytes(flat)
+
+    def _wait_all(self) -> None:
         for _, fut in self._pending:
             try:
                 fut.result()             # no copy keeps writing into states being dropped
             except Exception:  # noqa: BLE001 - a failed copy of states nobody will use
                 pass
         self._pending.clear()
+
+    def drop(self, device=None) -> None:
+        """Drop the states that live on `device` (a torch.device or its string; the host tier's
+        are on "cpu"), or everything when None (see clear)."""
+        if device is None:
+            self.clear()
+            return
+        want = str(torch.device(device))
+        self._wait_all()
+        for key in list(self._store):
+            kv = self._store[key]
+            where = str(kv[0][0].device) if kv else "cpu"
+            if where != want and not (want in ("cuda", "cpu") and where.split(":")[0] == want):
+                continue
+            nbytes = self._nbytes.pop(key, 0)
+            del self._store[key]
+            if key in self._host:
+                self._host.discard(key)
+                self.host_used -= nbytes
+            else:
+                self.bytes -= nbytes
+        if want == "cpu" and getattr(self, "_staging", None) is not None:
+            self._staging = [None, None]
+
+    def clear(self) -> None:
+        self._wait_all()
         self._store.clear()
+        self._nbytes.clear()
         self._host.clear()
         self.bytes = self.host_used = 0
+        if getattr(self, "_staging", None) is not None:
+            self._staging = [None, None]     # the pinned buffers go too (re-made on next use)

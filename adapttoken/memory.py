@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .errors import OutOfMemory
+
 ATTENTION_EAGER = "eager"
 # Text a family puts around each slice's visual tokens (Qwen3-VL's timestamps, InternVL's
 # "Frame i: <img>...</img>"): at most this many tokens per slice in the families we support.
@@ -159,3 +161,69 @@ def answer_step_bytes(selection, max_new_tokens: int, device: torch.device | Non
     if kept:
         total = max(total, _chunk_bytes(f, slices))
     return int(total + stored_features_bytes(f, device))
+
+
+# -- out of memory ----------------------------------------------------------------------------------
+
+LOWER = "the frames (num_frames), the token budget, max_pixels or the group size"
+
+
+def oom_message(err: BaseException | None = None, settings: dict | None = None,
+                device: torch.device | None = None) -> str:
+    """One line: what ran out, where, and what to lower (with the values in `settings`, e.g.
+    {"num_frames": 1024, "budget": 7040, "max_pixels": 172480, "group_size": 64})."""
+    where = ""
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type == "cuda" and torch.cuda.is_available():
+        from .kv_cache import device_memory_budget
+        try:
+            used = torch.cuda.memory_reserved(dev) / 2 ** 30
+            where = f" on {dev} ({used:.1f} of {device_memory_budget(dev) / 2 ** 30:.1f} GiB reserved)"
+        except Exception:  # noqa: BLE001 - a figure is a nicety
+            where = f" on {dev}"
+    lower = LOWER
+    if settings:
+        names = {"num_frames": "the frames", "budget": "the token budget",
+                 "max_pixels": "max_pixels", "group_size": "the group size"}
+        parts = [f"{names.get(k, k)} ({v})" for k, v in settings.items() if v is not None]
+        if parts:
+            lower = ", ".join(parts[:-1]) + " or " + parts[-1] if len(parts) > 1 else parts[0]
+    return (f"out of GPU memory{where}: lower {lower}, or load the model with a smaller dtype; "
+            f"the video caches were freed")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+        and not isinstance(e, OutOfMemory))
+
+
+def free_after_oom(e: BaseException, free=None) -> None:
+    """Let go of what an out-of-memory error holds: the tensors in its traceback's frames, the
+    caches (`free()`), and the allocator's cached blocks."""
+    import traceback
+    traceback.clear_frames(e.__traceback__)
+    if free is not None:
+        free()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class out_of_memory:  # noqa: N801 - used as a context manager, like a function
+    """`with out_of_memory(free, settings, device):` turns a torch.OutOfMemoryError (or a "CUDA out
+    of memory" RuntimeError) raised inside into errors.OutOfMemory with a one-line message naming
+    what to lower, after calling `free()` (drop the caches) and emptying the allocator's cache."""
+
+    def __init__(self, free=None, settings: dict | None = None, device=None):
+        self.free, self.settings, self.device = free, settings, device
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, e, tb):
+        if e is None or not is_out_of_memory(e):
+            return False
+        free_after_oom(e, self.free)
+        msg = oom_message(e, self.settings, self.device)
+        del e, tb
+        raise OutOfMemory(msg) from None

@@ -16,6 +16,7 @@ from .decode import open_video
 from .entropy import early_stop, response_entropy, score_groups
 from .errors import InputError
 from .groups import split_groups
+from .memory import out_of_memory
 from .models.loading import Model
 from .question import NO_HOOKS, Hooks, Question
 from .rank import RankedGroups
@@ -105,11 +106,15 @@ def answer(selection: Selection, max_new_tokens: int = 64, do_sample: bool = Fal
     adapter = f.adapter
     hooks = hooks or NO_HOOKS
     hooks.check()
-    embeds, coords = f.tokens(selection.gids, hooks)
-    t0 = time.perf_counter()
-    gen = adapter.generate(selection.prompt, embeds, coords, f.extent_of(None),
-                           max_new_tokens=max_new_tokens, do_sample=do_sample,
-                           temperature=temperature, top_p=top_p, seed=seed, hooks=hooks)
+    settings = {"budget": selection.budget, "num_frames": f.video.num_frames,
+                "max_pixels": f.video.plan.max_pixels}
+    with out_of_memory(f.free_memory, settings, adapter.device):
+        embeds, coords = f.tokens(selection.gids, hooks)
+        t0 = time.perf_counter()
+        gen = adapter.generate(selection.prompt, embeds, coords, f.extent_of(None),
+                               max_new_tokens=max_new_tokens, do_sample=do_sample,
+                               temperature=temperature, top_p=top_p, seed=seed, hooks=hooks)
+        del embeds, coords
     f.timer.add("answer", time.perf_counter() - t0, sync=adapter.device)
     probs = None
     q = selection.question
@@ -134,9 +139,19 @@ def answer(selection: Selection, max_new_tokens: int = 64, do_sample: bool = Fal
 
 def select(model: Model, video, question: Question, config: AdaptTokenConfig, method: str,
            hooks: Hooks = NO_HOOKS) -> Selection:
-    """The selection step of each method, on an opened video."""
+    """The selection step of each method, on an opened video. Out of device memory: the model's
+    video caches are freed and errors.OutOfMemory says what to lower."""
     if method not in METHODS:
         raise InputError(f"method={method!r} is not known: use one of {', '.join(METHODS)}")
+    settings = {"num_frames": video.num_frames, "budget": config.budget,
+                "max_pixels": config.max_pixels,
+                "group_size": None if method == "uniform" else config.group_size}
+    with out_of_memory(model.clear_cache, settings, model.adapter.device):
+        return _select(model, video, question, config, method, hooks)
+
+
+def _select(model: Model, video, question: Question, config: AdaptTokenConfig, method: str,
+            hooks: Hooks) -> Selection:
     if method == "uniform":
         return uniform_frames(model, video, question, config.budget)
     groups = split_groups(video, config.group_size, config.layout)

@@ -105,12 +105,63 @@ class HFHolder(torch.nn.Module):
         self.hf = hf_model
 
 
-class WholeModelPatcher(comfy.model_patcher.ModelPatcher):
-    """Loads and offloads the model as a whole: an HF model split across devices cannot run, so a
-    request to free part of it frees none, and ComfyUI then offloads all of it."""
+def _device_key(device) -> str:
+    """"cuda:0" for torch.device("cuda") (the current card), as tensors name their device."""
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None and torch.cuda.is_available():
+        d = torch.device("cuda", torch.cuda.current_device())
+    return str(d)
 
-    def partially_unload(self, *args, **kwargs):
-        return 0
+
+class WholeModelPatcher(comfy.model_patcher.ModelPatcher):
+    """Loads and offloads the model as a whole (an HF model split across devices cannot run), and
+    reports the pack's caches to ComfyUI's memory manager:
+
+    - model_size() and loaded_size() add the bytes the model's video caches (features, prefix
+      keys/values) hold on the load device right now, so ComfyUI's accounting of loaded models
+      includes them. Caches in CPU memory (features stored there, the prefix host tier, Lite's
+      frame stash) are not device memory and are not added on a GPU; they go with the weights.
+    - partially_unload() is ComfyUI asking this model for `memory_to_free` bytes: the caches on
+      the load device go first (the weights stay); when that is not enough ComfyUI offloads the
+      weights too, and ON_DETACH (see load) drops every cache."""
+
+    owner = None                 # weakref to the ComfyModel (set by load())
+    _weights_only = 0            # > 0 inside ModelPatcher's own loading code: sizes mean weights
+
+    def cache_bytes(self) -> int:
+        m = self.owner() if self.owner is not None else None
+        if m is None:
+            return 0
+        return int(m.held_bytes().get(_device_key(self.load_device), 0))
+
+    def model_size(self):
+        return super().model_size() + (0 if self._weights_only else self.cache_bytes())
+
+    def loaded_size(self):
+        return super().loaded_size() + (0 if self._weights_only else self.cache_bytes())
+
+    def load(self, *args, **kwargs):
+        self._weights_only += 1
+        try:
+            return super().load(*args, **kwargs)
+        finally:
+            self._weights_only -= 1
+
+    def partially_load(self, *args, **kwargs):
+        self._weights_only += 1
+        try:
+            return super().partially_load(*args, **kwargs)
+        finally:
+            self._weights_only -= 1
+
+    def partially_unload(self, device_to=None, memory_to_free=0, *args, **kwargs):
+        m = self.owner() if self.owner is not None else None
+        if m is None:
+            return 0
+        freed = m.free_memory(self.load_device)
+        if freed:
+            log.info("AdaptToken: freed %.1f MiB of video caches for ComfyUI", freed / 2 ** 20)
+        return freed
 
 
 @dataclass(eq=False)
@@ -200,6 +251,7 @@ def load(name: str, dtype: str = "auto", attention: str = "sdpa", keep_loaded: b
             log.info("AdaptToken: %s unloaded; its video features were dropped", m.name)
 
     patcher.add_callback(CallbacksMP.ON_DETACH, drop_features)
+    patcher.owner = ref
     return model
 
 
@@ -242,8 +294,10 @@ def _give_back(model: at.Model | None) -> None:
 @contextlib.contextmanager
 def comfy_errors(model: at.Model | None = None):
     """Library errors -> ComfyUI: Cancel becomes InterruptProcessingException (reported as
-    interrupted), a user-facing AdaptTokenError a plain ValueError with the same message, and GPU
-    memory is given back whatever went wrong (the weights too when keep_loaded is off)."""
+    interrupted), a user-facing AdaptTokenError a plain ValueError with the same message, running
+    out of device memory anywhere (torch.OutOfMemoryError) a one-line ValueError naming what to
+    lower, with the model's caches freed; and GPU memory is given back whatever went wrong (the
+    weights too when keep_loaded is off)."""
     try:
         yield
     except at.Cancelled:
@@ -251,13 +305,28 @@ def comfy_errors(model: at.Model | None = None):
         mm.interrupt_current_processing(False)
         raise mm.InterruptProcessingException() from None
     except at.AdaptTokenError as e:
-        _give_back(model)
-        raise ValueError(str(e)) from None
-    except torch.OutOfMemoryError:
-        if model is not None:
+        if isinstance(e, at.OutOfMemory) and model is not None:
             model.clear_cache()
         _give_back(model)
-        raise
-    except BaseException:
+        raise ValueError(str(e)) from None
+    except BaseException as e:
+        if not memory.is_out_of_memory(e):
+            _give_back(model)
+            raise
+        # the failed pass's tensors (in the traceback's frames) and the caches go; a ValueError
+        # so that ComfyUI shows the one line as it is
+        memory.free_after_oom(e, model.clear_cache if model is not None else None)
+        dev = getattr(getattr(model, "patcher", None), "load_device", None)
+        msg = memory.oom_message(e, None, dev)
+        del e
         _give_back(model)
-        raise
+        raise ValueError(msg) from None
+
+
+def cache_report(model: at.Model | None) -> dict:
+    """What ComfyUI is told about the model's caches: bytes held per device, the part on the load
+    device, and the model_size()/loaded_size() ComfyUI reads."""
+    if not isinstance(model, ComfyModel):
+        return {}
+    return {"held_bytes": model.held_bytes(), "cache_bytes": model.patcher.cache_bytes(),
+            "model_size": model.patcher.model_size(), "loaded_size": model.patcher.loaded_size()}

@@ -125,7 +125,10 @@ class LLMCounter:
         self.head_dim = getattr(cfg, "head_dim", None) or self.hidden // self.heads
         self.vocab = cfg.vocab_size
         self.dec_linear = param_counts(model)["decoder_linear"]
-        self.calls: list[tuple[int, int, bool]] = []      # (new tokens, past tokens, in answer)
+        # (new tokens, past tokens, in answer, probed); a group pass with the prefix cache is two
+        # calls (the prefix, then the question suffix that carries the probe), or one when cached
+        self.calls: list[tuple[int, int, bool, bool]] = []
+        self.passes: list[tuple[int, int]] = []   # (LLM calls, past tokens of the last) per pass
         self._h = None
 
     def __enter__(self):
@@ -140,7 +143,7 @@ class LLMCounter:
             n = int(x.shape[1]) if x is not None else 0
             past = passed_cache(kwargs)
             p = int(past.get_seq_length()) if past is not None else 0
-            self.calls.append((n, p, self.phase == "answer"))
+            self.calls.append((n, p, self.phase == "answer", False))
         self._h = self.text.register_forward_pre_hook(hook, with_kwargs=True)
         a = self.adapter
         self._orig = (a.forward, a.generate)
@@ -148,10 +151,15 @@ class LLMCounter:
         def phased(fn, phase):
             def run(*args, **kw):
                 prev, self.phase = self.phase, phase
+                start = len(self.calls)
                 try:
                     return fn(*args, **kw)
                 finally:
                     self.phase = prev
+                    if phase == "group_pass" and len(self.calls) > start:
+                        n, p, c, _ = self.calls[-1]
+                        self.calls[-1] = (n, p, c, True)       # the probe runs on the last call
+                        self.passes.append((len(self.calls) - start, p))
             return run
         a.forward, a.generate = phased(a.forward, "group_pass"), phased(a.generate, "answer")
         return self
@@ -162,6 +170,7 @@ class LLMCounter:
 
     def reset(self):
         self.calls = []
+        self.passes = []
 
     def call_flops(self, n: int, past: int) -> float:
         mm = 2.0 * self.dec_linear * n + 2.0 * self.vocab * self.hidden      # + LM head, 1 position
@@ -178,14 +187,15 @@ class LLMCounter:
 
     def split(self, n_suffix: int) -> dict:
         """FLOPs and token counts of the group passes and of the answer (prefill + new tokens)."""
-        gp = [(n, p) for n, p, c in self.calls if not c]
-        ans = [(n, p) for n, p, c in self.calls if c]
+        gp = [(n, p, probed) for n, p, c, probed in self.calls if not c]
+        ans = [(n, p) for n, p, c, _ in self.calls if c]
         out = {
-            "group_pass_calls": len(gp),
-            "group_pass_tokens": sum(n for n, _ in gp),
-            "group_pass": sum(self.call_flops(n, p) + self.probe_flops(n, p, max(1, n_suffix - 1))
-                              for n, p in gp),
-            "group_pass_cached_calls": sum(1 for _, p in gp if p > 0),
+            "group_pass_calls": len(self.passes),
+            "group_pass_llm_calls": len(gp),
+            "group_pass_tokens": sum(n for n, _, _ in gp),
+            "group_pass": sum(self.call_flops(n, p) + (self.probe_flops(n, p, max(1, n_suffix - 1))
+                                                       if probed else 0.0) for n, p, probed in gp),
+            "group_pass_cached_calls": sum(1 for k, p in self.passes if k == 1 and p > 0),
             "answer_calls": len(ans),
             "answer_prefill_tokens": ans[0][0] if ans else 0,
             "answer_new_tokens": max(0, len(ans) - 1) + (1 if ans else 0),

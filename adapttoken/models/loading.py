@@ -137,6 +137,19 @@ class Model:
             f.release()
         self._features.clear()
 
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes the caches of every video hold now, per device (SliceFeatures.held_bytes)."""
+        out: dict[str, int] = {}
+        for f in self._features.values():
+            for dev, n in f.held_bytes().items():
+                out[dev] = out.get(dev, 0) + n
+        return out
+
+    def free_memory(self, device=None) -> int:
+        """Drop the caches held on `device` (all when None), keeping the videos' stores usable;
+        the bytes freed."""
+        return sum(f.free_memory(device) for f in self._features.values())
+
 
 def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto",
                device: str | torch.device | None = "auto", attn_implementation: str = "sdpa") -> Model:

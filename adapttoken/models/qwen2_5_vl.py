@@ -7,7 +7,8 @@
 - Positions: explicit 3D M-RoPE ids by Qwen's original rule (positions.py), passed to the model
   with `inputs_embeds`; `rope_deltas` state is never relied on.
 - The attention probe is a pre-hook on one layer (probe.py); cancellation is a pre-hook on every
-  layer; generation streams through a transformers streamer and stops on a StoppingCriteria.
+  layer; with the prefix key/value cache a group pass is a prefix pass plus a question-suffix
+  pass, cold or warm alike (`_forward_prefix`); generation streams through a transformers streamer and stops on a StoppingCriteria.
 - On CUDA the language model's RMSNorms and SiLU MLPs run fused, compiled kernels (fused_text.py;
   `adapter.fuse_text = False` for transformers' eager formula); the vision tower runs
   qwen_vision_fast, compiled on CUDA (`adapter.compile_vision`).
@@ -24,6 +25,7 @@ from ..positions import build_position_ids
 from ..question import NO_HOOKS, Hooks, Question
 from ._common import _LayerCancel, generate_from_embeds, option_token_ids, resize_exact
 from .base import Adapter, ForwardOut, Generation, Prompt
+from .compat import cache_kwargs
 from .probe import AttentionProbe, token_scores
 
 # FlexSelect's measured best reference layer for Qwen2.5-VL-7B: 20 of 28 (ALGORITHM.md step 4).
@@ -242,7 +244,10 @@ class Qwen25VLAdapter(Adapter):
     def forward(self, prompt, embeds, coords, extent, probe_layer=None, aggregation="max",
                 hooks: Hooks = NO_HOOKS, prefix_cache=None) -> ForwardOut:
         """prefix_cache: (PrefixKVCache, key) to reuse / keep the keys and values of the prefix and
-        visual tokens (question-independent) across questions on the same group."""
+        visual tokens (question-independent) across questions on the same group; the pass then
+        runs as a prefix pass plus a question-suffix pass whether or not the store has the prefix
+        (`_forward_prefix`), so a repeated question gives bit-identical results. Without it: one
+        pass over the whole sequence (equal up to float rounding)."""
         if prefix_cache is not None:
             return self._forward_prefix(prompt, embeds, coords, extent, probe_layer, aggregation,
                                         hooks, *prefix_cache)
@@ -261,43 +266,50 @@ class Qwen25VLAdapter(Adapter):
         attn = probe.attention(q_idx, slice(n_pre, n_pre + n_vis))
         return ForwardOut(logits.float(), token_scores(attn, aggregation)[0])
 
+    def _run(self, x, pos, cache):
+        """One language-model call on input embeddings `x` at position ids `pos` that extends the
+        key/value `cache` (a transformers DynamicCache); the last position's logits. The only
+        place the cache keyword is passed."""
+        return self.model(inputs_embeds=x, position_ids=pos, use_cache=True, logits_to_keep=1,
+                          **cache_kwargs(self.model, cache)).logits[0, -1]
+
     def _forward_prefix(self, prompt, embeds, coords, extent, probe_layer, aggregation, hooks,
                         store, key) -> ForwardOut:
-        from contextlib import nullcontext
-
+        """A group pass in two calls, the same whether or not `store` holds the group's prefix:
+        (1) the prefix pass over the system text and the visual tokens (rows whose keys and values
+        do not depend on the question), skipped when the store has them; (2) the question suffix
+        against those keys and values, with the probe computed from them (`_probe_with_keys`).
+        A cold and a warm pass thus run the same kernels on the same tensors: bit-identical
+        logits and scores (the host tier's copies are exact too)."""
         from transformers import DynamicCache
-
-        from .compat import cache_kwargs
         x, pos = self._inputs(prompt, embeds, coords, extent)
         n_pre, n_vis = len(prompt.prefix_ids), embeds.shape[0]
         n0 = n_pre + n_vis                       # rows whose keys/values ignore the question
         layers = self.text_model.layers
-        kv = store.get(key, x.device)
-        cache = DynamicCache()
-        if kv is not None:
+        with _LayerCancel(layers, hooks):
+            kv = store.get(key, x.device)
+            if kv is None:                       # (1) the prefix pass
+                pre = DynamicCache()
+                self._run(x[:, :n0], pos[:, :, :n0], pre)
+                kv = [tuple(_layer_kv(pre, i)) for i in range(len(layers))]
+                del pre
+                nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size()
+                             for k, v in kv)
+                store.offer(key, kv, nbytes, x.device)
+            cache = DynamicCache()
             for i, (k, v) in enumerate(kv):
                 cache.update(k, v, i)
+            del kv
             x, pos = x[:, n0:], pos[:, :, n0:]
-        probe_ctx = (AttentionProbe(layers[probe_layer].self_attn) if probe_layer is not None
-                     else nullcontext())
-        with _LayerCancel(layers, hooks), probe_ctx as probe:
-            logits = self.model(inputs_embeds=x, position_ids=pos, use_cache=True, logits_to_keep=1,
-                                **cache_kwargs(self.model, cache)).logits[0, -1]
-        if kv is None:
-            kept = [tuple(t[:, :, :n0] for t in _layer_kv(cache, i)) for i in range(len(layers))]
-            nbytes = sum(2 * k.numel() * k.element_size() for k, _ in kept)
-            store.offer(key, kept, nbytes, x.device)
-        if probe_layer is None:
-            return ForwardOut(logits.float())
-        if kv is None:
-            q_idx = torch.arange(n0 + 1, x.shape[1], device=x.device)
-            attn = probe.attention(q_idx, slice(n_pre, n0))
-        else:
-            keys, _ = _layer_kv(cache, probe_layer)
-            local = torch.arange(1, x.shape[1], device=x.device)    # <|vision_end|> excluded
-            attn = _probe_with_keys(layers[probe_layer].self_attn, probe.hidden[:, local],
-                                    probe.cos[:, local], probe.sin[:, local], keys,
-                                    local + n0)[..., n_pre:n0]
+            if probe_layer is None:              # (2) the question suffix
+                return ForwardOut(self._run(x, pos, cache).float())
+            with AttentionProbe(layers[probe_layer].self_attn) as probe:
+                logits = self._run(x, pos, cache)
+        keys, _ = _layer_kv(cache, probe_layer)
+        local = torch.arange(1, x.shape[1], device=x.device)    # <|vision_end|> excluded
+        attn = _probe_with_keys(layers[probe_layer].self_attn, probe.hidden[:, local],
+                                probe.cos[:, local], probe.sin[:, local], keys,
+                                local + n0)[..., n_pre:n0]
         return ForwardOut(logits.float(), token_scores(attn, aggregation)[0])
 
     @torch.inference_mode()

@@ -30,3 +30,19 @@ def test_model_lifetime_in_process(comfyui_dir, tmp_path):
     assert r.returncode == 0 and facts["failures"] == [], (facts, r.stderr[-3000:])
     assert facts["features_after_unload"] == 0 and facts["features_after_keep_loaded_off"] == 0
     assert facts["weights_during_run"].split(":")[0] == facts["device"].split(":")[0]
+
+
+def test_caches_in_comfy_memory_manager(comfyui_dir):
+    """inprocess_memory_check.py: ComfyUI's loaded-model figure counts the caches, its requests for
+    memory (model_unload with memory_to_free, free_memory, unload_all_models) drop them and the
+    figure falls back to the weights, and an out-of-memory error in a node is one line, caches gone."""
+    if not (BUNDLED / "model.safetensors").is_file():
+        pytest.skip("bundled model weights missing")
+    r = subprocess.run([sys.executable, str(HERE / "inprocess_memory_check.py")],
+                       capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, COMFYUI_DIR=str(comfyui_dir), HF_HUB_OFFLINE="1"))
+    assert r.stdout.strip(), r.stderr[-3000:]
+    facts = json.loads(r.stdout.strip().splitlines()[-1])
+    assert r.returncode == 0 and facts["failures"] == [], (facts, r.stderr[-3000:])
+    assert facts["comfy_model_memory"] > facts["weights_bytes"]
+    assert facts["held_after_unload_all"] == {} and facts["held_after_oom"] == {}
