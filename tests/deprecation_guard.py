@@ -41,10 +41,16 @@ def is_ours(filename: str) -> bool:
 
 
 def our_frame(frame):
-    """The innermost frame, from `frame` outwards, whose code lives in our directories."""
+    """The innermost frame, from `frame` outwards, whose code lives in our directories; None when
+    the warning comes from another package's module-level code run by an import (an import
+    machinery frame comes first: torch.compile, say, imports modules of torch that decorate with
+    its own deprecated `torch.jit.script_method`: their deprecation, not a call of ours)."""
     while frame is not None:
-        if is_ours(frame.f_code.co_filename):
+        name = frame.f_code.co_filename
+        if is_ours(name):
             return frame
+        if name.startswith("<frozen importlib"):
+            return None
         frame = frame.f_back
     return None
 

@@ -184,3 +184,33 @@ def test_guard_fails_our_deprecations_only(tmp_path):
 
 def test_guard_is_registered_in_this_suite(pytestconfig):
     assert pytestconfig.pluginmanager.has_plugin("adapttoken-deprecation-guard")
+
+
+def test_another_packages_import_time_warning_is_not_ours(tmp_path, monkeypatch):
+    """Our code imports a library whose module-level code warns (as torch's inductor modules do when
+    torch.compile first imports them): not our call. Our code calling a deprecated function of the
+    same library still is."""
+    import importlib
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("guard_for_unit", GUARD)
+    guard = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(guard)
+    (tmp_path / "oldlib_at_import.py").write_text(
+        "import warnings\n"
+        "warnings.warn('old decorator', DeprecationWarning)\n"
+        "def old():\n    warnings.warn('old()', DeprecationWarning, stacklevel=2)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ns = {"importlib": importlib}
+    exec(compile("def use():\n    m = importlib.import_module('oldlib_at_import')\n    return m\n"
+                 "def call(m):\n    m.old()\n", str(ROOT / "adapttoken" / "_probe_only.py"), "exec"), ns)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda *a, **k: None    # this suite's own guard must not see them
+        with guard.guard() as found:
+            m = ns["use"]()
+        assert found == []
+        with guard.guard() as found:
+            ns["call"](m)
+    assert len(found) == 1 and "old()" in found[0]
+    sys.modules.pop("oldlib_at_import", None)

@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # the library's code that runs differently on CUDA (compiled tower, fused kernels, prefix KV on the
 # device and its host tier, pinned decoding buffers, feature placement) and the GPU tests themselves
 GPU_CODE = ("adapttoken/models/*.py", "adapttoken/features.py", "adapttoken/kv_cache.py",
-            "adapttoken/decode.py", "tests/gpu/test_gpu_paths.py")
+            "adapttoken/decode.py", "tests/gpu/test_gpu_*.py",
+            "tests/comfy/inprocess_memory_check.py")
 
 
 def gpu_files() -> list[Path]:

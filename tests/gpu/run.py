@@ -1,7 +1,10 @@
 """Run the GPU tests on a CUDA machine and write their results with the hash of the GPU code they
 tested (tests/gpu/results.json, committed; a CPU test fails when the code no longer matches):
 
-    python tests/gpu/run.py [--out tests/gpu/results.json] [-- extra pytest args]
+    COMFYUI_DIR=<ComfyUI> python tests/gpu/run.py [--out tests/gpu/results.json] [-- pytest args]
+
+COMFYUI_DIR: the in-process ComfyUI memory check (test_gpu_memory.py) needs it; without it that test
+skips, and a results file with a skip does not satisfy tests/gpu/test_results_current.py.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from gpu_code import ROOT, gpu_code_hash  # noqa: E402
 
+GPU_TESTS = sorted(HERE.glob("test_gpu_*.py"))   # the CUDA tests (test_results_current.py is CPU)
+
 
 def main() -> int:
     ap = argparse.ArgumentParser()
@@ -29,7 +34,7 @@ def main() -> int:
     code_hash = gpu_code_hash()
     with tempfile.TemporaryDirectory() as tmp:
         xml = Path(tmp) / "junit.xml"
-        cmd = [sys.executable, "-m", "pytest", str(HERE / "test_gpu_paths.py"), "-v", "-rA",
+        cmd = [sys.executable, "-m", "pytest", *map(str, GPU_TESTS), "-v", "-rA",
                "-p", "no:cacheprovider", f"--junitxml={xml}", *args.pytest_args]
         rc = subprocess.run(cmd, cwd=ROOT).returncode
         tests = []

@@ -25,7 +25,8 @@ def test_gpu_results_match_the_gpu_code_and_passed():
     assert res["passed"] >= 5 and res["skipped"] == 0, res
     names = {t["name"] for t in res["tests"] if t["outcome"] == "passed"}
     for required in ("compiled_vision_tower", "fused_text_kernels", "prefix_kv_on_the_gpu",
-                     "host_tier", "warm_and_cold"):
+                     "host_tier", "warm_and_cold", "bundled_model_2048_frames",
+                     "7b_random_architecture_1024_frames", "comfy_frees_the_caches_on_the_gpu"):
         assert any(required in n for n in names), f"no passed GPU test for {required}: {sorted(names)}"
 
 
@@ -33,5 +34,6 @@ def test_the_hash_covers_the_gpu_code():
     files = {p.relative_to(gpu_code.ROOT).as_posix() for p in gpu_code.gpu_files()}
     for f in ("adapttoken/kv_cache.py", "adapttoken/models/fused_text.py",
               "adapttoken/models/qwen_vision_fast.py", "adapttoken/models/qwen2_5_vl.py",
-              "tests/gpu/test_gpu_paths.py"):
+              "tests/gpu/test_gpu_paths.py", "tests/gpu/test_gpu_determinism.py",
+              "tests/gpu/test_gpu_memory.py"):
         assert f in files
