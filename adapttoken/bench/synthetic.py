@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -36,18 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..eval.metrics import wilson
+
 METHODS = ("adapttoken", "lite", "uniform", "even_split")
 ORDER = ("lite", "adapttoken", "even_split", "uniform")     # fresh features first (see doc)
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return (0.0, 0.0)
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (max(0.0, c - h), min(1.0, c + h))
 
 
 def sample_seed(base: int, length: int, i: int) -> int:

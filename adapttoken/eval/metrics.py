@@ -21,6 +21,7 @@ MAIN = {"videomme": "overall", "mlvu": "m_avg", "longvideobench": "overall", "lv
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% (z = 1.96) Wilson score interval of k successes in n trials, as fractions."""
     if n == 0:
         return (0.0, 0.0)
     p = k / n
