@@ -10,9 +10,7 @@ check. Defaults: the bundled demo model and sample video.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -26,28 +24,9 @@ def main() -> int:
     ap.add_argument("--frames", type=int, default=256)
     a = ap.parse_args()
 
-    comfy = Path(os.environ["COMFYUI_DIR"]).resolve()
-    sys.path.insert(0, str(comfy))
+    from inprocess_pack import load_pack
+    mm, classes = load_pack(Path(a.model), with_core_nodes=True)
     import torch
-    from comfy.cli_args import args
-    args.cpu = not torch.cuda.is_available()
-    import comfy.model_management as mm
-    import folder_paths
-    try:
-        import nodes  # noqa: F401  (ComfyUI's own top-level `nodes`, as in a real start-up)
-    except ImportError as e:  # a machine with only what the pack needs (no torchsde...)
-        print(f"ComfyUI's nodes module not importable ({e}); going on without it", file=sys.stderr)
-
-    models = Path(a.model).parent
-    folder_paths.add_model_folder_path("LLM", str(models))
-    spec = importlib.util.spec_from_file_location("adapttoken_pack", REPO / "__init__.py",
-                                                  submodule_search_locations=[str(REPO)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["adapttoken_pack"] = pack
-    spec.loader.exec_module(pack)
-    import asyncio
-    ext = asyncio.run(pack.comfy_entrypoint())
-    classes = {c.GET_SCHEMA().node_id: c for c in asyncio.run(ext.get_node_list())}
     from adapttoken_pack.nodes import runtime
 
     asked: list[tuple[str, int]] = []          # (node, memory_required) of each load_models_gpu

@@ -18,9 +18,7 @@ Prints one JSON line of facts; exits non-zero on a failed check (2: ComfyUI not 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -31,21 +29,8 @@ OPTIONS = "blue square\ngreen square\nyellow cross\nblue cross"
 
 def setup(model_dir: Path):
     """ComfyUI's memory manager and the pack's nodes, imported as ComfyUI would (no server)."""
-    sys.path.insert(0, str(Path(os.environ["COMFYUI_DIR"]).resolve()))
-    import torch
-    from comfy.cli_args import args
-    args.cpu = not torch.cuda.is_available()
-    import comfy.model_management as mm
-    import folder_paths
-    folder_paths.add_model_folder_path("LLM", str(model_dir.parent))
-    spec = importlib.util.spec_from_file_location("adapttoken_pack", REPO / "__init__.py",
-                                                  submodule_search_locations=[str(REPO)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["adapttoken_pack"] = pack
-    spec.loader.exec_module(pack)
-    import asyncio
-    ext = asyncio.run(pack.comfy_entrypoint())
-    classes = {c.GET_SCHEMA().node_id: c for c in asyncio.run(ext.get_node_list())}
+    from inprocess_pack import load_pack
+    mm, classes = load_pack(model_dir)
 
     def run(node_id, **kw):
         return classes[node_id].PREPARE_CLASS_CLONE({}).execute(**kw).result

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # device and its host tier, pinned decoding buffers, feature placement) and the GPU tests themselves
 GPU_CODE = ("adapttoken/models/*.py", "adapttoken/features.py", "adapttoken/kv_cache.py",
             "adapttoken/decode.py", "tests/gpu/test_gpu_*.py",
-            "tests/comfy/inprocess_memory_check.py")
+            "tests/comfy/inprocess_memory_check.py", "tests/comfy/inprocess_pack.py")
 
 
 def gpu_files() -> list[Path]:
