@@ -26,8 +26,8 @@ DEFAULT_GPU_FEATURE_BYTES = 4 * 2 ** 30
 # Host bytes of decoded frames at the file's size that chunks may hold at once where frames are not
 # resized at decode time (a model on a GPU resizes on the device): the chunks in flight on the
 # decoder lanes, the one the vision tower encodes and those decoded ahead. Chunks get fewer slices
-# when frames are large (encode_chunk_slices): 2 GiB is the full 32 slices of 1080p with one lane,
-# 7 slices of 4K.
+# when frames are large (encode_chunk_slices): with one lane (6 chunks held) 28 slices of 1080p,
+# 7 of 4K; with eight lanes 13 and 3.
 PENDING_FRAME_BYTES = 2 * 2 ** 30
 
 
