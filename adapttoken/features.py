@@ -23,6 +23,13 @@ from .timing import Timer
 FEATURE_DEVICES = ("auto", "gpu", "cpu")
 DEFAULT_GPU_FEATURE_BYTES = 4 * 2 ** 30
 
+# Host bytes of decoded frames at the file's size that chunks may hold at once where frames are not
+# resized at decode time (a model on a GPU resizes on the device): the chunks in flight on the
+# decoder lanes, the one the vision tower encodes and those decoded ahead. Chunks get fewer slices
+# when frames are large (encode_chunk_slices): with one lane (6 chunks held) 28 slices of 1080p,
+# 7 of 4K; with eight lanes 13 and 3.
+PENDING_FRAME_BYTES = 2 * 2 ** 30
+
 
 class SliceFeatures:
     """Vision features of one video for one model, computed per slice on demand and kept.
@@ -348,9 +355,26 @@ class SliceFeatures:
         return self._to_compute(out)
 
     # -- compute -------------------------------------------------------------------------------
+    def held_chunks(self) -> int:
+        """Chunks of decoded frames that can be alive at once: one per decoder lane in flight, the
+        one being encoded, and those decoded ahead (see ensure and lookahead)."""
+        if not self.overlap or self.decode_workers <= 0:
+            return 1
+        return self.decode_workers + 1 + max(0, self.lookahead_chunks)
+
+    def encode_chunk_slices(self) -> int:
+        """Slices per chunk sent to the vision tower: `chunk_slices`, fewer where frames wait at the
+        file's size (no Prescale) and held_chunks() chunks of them would pass PENDING_FRAME_BYTES."""
+        cs = max(1, int(self.chunk_slices))
+        if self.video.frames is not None or self._prescale() is not None:
+            return cs
+        info = self.video.info
+        slice_bytes = max(1, info.height * info.width * 3 * self.video.frames_per_slice)
+        return max(1, min(cs, PENDING_FRAME_BYTES // (self.held_chunks() * slice_bytes)))
+
     def _chunks(self, need: list[int]) -> list[np.ndarray]:
-        return [np.asarray(need[i:i + self.chunk_slices], dtype=np.int64)
-                for i in range(0, len(need), self.chunk_slices)]
+        cs = self.encode_chunk_slices()
+        return [np.asarray(need[i:i + cs], dtype=np.int64) for i in range(0, len(need), cs)]
 
     def _missing(self, slices) -> list[int]:
         u = np.unique(np.asarray(slices, dtype=np.int64))
@@ -436,9 +460,10 @@ class SliceFeatures:
         dev = self._compute_device()
         t0 = time.perf_counter()
         n = len(chunk)
-        if self.pad_chunks and n < self.chunk_slices:   # fixed shapes (torch.compile): repeat last
+        cs = self.encode_chunk_slices()
+        if self.pad_chunks and n < cs:                  # fixed shapes (torch.compile): repeat last
             fps = self.video.frames_per_slice
-            pad = frames[-1:].expand((self.chunk_slices - n) * fps, *frames.shape[1:])
+            pad = frames[-1:].expand((cs - n) * fps, *frames.shape[1:])
             frames = torch.cat([frames, pad])
         if frames.device != dev:
             frames = frames.to(dev, non_blocking=frames.is_pinned())

@@ -133,7 +133,9 @@ def _chunk_bytes(features, slices) -> int:
     if not n:
         return 0
     info = features.video.info
-    return vision_chunk_bytes(features.adapter, min(features.chunk_slices, n), features.resized,
+    per_chunk = getattr(features, "encode_chunk_slices", None)
+    cs = per_chunk() if per_chunk is not None else features.chunk_slices
+    return vision_chunk_bytes(features.adapter, min(cs, n), features.resized,
                               (info.height, info.width))
 
 

@@ -189,3 +189,99 @@ def test_bench_rss_runs_ask_in_a_child_and_reads_its_peak(tmp_path):
     (row,) = json.loads(out.read_text())
     assert row["rc"] == 0 and row["decoded_frames"] == 8 and "--backend pyav" in row["command"]
     assert 50 * 2 ** 20 < row["peak_rss_bytes"] < 8 * 2 ** 30
+
+
+def _track_chunks(monkeypatch):
+    """Records the bytes of decoded-frame tensors of chunks alive at once (FrameDecoder jobs)."""
+    rec = {"alive": 0, "peak": 0, "chunks": []}
+    lock = threading.Lock()
+    orig = D.FrameDecoder.submit
+
+    def submit(self, positions, lane=None):
+        job = orig(self, positions, lane)
+        nb = job.out.numel()
+        with lock:
+            rec["alive"] += nb
+            rec["peak"] = max(rec["peak"], rec["alive"])
+            rec["chunks"].append(len(positions))
+        weakref.finalize(job.out, lambda: _sub(rec, lock, nb))
+        return job
+
+    monkeypatch.setattr(D.FrameDecoder, "submit", submit)
+    return rec
+
+
+def _sub(rec, lock, nb):
+    with lock:
+        rec["alive"] -= nb
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_frames_held_at_the_file_size_are_bounded_by_bytes(tiny_model, tmp_path, monkeypatch, workers):
+    """Without decode-time resizing (a model on a GPU), chunks hold frames at the file's size: they
+    get fewer slices so that all chunks alive at once (lanes in flight, the one encoded, those
+    decoded ahead) stay within PENDING_FRAME_BYTES, whatever the lanes and frame count."""
+    path = write_video(tmp_path / "g.mp4", 128, width=W, height=H, codec="libx264", gop=16)
+    frame_bytes = W * H * 3
+    budget = 24 * frame_bytes
+    monkeypatch.setattr(F, "PENDING_FRAME_BYTES", budget)
+    rec = _track_chunks(monkeypatch)
+    video = at.open_video(path, 128, max_pixels=56 * 84)
+    feats = F.SliceFeatures(tiny_model.adapter, video, chunk_slices=16, decode_workers=workers)
+    feats.decode_resize = False                      # the GPU path, on the CPU
+    assert feats._prescale() is None
+    cs = feats.encode_chunk_slices()
+    held = feats.held_chunks()
+    assert held == workers + 1 + feats.lookahead_chunks
+    assert cs == max(1, budget // (held * 2 * frame_bytes)) < 16
+    feats.lookahead(np.arange(feats.num_slices))     # chunks decoded ahead count too
+    feats.ensure(np.arange(feats.num_slices))
+    assert rec["chunks"] and max(rec["chunks"]) <= 2 * cs
+    assert rec["peak"] <= budget, (rec["peak"], budget)
+    got = feats._gather_slices(np.arange(feats.num_slices)).clone()
+    feats.release()
+
+    # with decode-time resizing (the CPU path) chunks keep their slices, and features are the same
+    video = at.open_video(path, 128, max_pixels=56 * 84)
+    ref = F.SliceFeatures(tiny_model.adapter, video, chunk_slices=16, decode_workers=workers)
+    assert ref._prescale() is not None and ref.encode_chunk_slices() == 16
+    ref.ensure(np.arange(ref.num_slices))
+    assert torch.equal(got, ref._gather_slices(np.arange(ref.num_slices)))
+    ref.release()
+
+
+def test_decord_frames_are_not_copied_and_stay_valid(tmp_path):
+    pytest.importorskip("decord")
+    from adapttoken.frame_reader import _DecordSource
+    path = write_video(tmp_path / "d.mp4", 24, width=W, height=H, codec="libx264", gop=8, noise=True)
+    with FrameReader(path, backend="pyav") as r:
+        want, _ = r.read(list(range(0, 24, 3)))
+    with FrameReader(path, backend="decord") as r:
+        src = r._source
+        assert isinstance(src, _DecordSource)
+        kept = [img for _, img in src.read(list(range(0, 24, 3)), "auto")]   # all held at once
+        assert not any(k.flags.owndata for k in kept)        # decord's buffers, not copies
+    for k, w in zip(kept, want):
+        assert np.abs(k.astype(int) - w.numpy()).mean() < 3
+
+
+def test_decord_reads_give_freed_memory_back(tmp_path, monkeypatch):
+    pytest.importorskip("decord")
+    import adapttoken.frame_reader as FR
+    calls = []
+    monkeypatch.setattr(FR, "release_freed_memory", lambda: calls.append(1) or True)
+    path = write_video(tmp_path / "t.mp4", 24, width=W, height=H, codec="libx264", gop=8)
+    with FrameReader(path, backend="decord") as r:
+        for a in range(0, 24, 6):
+            r.read(list(range(a, a + 6)))
+        assert len(calls) == 4
+        r.park()
+        assert len(calls) == 5
+    with FrameReader(path, backend="pyav") as r:
+        r.read([0, 1])
+    assert len(calls) == 5                          # PyAV's own buffers are pooled: no trim
+    assert FR.release_freed_memory.__name__ == "<lambda>"
+    monkeypatch.undo()
+    import sys
+    if sys.platform.startswith("linux"):
+        assert FR.release_freed_memory() in (True, False)

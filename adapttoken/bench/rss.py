@@ -168,7 +168,9 @@ def run_once(clip: str, frames: int, backend: str, question: str, extra: list[st
     stdout, stderr = "".join(out_chunks), "".join(err_chunks)
     row = {"backend": backend, "frames": frames, "peak_rss_bytes": usage.ru_maxrss * 1024,
            "peak_rss_sampled_bytes": max((s[1] for s in samples), default=0),
-           "wall_s": round(wall, 1), "rc": proc.returncode, "command": shlex.join(cmd)}
+           "wall_s": round(wall, 1), "rc": proc.returncode,
+           # as one would type it (no interpreter or cache paths in the written rows)
+           "command": shlex.join(["python", *cmd[1:4], os.path.basename(clip), *cmd[5:]])}
     if proc.returncode == 0:
         try:
             res = json.loads(stdout.strip().splitlines()[-1])
