@@ -141,6 +141,10 @@ def cmd_ask(args) -> int:
     plan_sampling(probe_video(args.video), num_frames=cfg.num_frames, max_fps=cfg.max_fps,
                   start=cfg.start, end=cfg.end, max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels,
                   multiple_of=1)
+    # one question per process: group prefixes' keys/values kept for a later question (up to
+    # 2 GiB on the CPU, ~2 KiB per visual token with the bundled model) would never be used; the
+    # group passes run the same calls either way, so results are unchanged
+    cfg.prefix_cpu_bytes = 0
     method = args.method or ("lite" if args.lite else "adapttoken")
     model = load_model(args.model or default_model_dir(), dtype=args.dtype, device=args.device,
                        attn_implementation=args.attn)
