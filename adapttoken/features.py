@@ -92,17 +92,23 @@ class SliceFeatures:
     def configure(self, *, feature_device: str | None = None, decode_workers: int | None = None,
                   overlap: bool | None = None, cache_dir=None, pad_chunks: bool | None = None,
                   gpu_feature_bytes: int | None = None, prefix_cache: bool | None = None,
-                  frame_stash_bytes: int | None = None, prefix_host_bytes: int | None = None
-                  ) -> "SliceFeatures":
+                  frame_stash_bytes: int | None = None, prefix_host_bytes: int | None = None,
+                  prefix_cpu_bytes: int | None = None) -> "SliceFeatures":
         """Change options (None leaves one as it is). Features already computed stay valid: they
         move when the storage device changes. prefix_cache: keep each group pass's prefix
         keys/values for later questions (PrefixKVCache); prefix_host_bytes: how much of them may
-        live in CPU memory when the device is full (0: none)."""
+        live in CPU memory when the device is full (0: none); prefix_cpu_bytes: how much of them
+        are kept with the model off CUDA (0: none, same results; the `ask` command keeps none)."""
         if prefix_cache is not None:
             if not prefix_cache:
                 self.prefix_kv = None
             elif self.prefix_kv is None:
                 self.prefix_kv = PrefixKVCache(host_bytes=self._prefix_host_bytes)
+        if prefix_cpu_bytes is not None:
+            if prefix_cpu_bytes < 0:
+                raise InputError(f"prefix_cpu_bytes={prefix_cpu_bytes} must be >= 0 (0: none kept)")
+            if self.prefix_kv is not None:
+                self.prefix_kv.set_cpu_bytes(prefix_cpu_bytes)
         if prefix_host_bytes is not None:
             if prefix_host_bytes < 0:
                 raise InputError(f"prefix_host_bytes={prefix_host_bytes} must be >= 0 (0: off)")

@@ -171,6 +171,20 @@ class PrefixKVCache:
         self.refused += 1
         return False
 
+    def set_cpu_bytes(self, cpu_bytes: int) -> None:
+        """Budget of the states kept off CUDA (the primary tier on a CPU model); states already kept
+        beyond it go, the latest first (recomputed when asked again). 0 keeps none: the group
+        passes still run the same calls, so results do not change."""
+        self.cpu_bytes = int(cpu_bytes)
+        for key in reversed(list(self._store)):
+            if self.bytes <= self.cpu_bytes:
+                break
+            kv = self._store[key]
+            if key in self._host or (kv and kv[0][0].device.type == "cuda"):
+                continue
+            del self._store[key]
+            self.bytes -= self._nbytes.pop(key, 0)
+
     def held_bytes(self) -> dict[str, int]:
         """Bytes held now, per device: the states of both tiers and the host tier's pinned staging
         buffers (tensor sizes, not the counters)."""

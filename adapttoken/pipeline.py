@@ -167,23 +167,6 @@ def _select(model: Model, video, question: Question, config: AdaptTokenConfig, m
                     config.redundancy_threshold, hooks=hooks)
 
 
-def set_prefix_cpu_bytes(store, cpu_bytes: int) -> None:
-    """Budget of group-prefix keys/values a PrefixKVCache keeps off CUDA (`cpu_bytes`); states
-    already kept there beyond it go, the latest first (recomputed when asked again). 0 keeps none:
-    the group passes still run the same calls (`_forward_prefix`), so results are unchanged."""
-    if cpu_bytes < 0:
-        raise InputError(f"prefix_cpu_bytes={cpu_bytes} must be >= 0 (0: none kept)")
-    store.cpu_bytes = int(cpu_bytes)
-    for key in reversed(list(store._store)):
-        if store.bytes <= store.cpu_bytes:
-            break
-        kv = store._store[key]
-        if key in store._host or (kv and kv[0][0].device.type != "cpu"):
-            continue
-        del store._store[key]
-        store.bytes -= store._nbytes.pop(key, 0)
-
-
 def prepare(model: Model, video_path, config: AdaptTokenConfig, fresh_features: bool = False):
     """Open `video_path` with the config's sampling and set up its features store (cache, decoding,
     stash, prefix keys/values) for one question; the probe's seconds go to the store's timer.
@@ -201,9 +184,8 @@ def prepare(model: Model, video_path, config: AdaptTokenConfig, fresh_features: 
     feats.configure(feature_device=config.feature_device, decode_workers=config.decode_workers,
                     overlap=config.overlap, cache_dir=config.cache_dir,
                     frame_stash_bytes=config.frame_stash_bytes,
-                    prefix_host_bytes=config.prefix_host_bytes)
-    if config.prefix_cpu_bytes is not None and feats.prefix_kv is not None:
-        set_prefix_cpu_bytes(feats.prefix_kv, config.prefix_cpu_bytes)
+                    prefix_host_bytes=config.prefix_host_bytes,
+                    prefix_cpu_bytes=config.prefix_cpu_bytes)
     feats.reset_stats()
     feats.timer.add("probe", probe_s)
     return video

@@ -1,4 +1,4 @@
-"""The CPU budget of the group-prefix key/value cache (PrefixKVCache.cpu_bytes): `ask` on the
+"""The CPU budget of the group-prefix key/value cache (PrefixKVCache.set_cpu_bytes, config.prefix_cpu_bytes): `ask` on the
 command line answers one question per process, so it keeps none (those states grew the peak
 memory of 4096 frames by ~0.8 GiB with the bundled model: docs/bench_rss/README.md); with none kept
 the group passes run the same calls, so results are bit-identical to the cached default."""
@@ -10,7 +10,6 @@ import torch
 import adapttoken as at
 from adapttoken.defaults import BUNDLED_MODEL
 from adapttoken.kv_cache import PrefixKVCache
-from adapttoken.pipeline import set_prefix_cpu_bytes
 
 needs_bundled = pytest.mark.skipif(not (BUNDLED_MODEL / "model.safetensors").is_file(),
                                    reason="bundled model weights missing")
@@ -21,14 +20,21 @@ def _kv(n):
     return [(torch.zeros(n, dtype=torch.uint8), torch.zeros(n, dtype=torch.uint8))]
 
 
+def test_negative_budget_is_refused():
+    from adapttoken.errors import InputError
+    from adapttoken.features import SliceFeatures
+    with pytest.raises(InputError, match="prefix_cpu_bytes=-1"):
+        SliceFeatures.configure(object.__new__(SliceFeatures), prefix_cpu_bytes=-1)
+
+
 def test_set_cpu_bytes_trims_latest_first():
     c = PrefixKVCache()
     for i in range(3):
         c.put(i, _kv(50), 100)
-    set_prefix_cpu_bytes(c, 250)
+    c.set_cpu_bytes(250)
     assert list(c._store) == [0, 1] and c.bytes == 200 and c.cpu_bytes == 250
     assert not c.room(100, torch.device("cpu")) and c.room(50, torch.device("cpu"))
-    set_prefix_cpu_bytes(c, 0)
+    c.set_cpu_bytes(0)
     assert c.bytes == 0 and not c._store and c.held_bytes() == {}
 
 
