@@ -170,8 +170,7 @@ def answer_step_bytes(selection, max_new_tokens: int, device: torch.device | Non
 LOWER = "the frames (num_frames), the token budget, max_pixels or the group size"
 
 
-def oom_message(err: BaseException | None = None, settings: dict | None = None,
-                device: torch.device | None = None) -> str:
+def oom_message(settings: dict | None = None, device: torch.device | None = None) -> str:
     """One line: what ran out, where, and what to lower (with the values in `settings`, e.g.
     {"num_frames": 1024, "budget": 7040, "max_pixels": 172480, "group_size": 64})."""
     where = ""
@@ -226,6 +225,6 @@ class out_of_memory:  # noqa: N801 - used as a context manager, like a function
         if e is None or not is_out_of_memory(e):
             return False
         free_after_oom(e, self.free)
-        msg = oom_message(e, self.settings, self.device)
+        msg = oom_message(self.settings, self.device)
         del e, tb
         raise OutOfMemory(msg) from None

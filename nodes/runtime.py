@@ -317,7 +317,7 @@ def comfy_errors(model: at.Model | None = None):
         # so that ComfyUI shows the one line as it is
         memory.free_after_oom(e, model.clear_cache if model is not None else None)
         dev = getattr(getattr(model, "patcher", None), "load_device", None)
-        msg = memory.oom_message(e, None, dev)
+        msg = memory.oom_message(None, dev)
         del e
         _give_back(model)
         raise ValueError(msg) from None
