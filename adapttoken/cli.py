@@ -44,6 +44,10 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    help="where vision features are kept (auto: GPU up to 4 GiB, else CPU memory)")
     p.add_argument("--decode-workers", type=int, default=None,
                    help="video decoding threads (default: half the cores, 1-8; 0: no threads)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="under torchrun: ranks per model copy, loaded with transformers' tensor "
+                        "parallel (default 1: every rank a whole copy; the groups are divided "
+                        "among the copies)")
     p.add_argument("--backend", choices=["auto", "decord", "pyav"], default="auto",
                    help="video decoder (auto: decord when installed and it agrees with the file, "
                         "else PyAV)")
@@ -146,11 +150,30 @@ def cmd_ask(args) -> int:
     # group passes run the same calls either way, so results are unchanged
     cfg.prefix_cpu_bytes = 0
     method = args.method or ("lite" if args.lite else "adapttoken")
-    model = load_model(args.model or default_model_dir(), dtype=args.dtype, device=args.device,
-                       attn_implementation=args.attn)
-    res = ask(model, args.video, q, config=cfg, method=method)
-    _print_result(res, args.json)
+    layout = _distributed_layout(args)
+    try:
+        model = load_model(args.model or default_model_dir(), dtype=args.dtype, device=args.device,
+                           attn_implementation=args.attn, layout=layout)
+        res = ask(model, args.video, q, config=cfg, method=method, layout=layout)
+        if layout is None or layout.is_main:        # under torchrun rank 0 alone prints
+            _print_result(res, args.json)
+    finally:
+        if layout is not None:
+            from .distributed import shutdown
+            shutdown()
     return 0
+
+
+def _distributed_layout(args):
+    """The rank's Layout when torchrun started this process (None otherwise; --tp then must be 1)."""
+    from .distributed import init, launched_by_torchrun
+    from .errors import InputError
+    if not launched_by_torchrun():
+        if getattr(args, "tp", 1) != 1:
+            raise InputError(f"--tp {args.tp} needs torchrun: torchrun --nproc-per-node {args.tp} "
+                             f"-m adapttoken ... --tp {args.tp}")
+        return None
+    return init(tp=getattr(args, "tp", 1), device=args.device)
 
 
 def main(argv=None) -> int:
@@ -188,10 +211,12 @@ def main(argv=None) -> int:
         from .errors import AdaptTokenError
         if debug:
             raise
+        import os
+        where = f" (rank {os.environ['RANK']})" if "WORLD_SIZE" in os.environ and "RANK" in os.environ else ""
         if isinstance(e, AdaptTokenError):
-            print(f"adapttoken: error: {e}", file=sys.stderr)
+            print(f"adapttoken{where}: error: {e}", file=sys.stderr)
             return 2
-        print(f"adapttoken: unexpected error: {type(e).__name__}: {e} (rerun with --debug for the "
+        print(f"adapttoken{where}: unexpected error: {type(e).__name__}: {e} (rerun with --debug for the "
               f"traceback)", file=sys.stderr)
         return 1
     return 0

@@ -102,6 +102,11 @@ class ScoredGroups:
             h, hmax, probs = sum(hs) / len(hs), math.log(p.logits.shape[-1]), None
         return GroupScore(g, h, hmax, probs, p)
 
+    def adopt(self, done: list[GroupScore], skipped: list[int]) -> None:
+        """Take results computed elsewhere (other processes: distributed.py) as this object's
+        evaluation: `done` in temporal order, `skipped` the groups never processed."""
+        self._evaluated = (list(done), list(skipped))
+
     def evaluate(self, hooks=None) -> tuple[list[GroupScore], list[int]]:
         """(processed groups in order, skipped group indices). Without a stop rule every slice is
         decoded and encoded first in temporal order (sequential reading is faster)."""

@@ -152,19 +152,61 @@ def select(model: Model, video, question: Question, config: AdaptTokenConfig, me
         return _select(model, video, question, config, method, hooks)
 
 
+def _scored(model: Model, video, question: Question, config: AdaptTokenConfig, method: str):
+    """The lazy group scores of a grouped method (with Lite's stop rule for 'lite')."""
+    groups = split_groups(video, config.group_size, config.layout)
+    ranked = RankedGroups(model, groups, question, config.layer, config.aggregation)
+    scored = score_groups(ranked, config.entropy_mode, config.entropy_tokens)
+    if method == "lite":
+        scored = early_stop(scored, config.stop_threshold, config.min_groups)
+    return scored
+
+
+def _allocation_args(config: AdaptTokenConfig, method: str) -> dict:
+    if method == "even_split":      # FlexSelect: B / G per group, no entropy, no redundancy removal
+        return {"relevance_mode": "even", "redundancy_threshold": None, "method": "even_split"}
+    return {"relevance_mode": config.relevance, "tau": config.tau, "floor": config.floor,
+            "redundancy_threshold": config.redundancy_threshold}
+
+
 def _select(model: Model, video, question: Question, config: AdaptTokenConfig, method: str,
             hooks: Hooks) -> Selection:
     if method == "uniform":
         return uniform_frames(model, video, question, config.budget)
-    groups = split_groups(video, config.group_size, config.layout)
-    ranked = RankedGroups(model, groups, question, config.layer, config.aggregation)
-    scored = score_groups(ranked, config.entropy_mode, config.entropy_tokens)
+    scored = _scored(model, video, question, config, method)
     if method == "even_split":
         return even_split(scored, config.budget, hooks=hooks)
-    if method == "lite":
-        scored = early_stop(scored, config.stop_threshold, config.min_groups)
-    return allocate(scored, config.budget, config.relevance, config.tau, config.floor,
-                    config.redundancy_threshold, hooks=hooks)
+    return allocate(scored, config.budget, **_allocation_args(config, method), hooks=hooks)
+
+
+def ask_parallel(model: Model, video, question: Question, config: AdaptTokenConfig, method: str,
+                 layout, hooks: Hooks = NO_HOOKS) -> Result | None:
+    """One question over every rank of a torchrun job (distributed.py), on an opened video: the
+    groups divided among the replicas, allocation and the answer on replica 0. Returns the Result
+    on replica 0 (every rank of it), None on the other replicas."""
+    from . import distributed
+    if method not in METHODS:
+        raise InputError(f"method={method!r} is not known: use one of {', '.join(METHODS)}")
+    if method == "uniform":          # no group passes to divide: replica 0 alone
+        if layout.replica != 0:
+            return None
+        sel = select(model, video, question, config, method, hooks)
+        return answer(sel, config.max_new_tokens, config.do_sample, config.temperature,
+                      config.top_p, config.seed, hooks)
+    settings = {"num_frames": video.num_frames, "budget": config.budget,
+                "max_pixels": config.max_pixels, "group_size": config.group_size}
+    scored = _scored(model, video, question, config, method)
+    with out_of_memory(model.clear_cache, settings, model.adapter.device):
+        with distributed.ParallelQuestion(layout, scored) as pq:
+            sel = pq.select(config.budget, **_allocation_args(config, method), hooks=hooks)
+            if sel is None:
+                return None
+            res = answer(sel, config.max_new_tokens, config.do_sample, config.temperature,
+                         config.top_p, config.seed, hooks)
+    rep = pq.report()
+    res.extra["distributed"] = rep
+    res.decoded_frames, res.encoded_slices, _ = distributed.totals(rep)
+    return res
 
 
 def prepare(model: Model, video_path, config: AdaptTokenConfig, fresh_features: bool = False):
@@ -193,13 +235,17 @@ def prepare(model: Model, video_path, config: AdaptTokenConfig, fresh_features: 
 
 def ask(model: Model, video_path, question: str | Question, options=(),
         config: AdaptTokenConfig | None = None, method: str = "adapttoken",
-        hooks: Hooks = NO_HOOKS, fresh_features: bool = False) -> Result:
+        hooks: Hooks = NO_HOOKS, fresh_features: bool = False, layout=None) -> Result | None:
     """Answer a question about a video file with AdaptToken ('adapttoken'), AdaptToken-Lite
-    ('lite') or a baseline at the same token budget ('uniform', 'even_split')."""
+    ('lite') or a baseline at the same token budget ('uniform', 'even_split').
+    layout: a distributed.Layout inside a torchrun job (the work divided among its ranks; the
+    Result on replica 0, None on the others); None: this process alone."""
     config = config or AdaptTokenConfig()
     q = question if isinstance(question, Question) else Question(question, tuple(options))
     check_budget(config.budget)
     video = prepare(model, video_path, config, fresh_features)
+    if layout is not None:
+        return ask_parallel(model, video, q, config, method, layout, hooks)
     sel = select(model, video, q, config, method, hooks)
     return answer(sel, config.max_new_tokens, config.do_sample, config.temperature, config.top_p,
                   config.seed, hooks)

@@ -50,8 +50,23 @@ def option_token_ids(tok, letters) -> list[list[int]]:
     return out
 
 
-def load_pretrained(model_cls_name: str, path: Path, dtype, device, attn_implementation: str):
-    """(model on device, processor) from a local folder: safetensors only, no remote code."""
+def tp_kwargs(tp_mesh) -> dict:
+    """from_pretrained's arguments for transformers' own tensor parallel over `tp_mesh` (the
+    model's predefined plan; DistributedConfig where this transformers has it, else tp_plan)."""
+    if tp_mesh is None:
+        return {}
+    try:
+        from transformers.distributed import DistributedConfig
+    except ImportError:                                  # older transformers: the plain keyword
+        return {"tp_plan": "auto", "device_mesh": tp_mesh}
+    return {"distributed_config": DistributedConfig(tp_plan="auto", tp_size=tp_mesh.size()),
+            "device_mesh": tp_mesh}
+
+
+def load_pretrained(model_cls_name: str, path: Path, dtype, device, attn_implementation: str,
+                    tp_mesh=None):
+    """(model on device, processor) from a local folder: safetensors only, no remote code.
+    tp_mesh: load with tensor parallel over that mesh (each rank its share, on its device)."""
     import transformers
     from transformers import AutoProcessor
     try:
@@ -69,11 +84,11 @@ def load_pretrained(model_cls_name: str, path: Path, dtype, device, attn_impleme
     try:
         model = cls.from_pretrained(str(path), dtype=dtype, attn_implementation=attn_implementation,
                                     local_files_only=True, use_safetensors=True,
-                                    trust_remote_code=False)
+                                    trust_remote_code=False, **tp_kwargs(tp_mesh))
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"model folder {str(path)!r}: weights could not be loaded "
                              f"({type(e).__name__}: {e})") from None
-    return model.to(device), processor
+    return (model if tp_mesh is not None else model.to(device)), processor
 
 
 def reference_layer(num_layers: int, fraction: float) -> int:
@@ -92,8 +107,9 @@ class FamilyAdapter(Adapter):
 
     @classmethod
     def from_folder(cls, path: Path, dtype: torch.dtype, device: torch.device,
-                    attn_implementation: str = "sdpa"):
-        return cls(*load_pretrained(cls.model_class_name, path, dtype, device, attn_implementation))
+                    attn_implementation: str = "sdpa", tp_mesh=None):
+        return cls(*load_pretrained(cls.model_class_name, path, dtype, device, attn_implementation,
+                                    tp_mesh))
 
     # -- shape facts ---------------------------------------------------------------------------
     @property
@@ -159,7 +175,7 @@ class FamilyAdapter(Adapter):
                 logits = self.model(**kw).logits[0, -1]
         q_idx = torch.arange(seq.query_start, x.shape[1], device=x.device)
         attn = probe.attention(q_idx)[..., seq.visual_rows.to(x.device)]
-        return ForwardOut(logits.float(), token_scores(attn, aggregation)[0])
+        return ForwardOut(logits.float(), token_scores(attn, aggregation, self.tp_group)[0])
 
     def eos_token_ids(self) -> list[int]:
         tok = self.tokenizer

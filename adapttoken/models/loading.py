@@ -97,13 +97,24 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 def load_adapter(path: str | Path, dtype: str | torch.dtype | None = "auto",
                  device: str | torch.device | None = "auto",
-                 attn_implementation: str = "sdpa") -> Adapter:
-    """Load a model folder from local disk (safetensors only, never remote code, never the network)."""
+                 attn_implementation: str = "sdpa", layout=None) -> Adapter:
+    """Load a model folder from local disk (safetensors only, never remote code, never the network).
+    layout: a distributed.Layout; with tp > 1 the model is loaded with transformers' tensor
+    parallel over the replica's ranks (the device is the rank's)."""
     family = detect_family(path)
     check_weights(path)
+    tp_mesh = None
+    if layout is not None:
+        device = layout.device
+        tp_mesh = layout.tp_mesh
     dev = resolve_device(device)
-    return _families()[family].from_folder(Path(path), resolve_dtype(dtype, dev), dev,
-                                           attn_implementation)
+    adapter = _families()[family].from_folder(Path(path), resolve_dtype(dtype, dev), dev,
+                                              attn_implementation, tp_mesh=tp_mesh)
+    if tp_mesh is not None:
+        adapter.tp_group = layout.tp_group
+        if hasattr(adapter, "fuse_text"):     # fused kernels call the weights directly: not sharded
+            adapter.fuse_text = False
+    return adapter
 
 
 def download_model(repo_id: str, dest: str | Path) -> Path:
@@ -152,6 +163,8 @@ class Model:
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto",
-               device: str | torch.device | None = "auto", attn_implementation: str = "sdpa") -> Model:
+               device: str | torch.device | None = "auto", attn_implementation: str = "sdpa",
+               layout=None) -> Model:
     """Load a local model folder as a `Model` (see load_adapter)."""
-    return Model(load_adapter(path, dtype, device, attn_implementation), name=Path(path).name)
+    return Model(load_adapter(path, dtype, device, attn_implementation, layout),
+                 name=Path(path).name)
