@@ -150,6 +150,11 @@ def all_gather_objects(obj, layout: Layout) -> list:
     return out
 
 
+def barrier(layout: Layout) -> None:
+    import torch.distributed as dist
+    dist.barrier()
+
+
 def broadcast_object(obj, layout: Layout, src: int = 0):
     import torch.distributed as dist
     box = [obj if layout.rank == src else None]

@@ -142,8 +142,11 @@ class StopAfter:
 
 
 def run_case(model, video_path, frames: int, method: str, args, counter: LLMCounter,
-             vis_per_slice: float, question=Q1, fresh: bool = True, cache_dir=None) -> Case:
-    """One question through the library pipeline (what `ask` does), timed and counted."""
+             vis_per_slice: float, question=Q1, fresh: bool = True, cache_dir=None,
+             layout=None) -> Case | None:
+    """One question through the library pipeline (what `ask` does), timed and counted. Under
+    torchrun (`layout`) the groups are divided among the ranks (distributed.ParallelQuestion);
+    the Case comes back on rank 0 (counts summed over the ranks), None elsewhere."""
     from ..budget import allocate, uniform_frames
     from ..decode import open_video
     from ..entropy import score_groups
@@ -173,8 +176,17 @@ def run_case(model, video_path, frames: int, method: str, args, counter: LLMCoun
     feats.reset_stats()
     feats.timer.add("probe", probe_s)
     n_groups = 0
+    pq = None
+    if layout is not None:
+        from .. import distributed
+        distributed.barrier(layout)          # every rank starts the clock together
+        _sync(dev)
+        t_start = time.perf_counter() - probe_s
     if method == "uniform":
+        if layout is not None and layout.replica != 0:
+            return None
         sel = uniform_frames(model, video, q, args.budget)
+        res = answer(sel, max_new_tokens=args.max_new_tokens)
     else:
         groups = split_groups(video, args.group_size, "strided")
         n_groups = len(groups)
@@ -183,16 +195,41 @@ def run_case(model, video_path, frames: int, method: str, args, counter: LLMCoun
         if method == "lite":
             k = max(1, round(args.lite_stop_fraction * n_groups))
             scored = scored.with_stop(StopAfter(k))
-        sel = allocate(scored, args.budget, redundancy_threshold=0.9, method=method)
-    res = answer(sel, max_new_tokens=args.max_new_tokens)
+        if layout is None:
+            sel = allocate(scored, args.budget, redundancy_threshold=0.9, method=method)
+            res = answer(sel, max_new_tokens=args.max_new_tokens)
+        else:
+            with distributed.ParallelQuestion(layout, scored) as pq:
+                sel = pq.select(args.budget, redundancy_threshold=0.9, method=method)
+                res = None if sel is None else answer(sel, max_new_tokens=args.max_new_tokens)
+            if res is not None:
+                rep = pq.report()
+                res.extra["distributed"] = rep
+                res.decoded_frames, res.encoded_slices, _ = distributed.totals(rep)
     _sync(dev)
     wall = time.perf_counter() - t_start
+    if layout is not None and pq is not None:
+        from .. import distributed
+        llm_all = distributed.all_gather_objects(counter.split(len(sel.prompt.suffix_ids))
+                                                 if sel is not None else
+                                                 counter.split(len(scored.ranked.prompt.suffix_ids)),
+                                                 layout)
+        peaks = distributed.all_gather_objects(
+            torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else 0.0, layout)
+        if res is None:
+            return None
 
     c = Case(frames, method, wall=wall)
     c.seconds = {k: v for k, v in res.seconds.items() if k != "total"}
     c.seconds["sum_of_stages"] = res.seconds.get("total", 0.0)
     n_suffix = len(sel.prompt.suffix_ids)
     llm = counter.split(n_suffix)
+    if layout is not None and pq is not None:   # group passes of every replica (TP ranks: one each)
+        mine = [d for i, d in enumerate(llm_all) if i % layout.tp == 0]
+        llm = dict(llm)
+        for k in llm:
+            if not k.startswith("answer"):
+                llm[k] = sum(d.get(k, 0) for d in mine)
     c.flops = {"vision": vis_per_slice * res.encoded_slices, "group_pass": llm["group_pass"],
                "answer": llm["answer"]}
     c.flops["total"] = sum(c.flops.values())
@@ -201,6 +238,10 @@ def run_case(model, video_path, frames: int, method: str, args, counter: LLMCoun
     if dev.type == "cuda":
         c.peak_gib = torch.cuda.max_memory_allocated(dev) / 2 ** 30
     c.groups, c.group_passes = n_groups, res.group_passes
+    if layout is not None and pq is not None:
+        c.peak_gib = max(peaks)
+        c.features["distributed"] = res.extra["distributed"]
+        c.features["peak_gib_per_rank"] = [round(x, 3) for x in peaks]
     c.decoded_frames, c.encoded_slices = res.decoded_frames, res.encoded_slices
     c.kept = len(res.kept_tokens)
     c.features = dict(res.extra.get("features", {}))
@@ -215,6 +256,16 @@ def run_case(model, video_path, frames: int, method: str, args, counter: LLMCoun
         from ..kv_cache import device_memory_budget
         c.features["device_budget_gib"] = device_memory_budget(dev) / 2 ** 30
     return c
+
+
+def _launch(nproc: int, argv: list[str]) -> int:
+    """Start this benchmark under torch's own launcher (torchrun) with `nproc` processes."""
+    from torch.distributed.run import get_args_parser, run
+    a = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "-m",
+                                      "adapttoken"])
+    a.training_script_args = ["bench", "gpu", *argv]     # ours, not torchrun's options
+    run(a)                                               # raises when a rank failed
+    return 0
 
 
 def parse_size(s: str) -> tuple[int, int]:
@@ -276,6 +327,10 @@ def main(argv=None) -> int:
                     help="length the variants run at (default: the smallest --frames)")
     ap.add_argument("--time-limit", type=float, default=None,
                     help="seconds: skip the remaining cases once this much time has passed")
+    ap.add_argument("--nproc", type=int, default=None,
+                    help="run under torchrun with this many processes, one GPU each (started through "
+                         "torch.distributed.run when not already under torchrun): the groups of each "
+                         "question are divided among them; the floor is N x the matmul rate")
     ap.add_argument("--from-json", nargs="+", default=None,
                     help="no benchmark: merge these results.json files (later runs win) and write "
                          "the report (README.md, results.json, bench_gpu.png) to --out")
@@ -284,6 +339,21 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.out is None:
         args.out = default_out(args.arch)
+    from .. import distributed
+    layout = None
+    if args.nproc is not None and not args.from_json:
+        if args.nproc < 1:
+            raise SystemExit(f"--nproc {args.nproc} must be at least 1")
+        if not distributed.launched_by_torchrun():
+            return _launch(args.nproc, argv if argv is not None else sys.argv[1:])
+        layout = distributed.init(tp=1, device=args.device)
+        if layout.world != args.nproc:
+            raise SystemExit(f"--nproc {args.nproc} but torchrun started {layout.world} processes")
+        if args.variants is not None or args.disk_cache:
+            raise SystemExit("--variants and --disk-cache run in one process: leave out --nproc")
+        args.device = str(layout.device)
+        if not layout.is_main:
+            sys.stdout = open(os.devnull, "w")
 
     if args.from_json:
         res = merge_results(args.from_json, args.note)
@@ -328,6 +398,11 @@ def main(argv=None) -> int:
     results["matmul"] = matmul_rate(device)
     results["copy_bw"] = copy_bandwidth(device)
     rate = results["matmul"]["flops_per_s"]
+    if layout is not None:        # the floor of N GPUs: N x the per-GPU rate measured here
+        meta["nproc"] = layout.world
+        results["matmul"]["per_gpu_flops_per_s"] = rate
+        rate = rate * layout.world
+        results["matmul"]["flops_per_s"] = rate
     print(f"[bench gpu] bf16 matmul {rate / 1e12:.1f} TFLOP/s", flush=True)
 
     # video
@@ -341,7 +416,10 @@ def main(argv=None) -> int:
         n = args.video_frames or max(args.frames)
         vdir = Path(args.video_dir or out)
         vpath = vdir / f"bench_{n}f_{H}x{W}.mp4"
-        meta["video"] = make_video(vpath, n, (H, W))
+        if layout is None or layout.is_main:         # one writer; the other ranks wait for it
+            meta["video"] = make_video(vpath, n, (H, W))
+        if layout is not None:
+            meta["video"] = distributed.broadcast_object(meta.get("video"), layout)
         print(f"[bench gpu] wrote {vpath} ({meta['video']['bytes'] / 2 ** 20:.1f} MiB) in "
               f"{meta['video']['seconds_to_make']:.1f} s", flush=True)
 
@@ -372,7 +450,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         warm = min(max(4 * args.group_size, 64), meta["video"]["frames"])
         for m in ("adapttoken", "lite", "uniform"):
-            run_case(model, vpath, warm, m, args, counter, vis_per_slice)
+            run_case(model, vpath, warm, m, args, counter, vis_per_slice, layout=layout)
         meta["warmup_seconds"] = time.perf_counter() - t0
         print(f"[bench gpu] warm-up {meta['warmup_seconds']:.1f} s", flush=True)
 
@@ -388,7 +466,8 @@ def main(argv=None) -> int:
             (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
 
         def over_time() -> bool:
-            return bool(args.time_limit) and time.perf_counter() - t_begin > args.time_limit
+            late = bool(args.time_limit) and time.perf_counter() - t_begin > args.time_limit
+            return late if layout is None else distributed.broadcast_object(late, layout)
 
         def guarded(label, fn):
             try:
@@ -420,15 +499,19 @@ def main(argv=None) -> int:
                     results["skipped"].append(f"{L} {m}")
                     continue
                 if m == "second_question":
-                    if not any(c["frames"] == L and c["method"] == "adapttoken" for c in results["cases"]):
+                    first = any(c["frames"] == L and c["method"] == "adapttoken" for c in results["cases"])
+                    if layout is not None:
+                        first = distributed.broadcast_object(first, layout)
+                    if not first:
                         continue
                     c = guarded(f"{L} {m}", lambda: run_case(model, vpath, L, "adapttoken", args, counter,
-                                                             vis_per_slice, question=Q2, fresh=False))
+                                                             vis_per_slice, question=Q2, fresh=False,
+                                                             layout=layout))
                     if c is not None:
                         c.method = "second_question"
                 else:
                     c = guarded(f"{L} {m}", lambda: run_case(model, vpath, L, m, args, counter,
-                                                             vis_per_slice))
+                                                             vis_per_slice, layout=layout))
                 if c is not None:
                     record(c)
         model.clear_cache()
@@ -505,6 +588,10 @@ def main(argv=None) -> int:
                 model.clear_cache()
                 shutil.rmtree(cdir, ignore_errors=True)
 
+    if layout is not None:
+        distributed.shutdown()
+        if not layout.is_main:
+            return 0
     results["targets"] = targets(results)
     results["meta"]["total_seconds"] = time.perf_counter() - t_begin
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))

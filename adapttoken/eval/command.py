@@ -48,6 +48,9 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run folder (default eval_<bench>)")
     p.add_argument("--worker", type=int, default=0, help="this worker's index (0..workers-1)")
     p.add_argument("--workers", type=int, default=1, help="number of workers sharing the run (one per GPU)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="under torchrun: ranks per model copy (transformers' tensor parallel); "
+                        "each copy is one worker and takes whole videos")
     p.add_argument("--retry-errors", action="store_true", help="run the error rows again")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
@@ -123,13 +126,61 @@ def main(argv=None) -> int:
     a = run_parser().parse_args(argv)
     from .data import load_items
     from .runner import run
+    layout = _torchrun_layout(a)
     spec = spec_from_args(a)
     items = load_items(spec.bench, spec.data)
     expected = len(items) if spec.limit is None else min(spec.limit, len(items))
-    stats = run(spec, items)
+    if layout is None:
+        stats = run(spec, items)
+    else:
+        stats = _run_under_torchrun(spec, items, layout)
+        if not layout.is_main:
+            return 0
     s = report.write(spec.out, None, expected)
     if not spec.quiet:
         print(report.markdown(s))
     print(f"eval: {stats['written']} rows written ({stats['errors']} errors); report in {spec.out}/report.md",
           file=sys.stderr)
     return 0
+
+
+def _torchrun_layout(a):
+    """Under torchrun the evaluation is data parallel: each replica (one rank, or --tp ranks with
+    tensor parallel) is one of the run's workers (--worker/--workers come from the ranks)."""
+    from ..distributed import init, launched_by_torchrun
+    from ..errors import InputError
+    if not launched_by_torchrun():
+        if a.tp != 1:
+            raise InputError(f"--tp {a.tp} needs torchrun: torchrun --nproc-per-node N -m adapttoken "
+                             f"eval ... --tp {a.tp}")
+        return None
+    if a.worker != 0 or a.workers != 1:
+        raise InputError("under torchrun the workers are the ranks' model copies: leave --worker and "
+                         "--workers out")
+    if a.arch and a.tp != 1:
+        raise InputError("--arch builds a random-weight model on one device: use --tp 1 with it")
+    layout = init(tp=a.tp, device=a.device)
+    a.worker, a.workers, a.device = layout.replica, layout.replicas, str(layout.device)
+    return layout
+
+
+def _run_under_torchrun(spec, items, layout):
+    """This rank's share; rank 0 sets up the run folder first, and waits for every worker (on a
+    barrier without the process group's short timeout: workers finish at different times) before
+    the report. Only the first rank of each copy writes."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from ..distributed import shutdown
+    from .runner import check_run_dir, run
+    waiting = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
+    try:
+        if layout.is_main:
+            check_run_dir(spec)
+        dist.barrier(group=waiting)
+        stats = run(spec, items, layout=layout)
+        dist.barrier(group=waiting)
+    finally:
+        shutdown()
+    return stats

@@ -267,10 +267,22 @@ def base_row(spec: RunSpec, item: Item, method: str) -> dict:
             "workers": spec.workers}
 
 
-def run(spec: RunSpec, items: list[Item], model=None, log=None) -> dict:
-    """Run this worker's shard; returns counts. `model`: an already loaded Model (tests)."""
+class _NoWriter:
+    """The rows of a tensor-parallel copy are written by its first rank only."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def run(spec: RunSpec, items: list[Item], model=None, log=None, layout=None) -> dict:
+    """Run this worker's shard; returns counts. `model`: an already loaded Model (tests);
+    `layout`: this rank's distributed.Layout under torchrun (worker = its replica)."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    if spec.quiet:
+    writes = layout is None or layout.tp_rank == 0
+    if spec.quiet or not writes:
         log = lambda s: None  # noqa: E731
     unknown = [m for m in spec.methods if m not in ALL_METHODS]
     if unknown:
@@ -293,19 +305,21 @@ def run(spec: RunSpec, items: list[Item], model=None, log=None) -> dict:
     t0 = time.perf_counter()
     bad = preflight(mine)
     pf = Path(spec.out) / f"preflight-worker{spec.worker}-of-{spec.workers}.json"
-    pf.write_text(json.dumps({"videos": len(mine), "bad": bad}, indent=1))
+    if writes:
+        pf.write_text(json.dumps({"videos": len(mine), "bad": bad}, indent=1))
     if bad:
         log(f"preflight: {len(bad)} of {len(mine)} videos cannot be read (error rows; list in {pf.name}):")
         for k, why in list(bad.items())[:20]:
             log(f"  {why}")
     else:
         log(f"preflight: all {len(mine)} videos readable ({time.perf_counter() - t0:.1f} s)")
-    writer = RowWriter(Path(spec.out) / "preds" / f"worker{spec.worker}-of-{spec.workers}.jsonl")
+    writer = (RowWriter(Path(spec.out) / "preds" / f"worker{spec.worker}-of-{spec.workers}.jsonl")
+              if writes else _NoWriter())
     stats = {"written": 0, "errors": 0}
     running = {m: [0, 0] for m in spec.methods}
     try:
         if any(v[0].video_id not in bad for v, _, _ in todo) and model is None:
-            model = load(spec, log)
+            model = load(spec, log, layout)
         if spec.warmup and model is not None:
             warmup(model, spec, [v for v in mine if v[0].video_id not in bad], sub_cache={}, log=log)
         t_run, n_run = time.perf_counter(), 0
@@ -363,8 +377,9 @@ def run(spec: RunSpec, items: list[Item], model=None, log=None) -> dict:
     return stats
 
 
-def load(spec: RunSpec, log):
-    """The run's model: --model (or the bundled one), or --arch with random weights."""
+def load(spec: RunSpec, log, layout=None):
+    """The run's model: --model (or the bundled one), or --arch with random weights; under
+    torchrun on the rank's device (with tensor parallel when the layout has tp > 1)."""
     if spec.arch:
         from ..bench.eval_aids import build_random_model
         model, secs, dt = build_random_model(spec.arch, spec.device, spec.dtype)
@@ -377,7 +392,7 @@ def load(spec: RunSpec, log):
     from ..defaults import default_model_dir
     from ..models.loading import load_model
     return load_model(spec.model or default_model_dir(), dtype=spec.dtype, device=spec.device,
-                      attn_implementation=spec.attn)
+                      attn_implementation=spec.attn, layout=layout)
 
 
 def _write_json(path: Path, obj) -> None:
