@@ -307,6 +307,8 @@ class ParallelQuestion:
         self.passes_run = 0
         self.passes_dropped = 0
         self.rank_stats: list[dict] = []
+        self.processed: list[int] = []      # groups whose results the selection uses (every rank)
+        self.skipped: list[int] = []
         self._opened = False
 
     def __enter__(self) -> "ParallelQuestion":
@@ -394,6 +396,7 @@ class ParallelQuestion:
             done, skipped = self._evaluate_all(hooks)
         else:
             done, skipped = self._evaluate_rounds(hooks)
+        self.processed, self.skipped = [d.group for d in done], list(skipped)
         f = self.features
         stats = {"rank": self.layout.rank, "replica": self.layout.replica,
                  "decoded_frames": f.decoded_frames, "encoded_slices": f.encoded_slices,

@@ -52,15 +52,26 @@ def option_token_ids(tok, letters) -> list[list[int]]:
 
 def tp_kwargs(tp_mesh) -> dict:
     """from_pretrained's arguments for transformers' own tensor parallel over `tp_mesh` (the
-    model's predefined plan; DistributedConfig where this transformers has it, else tp_plan)."""
+    model's predefined plan). When the mesh spans every process: DistributedConfig where this
+    transformers has it (else the plain tp_plan keyword). When it is one replica's share of a
+    larger job (replicas x TP): tp_plan with device_mesh, which transformers up to 5.23 honour;
+    5.24 builds its mesh from the whole job and refuses (TP_SUBMESH_HINT says what to do)."""
     if tp_mesh is None:
         return {}
+    import torch.distributed as dist
+    whole = dist.get_world_size() == tp_mesh.size()
     try:
         from transformers.distributed import DistributedConfig
-    except ImportError:                                  # older transformers: the plain keyword
-        return {"tp_plan": "auto", "device_mesh": tp_mesh}
-    return {"distributed_config": DistributedConfig(tp_plan="auto", tp_size=tp_mesh.size()),
-            "device_mesh": tp_mesh}
+    except ImportError:
+        DistributedConfig = None
+    if whole and DistributedConfig is not None:
+        return {"distributed_config": DistributedConfig(tp_plan="auto", tp_size=tp_mesh.size())}
+    return {"tp_plan": "auto", "device_mesh": tp_mesh}
+
+
+TP_SUBMESH_HINT = ("this transformers loads tensor parallel only over all processes: run --tp equal "
+                   "to --nproc-per-node (one copy), or use transformers 5.17-5.23 for copies x "
+                   "tensor parallel")
 
 
 def load_pretrained(model_cls_name: str, path: Path, dtype, device, attn_implementation: str,
@@ -86,9 +97,14 @@ def load_pretrained(model_cls_name: str, path: Path, dtype, device, attn_impleme
                                     local_files_only=True, use_safetensors=True,
                                     trust_remote_code=False, **tp_kwargs(tp_mesh))
     except Exception as e:  # noqa: BLE001
-        raise ModelLoadError(f"model folder {str(path)!r}: weights could not be loaded "
-                             f"({type(e).__name__}: {e})") from None
+        raise load_error(path, e) from None
     return (model if tp_mesh is not None else model.to(device)), processor
+
+
+def load_error(path, e: Exception) -> ModelLoadError:
+    hint = f": {TP_SUBMESH_HINT}" if "parallel mesh requires" in str(e) else ""
+    return ModelLoadError(f"model folder {str(path)!r}: weights could not be loaded "
+                          f"({type(e).__name__}: {e}){hint}")
 
 
 def reference_layer(num_layers: int, fraction: float) -> int:

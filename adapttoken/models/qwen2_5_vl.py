@@ -23,7 +23,8 @@ import torch
 from ..errors import ModelLoadError
 from ..positions import build_position_ids
 from ..question import NO_HOOKS, Hooks, Question
-from ._common import _LayerCancel, generate_from_embeds, option_token_ids, resize_exact, tp_kwargs
+from ._common import (_LayerCancel, generate_from_embeds, load_error, option_token_ids, resize_exact,
+                      tp_kwargs)
 from .base import Adapter, ForwardOut, Generation, Prompt
 from .compat import cache_kwargs
 from .probe import AttentionProbe, token_scores
@@ -124,8 +125,7 @@ class Qwen25VLAdapter(Adapter):
                 local_files_only=True, use_safetensors=True, trust_remote_code=False,
                 **tp_kwargs(tp_mesh))
         except Exception as e:  # noqa: BLE001
-            raise ModelLoadError(f"model folder {str(path)!r}: weights could not be loaded "
-                                 f"({type(e).__name__}: {e})") from None
+            raise load_error(path, e) from None
         return cls(model if tp_mesh is not None else model.to(device), processor)
 
     # -- shape facts ---------------------------------------------------------------------------

@@ -1,0 +1,69 @@
+"""Run under torchrun by tests/test_distributed.py: questions through the distributed path, each
+rank writing what it saw. Usage: torchrun ... tests/dist_worker.py SPEC.json (see the test)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+
+def main(spec_path: str) -> int:
+    from adapttoken import distributed
+    from adapttoken.entropy import early_stop, score_groups
+    from adapttoken.groups import split_groups
+    from adapttoken.models.loading import load_model
+    from adapttoken.pipeline import AdaptTokenConfig, answer, ask, prepare
+    from adapttoken.question import Question
+    from adapttoken.rank import RankedGroups
+
+    spec = json.loads(open(spec_path).read())
+    out = spec["out"]
+    lay = distributed.init(tp=spec.get("tp", 1), device="cpu")
+    model = load_model(spec["model"], dtype="fp32", device="cpu", layout=lay)
+    q = Question(spec["question"], tuple(spec["options"]))
+    cfg = AdaptTokenConfig(num_frames=spec["frames"], group_size=spec["group_size"],
+                           budget=spec["budget"], max_pixels=spec.get("max_pixels", 308 * 560),
+                           stop_threshold=spec.get("stop_threshold", 0.2),
+                           max_new_tokens=spec.get("max_new_tokens", 8), decode_workers=0)
+    mine = {}
+    for method in spec["methods"]:
+        model.clear_cache()
+        if method == "lite_rounds":       # the lower-level API, to see every rank's stop point
+            video = prepare(model, spec["video"], cfg)
+            groups = split_groups(video, cfg.group_size, cfg.layout)
+            scored = early_stop(score_groups(RankedGroups(model, groups, q)), cfg.stop_threshold)
+            with distributed.ParallelQuestion(lay, scored) as pq:
+                sel = pq.select(cfg.budget)
+                res = None if sel is None else answer(sel, cfg.max_new_tokens)
+            mine[method] = {"processed": pq.processed, "skipped": pq.skipped,
+                            "passes_run": pq.passes_run, "passes_dropped": pq.passes_dropped}
+        else:
+            res = ask(model, spec["video"], q, config=cfg, method=method, layout=lay)
+            mine[method] = {"result": res is not None}
+        if lay.is_main:
+            with open(os.path.join(out, f"{method}.json"), "w") as fh:
+                fh.write(res.to_json())
+    if spec.get("probe"):                 # the attention probe and logits on fixed inputs
+        ad = model.adapter
+        g = torch.Generator().manual_seed(0)
+        h, w = ad.resized_size(112, 112) if ad.family != "qwen3_vl" else (64, 96)
+        frames = torch.randint(0, 256, (4 * ad.frames_per_slice, h, w, 3), dtype=torch.uint8,
+                               generator=g)
+        feats = ad.encode(frames, (h, w))
+        emb = feats.reshape(-1, feats.shape[-1])
+        rows, cols = ad.token_grid((h, w))
+        n, tps = emb.shape[0], rows * cols
+        i = torch.arange(n)
+        coords = torch.stack([i // tps, (i % tps) // cols, i % cols])
+        o = ad.forward(ad.build_prompt(q), emb, coords, 8, probe_layer=ad.default_layer)
+        mine["probe"] = {"logits": o.logits.tolist(), "scores": o.scores.tolist()}
+    with open(os.path.join(out, f"rank{lay.rank}.json"), "w") as fh:
+        json.dump(mine, fh)
+    distributed.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

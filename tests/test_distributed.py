@@ -1,0 +1,239 @@
+"""Several processes, one question (adapttoken/distributed.py), on CPUs with gloo.
+
+Each test starts its own ranks with torch's launcher (torchrun) and compares with one process:
+group parallel (2 and 3 ranks) gives the same selection and answer; tensor parallel (2 ranks,
+transformers' own tp_plan) gives the probe scores and logits within float tolerance and the same
+selection and greedy answer; Lite's stop point is the same on every rank; a rank killed mid-run
+ends the whole job with an error well before 120 s."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import adapttoken as at
+from adapttoken.defaults import default_model_dir
+
+pytest.importorskip("av")
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "adapttoken" / "assets" / "sample.mp4"
+QUESTION = "What coloured object appeared in the video?"
+OPTIONS = ["red", "green", "blue", "yellow"]
+BASE = {"question": QUESTION, "options": OPTIONS, "frames": 256, "group_size": 8, "budget": 64,
+        "max_new_tokens": 8}
+TIMEOUT = 170
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    return env
+
+
+def _torchrun(n: int, *args, timeout=TIMEOUT) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           str(n), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _worker(tmp_path: Path, n: int, **spec) -> dict:
+    """Run tests/dist_worker.py on n ranks; {"rank0": ..., "adapttoken": Result dict, ...}."""
+    out = tmp_path / f"out{n}"
+    out.mkdir()
+    full = {**BASE, "model": str(default_model_dir()), "video": str(SAMPLE), "out": str(out), **spec}
+    (out / "spec.json").write_text(json.dumps(full))
+    p = _torchrun(n, str(ROOT / "tests" / "dist_worker.py"), str(out / "spec.json"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = {f.stem: json.loads(f.read_text()) for f in out.glob("*.json") if f.stem != "spec"}
+    return got
+
+
+def _reference(model_dir, video, methods, **over) -> dict:
+    """The same questions in this one process."""
+    torch.set_num_threads(1)
+    model = at.load_model(model_dir, dtype="fp32", device="cpu")
+    spec = {**BASE, **over}
+    cfg = at.AdaptTokenConfig(num_frames=spec["frames"], group_size=spec["group_size"],
+                              budget=spec["budget"], max_new_tokens=spec["max_new_tokens"],
+                              max_pixels=spec.get("max_pixels", 308 * 560), decode_workers=0)
+    out = {}
+    for m in methods:
+        model.clear_cache()
+        out[m] = json.loads(at.ask(model, str(video), spec["question"], spec["options"],
+                                   config=cfg, method=m).to_json())
+    return out
+
+
+def _same_selection(ref: dict, got: dict, tol: float = 1e-5) -> None:
+    assert got["answer"] == ref["answer"]
+    assert got["kept_tokens"] == ref["kept_tokens"]
+    assert got["skipped_groups"] == ref["skipped_groups"]
+    assert got["group_passes"] == ref["group_passes"]
+    assert len(got["groups"]) == len(ref["groups"])
+    for a, b in zip(ref["groups"], got["groups"]):
+        assert (a["group"], a["budget"], a["kept"], a["frame_indices"]) == \
+               (b["group"], b["budget"], b["kept"], b["frame_indices"])
+        if a["entropy"] is None:
+            assert b["entropy"] is None
+        else:
+            assert abs(a["entropy"] - b["entropy"]) <= tol
+    if ref["option_probs"]:
+        for k, v in ref["option_probs"].items():
+            assert abs(got["option_probs"][k] - v) <= tol
+
+
+def test_cli_ask_under_torchrun_equals_one_process(tmp_path):
+    args = ["ask", str(SAMPLE), QUESTION, *sum((["--option", o] for o in OPTIONS), []),
+            "--frames", "256", "--group-size", "8", "--budget", "64", "--json"]
+    one = subprocess.run([sys.executable, "-m", "adapttoken", *args], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _torchrun(2, "-m", "adapttoken", *args)
+    assert two.returncode == 0, two.stderr[-3000:]
+    lines = [ln for ln in two.stdout.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1                                   # rank 0 alone prints
+    a, b = json.loads(one.stdout), json.loads(lines[0])
+    _same_selection(a, b)
+    d = b["extra"]["distributed"]
+    assert (d["world"], d["replicas"], d["tp"]) == (2, 2, 1)
+    # the work was divided: each replica ran half of the 16 group passes, and rows crossed over
+    assert [r["group_passes"] for r in d["ranks"]] == [8, 8]
+    assert d["rows_exchanged"] > 0 and b["encoded_slices"] == a["encoded_slices"]
+
+
+def test_group_parallel_every_method_equals_one_process(tmp_path):
+    methods = ["adapttoken", "lite", "even_split", "uniform"]
+    got = _worker(tmp_path, 2, methods=methods)
+    ref = _reference(default_model_dir(), SAMPLE, methods)
+    for m in methods:
+        _same_selection(ref[m], got[m])
+    assert got["rank1"] == {m: {"result": False} for m in methods}   # replica 1 returns nothing
+    assert got["rank0"] == {m: {"result": True} for m in methods}
+
+
+def test_lite_rounds_of_three_stop_where_one_process_stops(tmp_path):
+    got = _worker(tmp_path, 3, methods=["lite", "lite_rounds"], stop_threshold=0.2)
+    ref = _reference(default_model_dir(), SAMPLE, ["lite"])["lite"]
+    _same_selection(ref, got["lite"])
+    views = [got[f"rank{r}"]["lite_rounds"] for r in range(3)]
+    assert all(v["processed"] == views[0]["processed"] for v in views)   # one stop point for all
+    assert all(v["skipped"] == views[0]["skipped"] for v in views)
+    assert views[0]["skipped"] == ref["skipped_groups"] and ref["skipped_groups"]
+    done = len(views[0]["processed"])
+    run = sum(v["passes_run"] for v in views)
+    # rounds of 3: the last round ran whole, the passes after the stop point were dropped
+    assert run == -(-done // 3) * 3 and views[0]["passes_dropped"] == run - done
+
+
+@pytest.fixture(scope="module")
+def qwen3_folder(tmp_path_factory):
+    from adapttoken.training.tiny import save_model_folder
+    from adapttoken.training.tiny_families import build_tiny_family
+    model, proc = build_tiny_family("qwen3_vl", seed=0, layers=4)
+    return save_model_folder(tmp_path_factory.mktemp("m") / "tiny-qwen3vl", model, proc)
+
+
+@pytest.fixture(scope="module")
+def small_clip(tmp_path_factory):
+    from videos import write_video
+    return write_video(tmp_path_factory.mktemp("v") / "clip.mp4", 96, width=64, height=48, fps=8)
+
+
+def test_group_parallel_qwen3_vl_equals_one_process(tmp_path, qwen3_folder, small_clip):
+    over = {"frames": 64, "group_size": 4, "budget": 24, "max_pixels": 64 * 64}
+    got = _worker(tmp_path, 2, methods=["adapttoken", "lite"], model=str(qwen3_folder),
+                  video=str(small_clip), **over)
+    ref = _reference(qwen3_folder, small_clip, ["adapttoken", "lite"], **over)
+    for m in ("adapttoken", "lite"):
+        _same_selection(ref[m], got[m])
+
+
+def test_tensor_parallel_equals_one_process(tmp_path):
+    pytest.importorskip("accelerate")         # transformers' tensor-parallel loading needs it
+    got = _worker(tmp_path, 2, tp=2, methods=["adapttoken", "lite_rounds"], probe=True)
+    ref = _reference(default_model_dir(), SAMPLE, ["adapttoken", "lite"])
+    # each rank held half of the heads; the probe combined them before ranking
+    import numpy as np
+    one = at.load_model(default_model_dir(), dtype="fp32", device="cpu").adapter
+    from adapttoken.question import Question
+    q = Question(QUESTION, tuple(OPTIONS))
+    g = torch.Generator().manual_seed(0)
+    h, w = one.resized_size(112, 112)
+    frames = torch.randint(0, 256, (4 * one.frames_per_slice, h, w, 3), dtype=torch.uint8,
+                           generator=g)
+    emb = one.encode(frames, (h, w)).reshape(-1, one.model.config.text_config.hidden_size)
+    rows, cols = one.token_grid((h, w))
+    i = torch.arange(emb.shape[0])
+    coords = torch.stack([i // (rows * cols), (i % (rows * cols)) // cols, i % cols])
+    o = one.forward(one.build_prompt(q), emb, coords, 8, probe_layer=one.default_layer)
+    for r in (0, 1):
+        p = got[f"rank{r}"]["probe"]
+        np.testing.assert_allclose(p["scores"], o.scores.numpy(), rtol=1e-4, atol=1e-9)
+        np.testing.assert_allclose(p["logits"], o.logits.numpy(), rtol=1e-4, atol=1e-4)
+    _same_selection(ref["adapttoken"], got["adapttoken"], tol=1e-4)
+    views = [got[f"rank{r}"]["lite_rounds"] for r in (0, 1)]
+    assert views[0] == views[1]                                  # one stop decision
+    assert views[0]["skipped"] == ref["lite"]["skipped_groups"]
+
+
+def test_tp_without_torchrun_is_a_clear_error(capsys):
+    from adapttoken.cli import main
+    rc = main(["ask", str(SAMPLE), "What?", "--tp", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--tp 2 needs torchrun" in err
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(x) for x in out.stdout.split()]
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for kv in env:
+        if kv.startswith(b"RANK="):
+            return int(kv[5:])
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the ranks through /proc")
+def test_a_killed_rank_ends_every_rank_with_an_error(tmp_path):
+    args = ["ask", str(SAMPLE), QUESTION, *sum((["--option", o] for o in OPTIONS), []),
+            "--frames", "960", "--group-size", "2", "--budget", "64"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "adapttoken", *args]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        victim = None
+        t0 = time.monotonic()
+        while victim is None and time.monotonic() - t0 < 60:
+            for pid in _children(p.pid):
+                if _rank_of(pid) == 1:
+                    victim = pid
+            time.sleep(0.2)
+        assert victim is not None, "rank 1 never started"
+        time.sleep(6.0)                     # loaded and into the group passes (the run takes ~15 s)
+        assert p.poll() is None, "the job ended before the kill: make it longer"
+        os.kill(victim, signal.SIGKILL)
+        t_kill = time.monotonic()
+        _, err = p.communicate(timeout=150)
+        ended = time.monotonic() - t_kill
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode != 0
+    assert ended < 120, f"the job took {ended:.0f} s to end after a rank died"
+    assert "rank" in err and ("SIGKILL" in err or "Signal 9" in err or "exitcode" in err)
