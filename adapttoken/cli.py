@@ -48,6 +48,9 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    help="under torchrun: ranks per model copy, loaded with transformers' tensor "
                         "parallel (default 1: every rank a whole copy; the groups are divided "
                         "among the copies)")
+    p.add_argument("--device-map", default=None, choices=["auto"],
+                   help="one process, the model's layers spread over every GPU by accelerate "
+                        "(a model larger than one GPU without torchrun; needs accelerate)")
     p.add_argument("--backend", choices=["auto", "decord", "pyav"], default="auto",
                    help="video decoder (auto: decord when installed and it agrees with the file, "
                         "else PyAV)")
@@ -153,7 +156,8 @@ def cmd_ask(args) -> int:
     layout = _distributed_layout(args)
     try:
         model = load_model(args.model or default_model_dir(), dtype=args.dtype, device=args.device,
-                           attn_implementation=args.attn, layout=layout)
+                           attn_implementation=args.attn, layout=layout,
+                           device_map=args.device_map)
         res = ask(model, args.video, q, config=cfg, method=method, layout=layout)
         if layout is None or layout.is_main:        # under torchrun rank 0 alone prints
             _print_result(res, args.json)

@@ -93,7 +93,7 @@ def _same_selection(ref: dict, got: dict, tol: float = 1e-5) -> None:
 
 def test_cli_ask_under_torchrun_equals_one_process(tmp_path):
     args = ["ask", str(SAMPLE), QUESTION, *sum((["--option", o] for o in OPTIONS), []),
-            "--frames", "256", "--group-size", "8", "--budget", "64", "--json"]
+            "--frames", "256", "--group-size", "8", "--budget", "64", "--json", "--device", "cpu"]
     one = subprocess.run([sys.executable, "-m", "adapttoken", *args], cwd=ROOT, env=_env(),
                          capture_output=True, text=True, timeout=TIMEOUT)
     assert one.returncode == 0, one.stderr[-2000:]
@@ -185,6 +185,30 @@ def test_tensor_parallel_equals_one_process(tmp_path):
     assert views[0]["skipped"] == ref["lite"]["skipped_groups"]
 
 
+def test_copies_times_tensor_parallel(tmp_path):
+    """4 ranks = 2 copies x TP 2: equal to one process where transformers takes a tensor-parallel
+    sub-mesh (5.17-5.23); 5.24 builds its mesh over the whole job, and the load says what to do."""
+    pytest.importorskip("accelerate")
+    import transformers
+    from packaging.version import Version
+    if Version(transformers.__version__) >= Version("5.24"):
+        out = tmp_path / "o"
+        out.mkdir()
+        spec = {**BASE, "model": str(default_model_dir()), "video": str(SAMPLE), "out": str(out),
+                "tp": 2, "methods": ["adapttoken"]}
+        (out / "spec.json").write_text(json.dumps(spec))
+        p = _torchrun(4, str(ROOT / "tests" / "dist_worker.py"), str(out / "spec.json"))
+        assert p.returncode != 0
+        assert "run --tp equal to --nproc-per-node" in p.stderr
+        return
+    got = _worker(tmp_path, 4, tp=2, methods=["adapttoken", "lite_rounds"])
+    ref = _reference(default_model_dir(), SAMPLE, ["adapttoken", "lite"])
+    _same_selection(ref["adapttoken"], got["adapttoken"], tol=1e-4)
+    views = [got[f"rank{r}"]["lite_rounds"] for r in range(4)]
+    assert all(v == views[0] for v in views)
+    assert views[0]["skipped"] == ref["lite"]["skipped_groups"]
+
+
 def test_tp_without_torchrun_is_a_clear_error(capsys):
     from adapttoken.cli import main
     rc = main(["ask", str(SAMPLE), "What?", "--tp", "2"])
@@ -211,7 +235,7 @@ def _rank_of(pid: int) -> int | None:
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the ranks through /proc")
 def test_a_killed_rank_ends_every_rank_with_an_error(tmp_path):
     args = ["ask", str(SAMPLE), QUESTION, *sum((["--option", o] for o in OPTIONS), []),
-            "--frames", "960", "--group-size", "2", "--budget", "64"]
+            "--frames", "960", "--group-size", "2", "--budget", "64", "--device", "cpu"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "adapttoken", *args]
     p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -60,7 +60,7 @@ Q1 = ("What colour was the object that appeared in the video?", ("red", "green",
 Q2 = ("Which appeared first in the video, the red object or the blue object?",
       ("the red object", "the blue object", "both at once", "neither appeared"))
 
-ARCH_NAMES = ("qwen2.5-vl-7b", "qwen3-vl-8b", "internvl3-8b")
+ARCH_NAMES = ("qwen2.5-vl-7b", "qwen2.5-vl-72b", "qwen3-vl-8b", "internvl3-8b")
 
 
 def default_out(arch: str) -> str:
@@ -278,6 +278,9 @@ def main(argv=None) -> int:
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="qwen2.5-vl-7b", choices=ARCH_NAMES,
                     help="architecture (random weights); the others come from bench/archs.py")
+    ap.add_argument("--llm-layers", type=int, default=None,
+                    help="Qwen2.5-VL: build only this many decoder layers (a slice of the "
+                         "architecture at full width, e.g. 4 of 72B's 80 to fit one GPU)")
     ap.add_argument("--frames", type=int, nargs="+", default=[1024, 4096, 10000])
     ap.add_argument("--size", default="308x560", help="frame size HxW (also the pixel cap)")
     ap.add_argument("--budget", type=int, default=7040)
@@ -423,8 +426,10 @@ def main(argv=None) -> int:
         print(f"[bench gpu] wrote {vpath} ({meta['video']['bytes'] / 2 ** 20:.1f} MiB) in "
               f"{meta['video']['seconds_to_make']:.1f} s", flush=True)
 
-    if args.arch == "qwen2.5-vl-7b":
-        model, build_s = build_model(args.tiny, device, dtype, args.pixels)
+    meta["llm_layers"] = args.llm_layers
+    if args.arch in ("qwen2.5-vl-7b", "qwen2.5-vl-72b"):
+        model, build_s = build_model(args.tiny, device, dtype, args.pixels,
+                                     size=args.arch.rsplit("-", 1)[1], llm_layers=args.llm_layers)
         model.adapter.compile_vision = args.compile_vision
         model.adapter.fuse_text = args.fuse_text
     else:

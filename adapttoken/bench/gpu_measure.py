@@ -13,6 +13,10 @@ SEVEN_B_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers
                     num_attention_heads=28, num_key_value_heads=4, vocab_size=152064)
 SEVEN_B_VISION = dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420,
                       out_hidden_size=3584, window_size=112, fullatt_block_indexes=[7, 15, 23, 31])
+# Qwen2.5-VL-72B's widths (its config.json); benchmarks run a slice of its 80 layers on one GPU
+SEVENTY_TWO_B_TEXT = dict(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+                          num_attention_heads=64, num_key_value_heads=8, vocab_size=152064)
+SEVENTY_TWO_B_VISION = dict(SEVEN_B_VISION, out_hidden_size=8192)
 TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=None)
 TINY_VISION = dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=64,
@@ -58,8 +62,10 @@ def build_config(tok, text: dict, vision: dict, attn: str = "sdpa"):
     )
 
 
-def build_model(tiny: bool, device: torch.device, dtype: torch.dtype, pixels: int, seed: int = 0):
-    """(Model, build seconds): random weights created directly on `device` in `dtype`."""
+def build_model(tiny: bool, device: torch.device, dtype: torch.dtype, pixels: int, seed: int = 0,
+                size: str = "7b", llm_layers: int | None = None):
+    """(Model, build seconds): random weights created directly on `device` in `dtype`. size "7b"
+    or "72b" (Qwen2.5-VL's widths); llm_layers: only that many decoder layers (a slice)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from ..models.loading import Model
@@ -69,7 +75,13 @@ def build_model(tiny: bool, device: torch.device, dtype: torch.dtype, pixels: in
     t0 = time.perf_counter()
     tok = build_tokenizer()
     proc = build_processor(tok, min_pixels=pixels, max_pixels=pixels)
-    cfg = build_config(tok, TINY_TEXT if tiny else SEVEN_B_TEXT, TINY_VISION if tiny else SEVEN_B_VISION)
+    text, vision = {"7b": (SEVEN_B_TEXT, SEVEN_B_VISION),
+                    "72b": (SEVENTY_TWO_B_TEXT, SEVENTY_TWO_B_VISION)}[size]
+    if tiny:
+        text, vision = TINY_TEXT, TINY_VISION
+    if llm_layers:
+        text = dict(text, num_hidden_layers=int(llm_layers))
+    cfg = build_config(tok, text, vision)
     torch.manual_seed(seed)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -81,7 +93,9 @@ def build_model(tiny: bool, device: torch.device, dtype: torch.dtype, pixels: in
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     adapter = Qwen25VLAdapter(model, proc)
     _sync(device)
-    return Model(adapter, name="qwen2.5-vl-7b-random" if not tiny else "tiny-random"), \
+    name = "tiny-random" if tiny else f"qwen2.5-vl-{size}-random" + (
+        f"-{llm_layers}-layers" if llm_layers else "")
+    return Model(adapter, name=name), \
         time.perf_counter() - t0
 
 def _vision_modules(m) -> list:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 STAGES = ("probe", "cache_load", "decode", "preprocess", "vision", "group_pass", "allocate", "answer")
 METHODS = ("uniform", "adapttoken", "second_question", "lite")
-ARCH_LABELS = {"qwen2.5-vl-7b": "Qwen2.5-VL-7B", "qwen3-vl-8b": "Qwen3-VL-8B",
-               "internvl3-8b": "InternVL3-8B"}
+ARCH_LABELS = {"qwen2.5-vl-7b": "Qwen2.5-VL-7B", "qwen2.5-vl-72b": "Qwen2.5-VL-72B",
+               "qwen3-vl-8b": "Qwen3-VL-8B", "internvl3-8b": "InternVL3-8B"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,6 +68,10 @@ def markdown(results: dict) -> str:
     arch = meta.get("arch", "qwen2.5-vl-7b")
     fps_slice = meta.get("frames_per_slice", 2)
     lines = [f"# `bench gpu`: {ARCH_LABELS.get(arch, arch)} architecture, random bf16 weights, end to end", "",
+             *([f"- language model: {meta['llm_layers']} of the architecture's decoder layers "
+                f"(a slice; full widths)"] if meta.get("llm_layers") else []),
+             *([f"- {meta['nproc']} processes under torchrun, groups divided among them; the floor "
+                f"is {meta['nproc']} x the per-GPU matmul rate"] if meta.get("nproc") else []),
              f"- device: {meta.get('gpu', meta['device'])}; torch {meta['torch']}, transformers "
              f"{meta['transformers']}, PyAV {meta.get('av')}, Python {meta['python']}, "
              f"{meta['cpu_count']} CPU cores",

@@ -23,8 +23,8 @@ import torch
 from ..errors import ModelLoadError
 from ..positions import build_position_ids
 from ..question import NO_HOOKS, Hooks, Question
-from ._common import (_LayerCancel, generate_from_embeds, load_error, option_token_ids, resize_exact,
-                      tp_kwargs)
+from ._common import (_LayerCancel, generate_from_embeds, load_error, option_token_ids,
+                      placement_kwargs, resize_exact)
 from .base import Adapter, ForwardOut, Generation, Prompt
 from .compat import cache_kwargs
 from .probe import AttentionProbe, token_scores
@@ -110,7 +110,8 @@ class Qwen25VLAdapter(Adapter):
     # -- loading -------------------------------------------------------------------------------
     @classmethod
     def from_folder(cls, path: Path, dtype: torch.dtype, device: torch.device,
-                    attn_implementation: str = "sdpa", tp_mesh=None) -> "Qwen25VLAdapter":
+                    attn_implementation: str = "sdpa", tp_mesh=None,
+                    device_map=None) -> "Qwen25VLAdapter":
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
         try:
             processor = AutoProcessor.from_pretrained(str(path), local_files_only=True,
@@ -123,10 +124,11 @@ class Qwen25VLAdapter(Adapter):
             model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
                 str(path), dtype=dtype, attn_implementation=attn_implementation,
                 local_files_only=True, use_safetensors=True, trust_remote_code=False,
-                **tp_kwargs(tp_mesh))
+                **placement_kwargs(tp_mesh, device_map))
         except Exception as e:  # noqa: BLE001
             raise load_error(path, e) from None
-        return cls(model if tp_mesh is not None else model.to(device), processor)
+        placed = tp_mesh is not None or device_map is not None
+        return cls(model if placed else model.to(device), processor)
 
     # -- shape facts ---------------------------------------------------------------------------
     @property
