@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .entropy import RIDE_ALONG_GROUPS
 from .errors import AdaptTokenError, InputError
 
 DEFAULT_TIMEOUT_S = 100.0
@@ -351,37 +352,45 @@ class ParallelQuestion:
         stop = self.scored.stop
         done: list = []
         ran = 0
-        for first in range(0, n, R):
-            g = first + lay.replica
-            if hooks is not None:
-                hooks.check()
-                hooks.report("group pass", first, n)
-            nxt = g + R
-            if nxt < n:                                   # decode my next group during this one
-                self.features.lookahead(self.groups.slices[nxt])
-            local = []
-            if g < n:
-                local.append(_pack(self.scored.score(g, hooks)))
-                ran += 1
-            got = all_gather_objects(local if lay.tp_rank == 0 else [], lay)
-            round_scores = sorted((_unpack(d) for part in got for d in part), key=lambda s: s.group)
-            stop_at = None
-            if lay.is_main:
-                trial = list(done)
-                for s in round_scores:
-                    trial.append(s)
-                    if stop.should_stop(trial):
-                        stop_at = s.group
-                        break
-            stop_at = broadcast_object(stop_at, lay)
-            if stop_at is None:
-                done.extend(round_scores)
-                continue
-            kept = [s for s in round_scores if s.group <= stop_at]
-            self.passes_dropped = len(round_scores) - len(kept)
-            done.extend(kept)
-            break
-        self.features.drop_lookahead()
+        try:
+            for first in range(0, n, R):
+                g = first + lay.replica
+                if hooks is not None:
+                    hooks.check()
+                    hooks.report("group pass", first, n)
+                if first == 0 and g < n:
+                    self.features.lookahead(self.groups.slices[g])
+                nxt = g + R
+                if nxt < n:                                   # decode my next group during this one
+                    self.features.lookahead(self.groups.slices[nxt])
+                # reads for my group also take my next groups' frames when they lie on the way (as one
+                # process does: entropy.RIDE_ALONG_GROUPS groups ahead at most)
+                ahead = [self.groups.slices[k] for k in range(nxt, min(n, nxt + RIDE_ALONG_GROUPS * R), R)]
+                self.features.ride_along(np.concatenate(ahead) if ahead else None)
+                local = []
+                if g < n:
+                    local.append(_pack(self.scored.score(g, hooks)))
+                    ran += 1
+                got = all_gather_objects(local if lay.tp_rank == 0 else [], lay)
+                round_scores = sorted((_unpack(d) for part in got for d in part), key=lambda s: s.group)
+                stop_at = None
+                if lay.is_main:
+                    trial = list(done)
+                    for s in round_scores:
+                        trial.append(s)
+                        if stop.should_stop(trial):
+                            stop_at = s.group
+                            break
+                stop_at = broadcast_object(stop_at, lay)
+                if stop_at is None:
+                    done.extend(round_scores)
+                    continue
+                kept = [s for s in round_scores if s.group <= stop_at]
+                self.passes_dropped = len(round_scores) - len(kept)
+                done.extend(kept)
+                break
+        finally:
+            self.features.drop_lookahead()
         self.passes_run = ran
         skipped = list(range(len(done), n))
         return done, skipped
