@@ -39,6 +39,18 @@ def main(spec_path: str) -> int:
                 res = None if sel is None else answer(sel, cfg.max_new_tokens)
             mine[method] = {"processed": pq.processed, "skipped": pq.skipped,
                             "passes_run": pq.passes_run, "passes_dropped": pq.passes_dropped}
+        elif method == "abort_after_select":     # rank 0 fails while the others serve rows
+            video = prepare(model, spec["video"], cfg)
+            scored = score_groups(RankedGroups(model, split_groups(video, cfg.group_size), q))
+            try:
+                with distributed.ParallelQuestion(lay, scored) as pq:
+                    sel = pq.select(cfg.budget)
+                    if lay.is_main:
+                        raise RuntimeError("injected failure on rank 0")
+                mine[method] = {"error": None}
+            except Exception as e:  # noqa: BLE001 - what each rank saw is the result
+                mine[method] = {"error": type(e).__name__, "message": str(e)[:200]}
+            continue
         else:
             res = ask(model, spec["video"], q, config=cfg, method=method, layout=lay)
             mine[method] = {"result": res is not None}

@@ -209,6 +209,15 @@ def test_copies_times_tensor_parallel(tmp_path):
     assert views[0]["skipped"] == ref["lite"]["skipped_groups"]
 
 
+def test_an_error_on_rank_0_after_the_gather_stops_the_serving_ranks(tmp_path):
+    t0 = time.monotonic()
+    got = _worker(tmp_path, 2, methods=["abort_after_select"])
+    assert time.monotonic() - t0 < 120
+    assert got["rank0"]["abort_after_select"]["error"] == "RuntimeError"
+    seen = got["rank1"]["abort_after_select"]
+    assert seen["error"] == "RemoteError" and "rank 0 failed" in seen["message"]
+
+
 def test_tp_without_torchrun_is_a_clear_error(capsys):
     from adapttoken.cli import main
     rc = main(["ask", str(SAMPLE), "What?", "--tp", "2"])
