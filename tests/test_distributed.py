@@ -33,7 +33,9 @@ TIMEOUT = 170
 
 
 def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+    path = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(path),
+               TOKENIZERS_PARALLELISM="false")
     env.pop("WORLD_SIZE", None)
     env.pop("RANK", None)
     return env

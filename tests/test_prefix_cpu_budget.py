@@ -47,7 +47,7 @@ def test_cli_ask_keeps_no_prefix_states(monkeypatch):
     class Stop(Exception):
         pass
 
-    def fake_ask(model, video, q, config=None, method=None):
+    def fake_ask(model, video, q, config=None, method=None, **kw):
         seen["cfg"] = config
         raise Stop
 

@@ -73,7 +73,10 @@ def test_device_map_split_between_gpu_and_cpu_follows_each_layer():
         dmap[f"model.language_model.layers.{i}"] = 0 if i < n // 2 else "cpu"
     split = at.load_model(BUNDLED_MODEL, dtype="fp32", device_map=dmap)
     layers = split.adapter.text_model.layers
-    assert {str(next(layers[i].parameters()).device) for i in range(n)} == {"cuda:0", "cpu"}
+    where = [str(next(layers[i].parameters()).device) for i in range(n)]
+    # the first half on the GPU; accelerate keeps the "cpu" half in CPU memory and moves it in for
+    # each call (its parameters show as meta), through its hooks: the probe layer is one of them
+    assert where[: n // 2] == ["cuda:0"] * (n // 2) and "cuda:0" not in where[n // 2:], where
+    assert split.adapter.default_layer >= n // 2
     got = json.loads(at.ask(split, str(SAMPLE), QUESTION, OPTIONS, config=cfg).to_json())
-    # the probe layer sits on the CPU: the scores come from there, the answer from the CPU head
     _same(ref, got, 1e-4)
