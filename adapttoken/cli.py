@@ -44,13 +44,6 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    help="where vision features are kept (auto: GPU up to 4 GiB, else CPU memory)")
     p.add_argument("--decode-workers", type=int, default=None,
                    help="video decoding threads (default: half the cores, 1-8; 0: no threads)")
-    p.add_argument("--tp", type=int, default=1,
-                   help="under torchrun: ranks per model copy, loaded with transformers' tensor "
-                        "parallel (default 1: every rank a whole copy; the groups are divided "
-                        "among the copies)")
-    p.add_argument("--device-map", default=None, choices=["auto"],
-                   help="one process, the model's layers spread over every GPU by accelerate "
-                        "(a model larger than one GPU without torchrun; needs accelerate)")
     p.add_argument("--backend", choices=["auto", "decord", "pyav"], default="auto",
                    help="video decoder (auto: decord when installed and it agrees with the file, "
                         "else PyAV)")
@@ -155,9 +148,9 @@ def cmd_ask(args) -> int:
     method = args.method or ("lite" if args.lite else "adapttoken")
     layout = _distributed_layout(args)
     try:
-        model = load_model(args.model or default_model_dir(), dtype=args.dtype, device=args.device,
-                           attn_implementation=args.attn, layout=layout,
-                           device_map=args.device_map)
+        model = load_model(args.model or default_model_dir(), dtype=args.dtype,
+                           device=layout.device if layout is not None else args.device,
+                           attn_implementation=args.attn)
         res = ask(model, args.video, q, config=cfg, method=method, layout=layout)
         if layout is None or layout.is_main:        # under torchrun rank 0 alone prints
             _print_result(res, args.json)
@@ -169,15 +162,11 @@ def cmd_ask(args) -> int:
 
 
 def _distributed_layout(args):
-    """The rank's Layout when torchrun started this process (None otherwise; --tp then must be 1)."""
+    """The rank's Layout when torchrun started this process (None otherwise)."""
     from .distributed import init, launched_by_torchrun
-    from .errors import InputError
     if not launched_by_torchrun():
-        if getattr(args, "tp", 1) != 1:
-            raise InputError(f"--tp {args.tp} needs torchrun: torchrun --nproc-per-node {args.tp} "
-                             f"-m adapttoken ... --tp {args.tp}")
         return None
-    return init(tp=getattr(args, "tp", 1), device=args.device)
+    return init(device=args.device)
 
 
 def main(argv=None) -> int:

@@ -1,11 +1,10 @@
-"""Several processes, one question: group parallel (replicas) and tensor parallel, on PyTorch's own
-engine (torchrun + torch.distributed: NCCL between GPUs, gloo between CPUs).
+"""Several processes, one question: group parallel over model copies, on PyTorch's own engine
+(torchrun + torch.distributed: NCCL between GPUs, gloo between CPUs).
 
-Layout. `torchrun --nproc-per-node N` starts N ranks; with `tp` = T they form R = N / T replicas
-of T ranks each. A replica is one copy of the model: T = 1 loads it whole on the rank's device,
-T > 1 loads it with transformers' own tensor parallel (`tp_plan="auto"`: each rank holds a share of
-every layer's heads and MLP; the attention probe combines the heads of all T ranks before ranking,
-models/probe.py). Ranks of one replica run every forward together; replicas work on different groups.
+Layout. `torchrun --nproc-per-node N` starts N ranks, each holding a whole copy of the model on its
+device (GPU LOCAL_RANK, or the CPU); copies work on different groups. The Layout also describes
+copies of T ranks each (`tp`, `tp_rank`: tensor parallel), which this version does not load yet:
+`init` accepts tp = 1 only.
 
 Group parallel (one question, R replicas). Group g belongs to replica g % R. Each replica decodes,
 encodes (vision tower) and runs the group passes of its own groups only, then every replica's
@@ -110,6 +109,9 @@ def init(tp: int = 1, device: str | None = "auto") -> Layout:
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     local = int(os.environ.get("LOCAL_RANK", rank))
     tp = int(tp)
+    if tp != 1:
+        raise InputError(f"tensor parallel (tp={tp}) is not available in this version: run one "
+                         f"whole model copy per process (tp=1)")
     if tp < 1 or world % tp:
         raise InputError(f"--tp {tp} must divide the number of processes ({world}): e.g. "
                          f"--nproc-per-node {world} with --tp 1, 2{', 4' if world % 4 == 0 else ''}")
@@ -206,7 +208,7 @@ class RowExchange:
         self.requests = 0
         self.rows = 0
 
-    # the features store calls this for every tokens() request on replica 0
+    # RemoteFeatures calls this for every tokens() request on replica 0
     def tokens(self, gids: torch.Tensor, hooks=None) -> torch.Tensor:
         dim, dtype = self._row_shape()
         return self._exchange(gids.cpu().long(), dim, dtype, op=_OP_ROWS)
@@ -282,6 +284,32 @@ class RowExchange:
 
 # -- the parallel selection ------------------------------------------------------------------------
 
+class RemoteFeatures:
+    """Replica 0's features store as allocation and the answer see it: every tokens() request goes
+    through the RowExchange (rows from whichever copy computed them); everything else is the
+    store's own (video, adapter, timer, coordinates...)."""
+
+    def __init__(self, store, exchange: RowExchange):
+        self._store, self._exchange = store, exchange
+
+    def tokens(self, gids: torch.Tensor, hooks=None):
+        gids = gids.cpu()
+        return self._exchange.tokens(gids, hooks), self._store.coords_of(gids)
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
+class _RankedView:
+    """RankedGroups seen through RemoteFeatures (its groups, question and prompt unchanged)."""
+
+    def __init__(self, ranked, features: RemoteFeatures):
+        self._ranked, self.features = ranked, features
+
+    def __getattr__(self, name):
+        return getattr(self._ranked, name)
+
+
 class ParallelQuestion:
     """One question over all ranks. Use as a context manager around select and answer:
 
@@ -317,7 +345,6 @@ class ParallelQuestion:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.layout.replica == 0 and self._opened:
-            self.features.exchange = None
             self._opened = False
             if self.layout.is_main:
                 self.exchange.finish(exc_type is None)
@@ -414,12 +441,15 @@ class ParallelQuestion:
         if self.layout.replica != 0:
             self.exchange.serve()
             return None
-        self.scored.adopt(done, skipped)
-        f.exchange = self.exchange
+        from .entropy import ScoredGroups
+        sc = self.scored
+        view = ScoredGroups(_RankedView(sc.ranked, RemoteFeatures(f, self.exchange)), sc.mode,
+                            sc.tokens, sc.stop)
+        view.adopt(done, skipped)
         self._opened = True
         if method is None:
-            method = "lite" if self.scored.stop is not None else "adapttoken"
-        return allocate(self.scored, budget, relevance_mode, tau, floor, redundancy_threshold,
+            method = "lite" if sc.stop is not None else "adapttoken"
+        return allocate(view, budget, relevance_mode, tau, floor, redundancy_threshold,
                         hooks=hooks, method=method)
 
     def report(self) -> dict:

@@ -84,9 +84,6 @@ class SliceFeatures:
         self.gpu_feature_bytes = gpu_feature_bytes
         self.pad_chunks = pad_chunks
         self.decode_resize = True          # resize frames at decode time where possible (Prescale)
-        # set while several processes share one question (distributed.RowExchange): tokens()
-        # then reads each row from the process that computed it
-        self.exchange = None
         self.configure(feature_device=feature_device, decode_workers=decode_workers,
                        overlap=overlap, cache_dir=cache_dir)
         self.reset_stats()
@@ -583,8 +580,6 @@ class SliceFeatures:
         """(embeds [n, D], coords [3, n]) of the given global token ids (computing what is missing),
         embeds on the model's device."""
         gids = gids.cpu()
-        if self.exchange is not None:
-            return self.exchange.tokens(gids, hooks), self.coords_of(gids)
         self.ensure(torch.unique(gids // self.tokens_per_slice).numpy(), hooks)
         return self._gather_rows(gids), self.coords_of(gids)
 

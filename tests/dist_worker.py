@@ -6,8 +6,6 @@ import json
 import os
 import sys
 
-import torch
-
 
 def main(spec_path: str) -> int:
     from adapttoken import distributed
@@ -21,7 +19,7 @@ def main(spec_path: str) -> int:
     spec = json.loads(open(spec_path).read())
     out = spec["out"]
     lay = distributed.init(tp=spec.get("tp", 1), device="cpu")
-    model = load_model(spec["model"], dtype="fp32", device="cpu", layout=lay)
+    model = load_model(spec["model"], dtype="fp32", device="cpu")
     q = Question(spec["question"], tuple(spec["options"]))
     cfg = AdaptTokenConfig(num_frames=spec["frames"], group_size=spec["group_size"],
                            budget=spec["budget"], max_pixels=spec.get("max_pixels", 308 * 560),
@@ -57,20 +55,6 @@ def main(spec_path: str) -> int:
         if lay.is_main:
             with open(os.path.join(out, f"{method}.json"), "w") as fh:
                 fh.write(res.to_json())
-    if spec.get("probe"):                 # the attention probe and logits on fixed inputs
-        ad = model.adapter
-        g = torch.Generator().manual_seed(0)
-        h, w = ad.resized_size(112, 112) if ad.family != "qwen3_vl" else (64, 96)
-        frames = torch.randint(0, 256, (4 * ad.frames_per_slice, h, w, 3), dtype=torch.uint8,
-                               generator=g)
-        feats = ad.encode(frames, (h, w))
-        emb = feats.reshape(-1, feats.shape[-1])
-        rows, cols = ad.token_grid((h, w))
-        n, tps = emb.shape[0], rows * cols
-        i = torch.arange(n)
-        coords = torch.stack([i // tps, (i % tps) // cols, i % cols])
-        o = ad.forward(ad.build_prompt(q), emb, coords, 8, probe_layer=ad.default_layer)
-        mine["probe"] = {"logits": o.logits.tolist(), "scores": o.scores.tolist()}
     with open(os.path.join(out, f"rank{lay.rank}.json"), "w") as fh:
         json.dump(mine, fh)
     distributed.shutdown()

@@ -63,11 +63,9 @@ def build_config(tok, text: dict, vision: dict, attn: str = "sdpa"):
 
 
 def build_model(tiny: bool, device: torch.device, dtype: torch.dtype, pixels: int, seed: int = 0,
-                size: str = "7b", llm_layers: int | None = None, layout=None):
+                size: str = "7b", llm_layers: int | None = None):
     """(Model, build seconds): random weights created directly on `device` in `dtype`. size "7b"
-    or "72b" (Qwen2.5-VL's widths); llm_layers: only that many decoder layers (a slice).
-    layout (distributed.Layout with tp > 1): built with transformers' tensor parallel, each rank
-    creating only its share of the random weights in memory (72B: 136.7 GiB, written nowhere)."""
+    or "72b" (Qwen2.5-VL's widths); llm_layers: only that many decoder layers (a slice)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from ..models.loading import Model
@@ -85,46 +83,20 @@ def build_model(tiny: bool, device: torch.device, dtype: torch.dtype, pixels: in
         text = dict(text, num_hidden_layers=int(llm_layers))
     cfg = build_config(tok, text, vision)
     torch.manual_seed(seed)
-    if layout is not None and layout.tp > 1:
-        model = _build_sharded(cfg, dtype, layout)
-    else:
-        prev = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with torch.device(device):
-                model = Qwen2_5_VLForConditionalGeneration(cfg)
-        finally:
-            torch.set_default_dtype(prev)
-        model = model.to(device=device, dtype=dtype)
-    model = model.eval().requires_grad_(False)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Qwen2_5_VLForConditionalGeneration(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     adapter = Qwen25VLAdapter(model, proc)
-    if layout is not None and layout.tp > 1:
-        adapter.tp_group = layout.tp_group
-        adapter.fuse_text = False
     _sync(device)
     name = "tiny-random" if tiny else f"qwen2.5-vl-{size}-random" + (
         f"-{llm_layers}-layers" if llm_layers else "")
     return Model(adapter, name=name), \
         time.perf_counter() - t0
-
-def _build_sharded(cfg, dtype, layout):
-    """A random-weight model with transformers' tensor parallel: from_pretrained with no files and
-    an empty state dict makes every weight 'missing', so each rank initialises its own shard in
-    memory. Weights that are not sharded (the vision tower, norms) are then copied from the first
-    rank of the copy, so every rank of it computes the same features."""
-    import torch.distributed as dist
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    from ..models._common import tp_kwargs
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        None, config=cfg, state_dict={}, dtype=dtype, **tp_kwargs(layout.tp_mesh))
-    src = dist.get_global_rank(layout.tp_group, 0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if type(p.data) is torch.Tensor or not hasattr(p.data, "to_local"):
-                dist.broadcast(p.data, src=src, group=layout.tp_group)
-    return model
-
 
 def _vision_modules(m) -> list:
     """The vision tower and its merger / projector of a transformers VLM (all supported families)."""

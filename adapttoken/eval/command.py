@@ -48,9 +48,6 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run folder (default eval_<bench>)")
     p.add_argument("--worker", type=int, default=0, help="this worker's index (0..workers-1)")
     p.add_argument("--workers", type=int, default=1, help="number of workers sharing the run (one per GPU)")
-    p.add_argument("--tp", type=int, default=1,
-                   help="under torchrun: ranks per model copy (transformers' tensor parallel); "
-                        "each copy is one worker and takes whole videos")
     p.add_argument("--retry-errors", action="store_true", help="run the error rows again")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
@@ -145,21 +142,16 @@ def main(argv=None) -> int:
 
 
 def _torchrun_layout(a):
-    """Under torchrun the evaluation is data parallel: each replica (one rank, or --tp ranks with
-    tensor parallel) is one of the run's workers (--worker/--workers come from the ranks)."""
+    """Under torchrun the evaluation is data parallel: each rank (a whole model copy) is one of the
+    run's workers (--worker/--workers come from the ranks)."""
     from ..distributed import init, launched_by_torchrun
     from ..errors import InputError
     if not launched_by_torchrun():
-        if a.tp != 1:
-            raise InputError(f"--tp {a.tp} needs torchrun: torchrun --nproc-per-node N -m adapttoken "
-                             f"eval ... --tp {a.tp}")
         return None
     if a.worker != 0 or a.workers != 1:
         raise InputError("under torchrun the workers are the ranks' model copies: leave --worker and "
                          "--workers out")
-    if a.arch and a.tp != 1:
-        raise InputError("--arch builds a random-weight model on one device: use --tp 1 with it")
-    layout = init(tp=a.tp, device=a.device)
+    layout = init(device=a.device)
     a.worker, a.workers, a.device = layout.replica, layout.replicas, str(layout.device)
     return layout
 

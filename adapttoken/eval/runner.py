@@ -378,8 +378,8 @@ def run(spec: RunSpec, items: list[Item], model=None, log=None, layout=None) -> 
 
 
 def load(spec: RunSpec, log, layout=None):
-    """The run's model: --model (or the bundled one), or --arch with random weights; under
-    torchrun on the rank's device (with tensor parallel when the layout has tp > 1)."""
+    """The run's model: --model (or the bundled one), or --arch with random weights (under
+    torchrun --device is the rank's GPU)."""
     if spec.arch:
         from ..bench.eval_aids import build_random_model
         model, secs, dt = build_random_model(spec.arch, spec.device, spec.dtype)
@@ -392,7 +392,7 @@ def load(spec: RunSpec, log, layout=None):
     from ..defaults import default_model_dir
     from ..models.loading import load_model
     return load_model(spec.model or default_model_dir(), dtype=spec.dtype, device=spec.device,
-                      attn_implementation=spec.attn, layout=layout)
+                      attn_implementation=spec.attn)
 
 
 def _write_json(path: Path, obj) -> None:

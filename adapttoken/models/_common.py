@@ -50,49 +50,8 @@ def option_token_ids(tok, letters) -> list[list[int]]:
     return out
 
 
-def tp_kwargs(tp_mesh) -> dict:
-    """from_pretrained's arguments for transformers' own tensor parallel over `tp_mesh` (the
-    model's predefined plan). transformers 5.24 takes DistributedConfig(tp_size=...) and builds
-    its mesh over every process of the job itself (a mesh over one copy's share of a larger job,
-    copies x TP, is refused: TP_SUBMESH_HINT says what to do). Before 5.24: DistributedConfig when
-    the mesh spans the job, else the tp_plan keyword with our device_mesh, which they honour."""
-    if tp_mesh is None:
-        return {}
-    import torch.distributed as dist
-    import transformers
-    from packaging.version import Version
-    try:
-        from transformers.distributed import DistributedConfig
-    except ImportError:
-        DistributedConfig = None
-    if DistributedConfig is not None and Version(transformers.__version__) >= Version("5.24"):
-        return {"distributed_config": DistributedConfig(tp_plan="auto", tp_size=tp_mesh.size())}
-    if DistributedConfig is not None and dist.get_world_size() == tp_mesh.size():
-        return {"distributed_config": DistributedConfig(tp_plan="auto")}
-    return {"tp_plan": "auto", "device_mesh": tp_mesh}
-
-
-TP_SUBMESH_HINT = ("this transformers loads tensor parallel only over all processes: run --tp equal "
-                   "to --nproc-per-node (one copy), or use transformers 5.17-5.23 for copies x "
-                   "tensor parallel")
-
-
-def placement_kwargs(tp_mesh=None, device_map=None) -> dict:
-    """from_pretrained's placement arguments: tensor parallel over `tp_mesh`, or accelerate's
-    `device_map` ("auto", or a dict module -> device: layers spread over GPUs / the CPU in one
-    process; the adapter's probe and pruned forward follow each layer's device)."""
-    if tp_mesh is not None and device_map is not None:
-        raise ModelLoadError("tensor parallel (--tp) and a device map are exclusive: use one")
-    if device_map is not None:
-        return {"device_map": device_map}
-    return tp_kwargs(tp_mesh)
-
-
-def load_pretrained(model_cls_name: str, path: Path, dtype, device, attn_implementation: str,
-                    tp_mesh=None, device_map=None):
-    """(model on device, processor) from a local folder: safetensors only, no remote code.
-    tp_mesh: load with tensor parallel over that mesh (each rank its share, on its device);
-    device_map: placed by accelerate (see placement_kwargs)."""
+def load_pretrained(model_cls_name: str, path: Path, dtype, device, attn_implementation: str):
+    """(model on device, processor) from a local folder: safetensors only, no remote code."""
     import transformers
     from transformers import AutoProcessor
     try:
@@ -110,20 +69,11 @@ def load_pretrained(model_cls_name: str, path: Path, dtype, device, attn_impleme
     try:
         model = cls.from_pretrained(str(path), dtype=dtype, attn_implementation=attn_implementation,
                                     local_files_only=True, use_safetensors=True,
-                                    trust_remote_code=False,
-                                    **placement_kwargs(tp_mesh, device_map))
+                                    trust_remote_code=False)
     except Exception as e:  # noqa: BLE001
-        raise load_error(path, e) from None
-    placed = tp_mesh is not None or device_map is not None
-    return (model if placed else model.to(device)), processor
-
-
-def load_error(path, e: Exception) -> ModelLoadError:
-    hint = f": {TP_SUBMESH_HINT}" if "parallel mesh requires" in str(e) else ""
-    if "requires `accelerate`" in str(e):
-        hint = ": tensor parallel and device maps load through accelerate: pip install accelerate"
-    return ModelLoadError(f"model folder {str(path)!r}: weights could not be loaded "
-                          f"({type(e).__name__}: {e}){hint}")
+        raise ModelLoadError(f"model folder {str(path)!r}: weights could not be loaded "
+                             f"({type(e).__name__}: {e})") from None
+    return model.to(device), processor
 
 
 def reference_layer(num_layers: int, fraction: float) -> int:
@@ -142,9 +92,8 @@ class FamilyAdapter(Adapter):
 
     @classmethod
     def from_folder(cls, path: Path, dtype: torch.dtype, device: torch.device,
-                    attn_implementation: str = "sdpa", tp_mesh=None, device_map=None):
-        return cls(*load_pretrained(cls.model_class_name, path, dtype, device, attn_implementation,
-                                    tp_mesh, device_map))
+                    attn_implementation: str = "sdpa"):
+        return cls(*load_pretrained(cls.model_class_name, path, dtype, device, attn_implementation))
 
     # -- shape facts ---------------------------------------------------------------------------
     @property
@@ -210,7 +159,7 @@ class FamilyAdapter(Adapter):
                 logits = self.model(**kw).logits[0, -1]
         q_idx = torch.arange(seq.query_start, x.shape[1], device=x.device)
         attn = probe.attention(q_idx)[..., seq.visual_rows.to(x.device)]
-        return ForwardOut(logits.float(), token_scores(attn, aggregation, self.tp_group)[0])
+        return ForwardOut(logits.float(), token_scores(attn, aggregation)[0])
 
     def eos_token_ids(self) -> list[int]:
         tok = self.tokenizer

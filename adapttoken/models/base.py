@@ -46,9 +46,6 @@ class Adapter(ABC):
     # Leading feature dims of encode()'s output that are the LLM's visual input embedding; the
     # rest are family extras cached and pruned with them (Qwen3-VL's deepstack levels). None: all.
     main_dim: int | None = None
-    # the tensor-parallel process group when loaded with tensor parallel (distributed.py): the
-    # probe then combines the heads of all its ranks; None for a whole model
-    tp_group = None
     model: torch.nn.Module
     processor: object
 

@@ -97,29 +97,13 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 def load_adapter(path: str | Path, dtype: str | torch.dtype | None = "auto",
                  device: str | torch.device | None = "auto",
-                 attn_implementation: str = "sdpa", layout=None, device_map=None) -> Adapter:
-    """Load a model folder from local disk (safetensors only, never remote code, never the network).
-    layout: a distributed.Layout; with tp > 1 the model is loaded with transformers' tensor
-    parallel over the replica's ranks (the device is the rank's). device_map: "auto" or a dict
-    (module name -> device): one process, the layers spread over several GPUs (and the CPU) by
-    accelerate, e.g. a model larger than one GPU without torchrun."""
+                 attn_implementation: str = "sdpa") -> Adapter:
+    """Load a model folder from local disk (safetensors only, never remote code, never the network)."""
     family = detect_family(path)
     check_weights(path)
-    tp_mesh = None
-    if layout is not None:
-        device = layout.device
-        tp_mesh = layout.tp_mesh
     dev = resolve_device(device)
-    if device_map is not None:
-        dev = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    adapter = _families()[family].from_folder(Path(path), resolve_dtype(dtype, dev), dev,
-                                              attn_implementation, tp_mesh=tp_mesh,
-                                              device_map=device_map)
-    if tp_mesh is not None:
-        adapter.tp_group = layout.tp_group
-        if hasattr(adapter, "fuse_text"):     # fused kernels call the weights directly: not sharded
-            adapter.fuse_text = False
-    return adapter
+    return _families()[family].from_folder(Path(path), resolve_dtype(dtype, dev), dev,
+                                           attn_implementation)
 
 
 def download_model(repo_id: str, dest: str | Path) -> Path:
@@ -168,8 +152,6 @@ class Model:
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto",
-               device: str | torch.device | None = "auto", attn_implementation: str = "sdpa",
-               layout=None, device_map=None) -> Model:
+               device: str | torch.device | None = "auto", attn_implementation: str = "sdpa") -> Model:
     """Load a local model folder as a `Model` (see load_adapter)."""
-    return Model(load_adapter(path, dtype, device, attn_implementation, layout, device_map),
-                 name=Path(path).name)
+    return Model(load_adapter(path, dtype, device, attn_implementation), name=Path(path).name)

@@ -75,24 +75,10 @@ def probe_attention(attn: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tens
     return p if k_slice is None else p[..., k_slice]
 
 
-def token_scores(attn: torch.Tensor, aggregation: str = "max", group=None) -> torch.Tensor:
-    """[B, heads, n_q, n_vis] attention -> one score per visual token [B, n_vis].
-
-    group: the tensor-parallel process group when this rank holds only a share of the heads
-    (each rank the same number): the scores are combined over all ranks' heads (max: all-reduce
-    max; mean: the mean of the ranks' means), identical on every rank."""
+def token_scores(attn: torch.Tensor, aggregation: str = "max") -> torch.Tensor:
+    """[B, heads, n_q, n_vis] attention -> one score per visual token [B, n_vis]."""
     if aggregation == "max":
-        s = attn.amax(dim=(1, 2))
-    elif aggregation == "mean":
-        s = attn.mean(dim=(1, 2))
-    else:
-        raise ValueError(f"aggregation={aggregation!r}: use one of {', '.join(AGGREGATIONS)}")
-    if group is not None:
-        import torch.distributed as dist
-        s = s.contiguous()
-        if aggregation == "max":
-            dist.all_reduce(s, op=dist.ReduceOp.MAX, group=group)
-        else:
-            dist.all_reduce(s, op=dist.ReduceOp.SUM, group=group)
-            s = s / dist.get_world_size(group)
-    return s
+        return attn.amax(dim=(1, 2))
+    if aggregation == "mean":
+        return attn.mean(dim=(1, 2))
+    raise ValueError(f"aggregation={aggregation!r}: use one of {', '.join(AGGREGATIONS)}")

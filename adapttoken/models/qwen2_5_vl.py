@@ -23,8 +23,7 @@ import torch
 from ..errors import ModelLoadError
 from ..positions import build_position_ids
 from ..question import NO_HOOKS, Hooks, Question
-from ._common import (_LayerCancel, generate_from_embeds, load_error, option_token_ids,
-                      placement_kwargs, resize_exact)
+from ._common import _LayerCancel, generate_from_embeds, option_token_ids, resize_exact
 from .base import Adapter, ForwardOut, Generation, Prompt
 from .compat import cache_kwargs
 from .probe import AttentionProbe, token_scores
@@ -110,8 +109,7 @@ class Qwen25VLAdapter(Adapter):
     # -- loading -------------------------------------------------------------------------------
     @classmethod
     def from_folder(cls, path: Path, dtype: torch.dtype, device: torch.device,
-                    attn_implementation: str = "sdpa", tp_mesh=None,
-                    device_map=None) -> "Qwen25VLAdapter":
+                    attn_implementation: str = "sdpa") -> "Qwen25VLAdapter":
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
         try:
             processor = AutoProcessor.from_pretrained(str(path), local_files_only=True,
@@ -123,12 +121,11 @@ class Qwen25VLAdapter(Adapter):
         try:
             model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
                 str(path), dtype=dtype, attn_implementation=attn_implementation,
-                local_files_only=True, use_safetensors=True, trust_remote_code=False,
-                **placement_kwargs(tp_mesh, device_map))
+                local_files_only=True, use_safetensors=True, trust_remote_code=False)
         except Exception as e:  # noqa: BLE001
-            raise load_error(path, e) from None
-        placed = tp_mesh is not None or device_map is not None
-        return cls(model if placed else model.to(device), processor)
+            raise ModelLoadError(f"model folder {str(path)!r}: weights could not be loaded "
+                                 f"({type(e).__name__}: {e})") from None
+        return cls(model.to(device), processor)
 
     # -- shape facts ---------------------------------------------------------------------------
     @property
@@ -267,7 +264,7 @@ class Qwen25VLAdapter(Adapter):
         # query rows: every token after the visual span, <|vision_end|> excluded
         q_idx = torch.arange(n_pre + n_vis + 1, x.shape[1], device=x.device)
         attn = probe.attention(q_idx, slice(n_pre, n_pre + n_vis))
-        return ForwardOut(logits.float(), token_scores(attn, aggregation, self.tp_group)[0])
+        return ForwardOut(logits.float(), token_scores(attn, aggregation)[0])
 
     def _run(self, x, pos, cache):
         """One language-model call on input embeddings `x` at position ids `pos` that extends the
@@ -313,7 +310,7 @@ class Qwen25VLAdapter(Adapter):
         attn = _probe_with_keys(layers[probe_layer].self_attn, probe.hidden[:, local],
                                 probe.cos[:, local], probe.sin[:, local], keys,
                                 local + n0)[..., n_pre:n0]
-        return ForwardOut(logits.float(), token_scores(attn, aggregation, self.tp_group)[0])
+        return ForwardOut(logits.float(), token_scores(attn, aggregation)[0])
 
     @torch.inference_mode()
     def generate(self, prompt, embeds, coords, extent, max_new_tokens=32, do_sample=False,
