@@ -11,9 +11,10 @@ from .decode import VideoHandle, open_video
 from .entropy import ScoredGroups, StopRule, early_stop, response_entropy, score_groups
 from .errors import AdaptTokenError, Cancelled, InputError, ModelLoadError, OutOfMemory, VideoError
 from .features import SliceFeatures
+from .evidence import key_moments
 from .groups import Groups, split_groups
 from .models.loading import Model, detect_family, download_model, load_model, supported_families
-from .pipeline import AdaptTokenConfig, Result, answer, ask, select
+from .pipeline import AdaptTokenConfig, Result, answer, ask, ask_many, prepare, select
 from .question import Hooks, Question
 from .rank import RankedGroups
 
@@ -24,6 +25,6 @@ __all__ = [
     "ModelLoadError", "OutOfMemory", "Question", "RankedGroups", "Result", "ScoredGroups", "Selection",
     "SliceFeatures", "StopRule", "VideoError", "VideoHandle", "allocate", "answer", "ask",
     "detect_family", "download_model", "early_stop", "even_split", "load_model", "open_video",
-    "response_entropy", "score_groups", "select", "split_groups", "supported_families",
+    "response_entropy", "ask_many", "prepare", "key_moments", "score_groups", "select", "split_groups", "supported_families",
     "uniform_frames",
 ]

@@ -292,6 +292,8 @@ class Selection:
     seconds: dict = field(default_factory=dict)
     group_size: int | None = None            # slices per group as run (None: no groups, uniform)
     requested_group_size: int | None = None  # as asked; larger when clamped to the video's slices
+    scores: torch.Tensor | None = None       # [n] float32 probe score of each kept token (CPU),
+                                             # aligned with gids; None without group passes
 
     def kept_tokens(self) -> list[dict]:
         """Each kept token's frame index (source video), timestamp, slice, row and column."""
@@ -347,14 +349,22 @@ def allocate(scored, budget: int = 7040, relevance_mode: str = "linear", tau: fl
     for g in skipped:
         reports.append(_group_report(features, g, ranked.groups.slices[g]))
     reports.sort(key=lambda r: r.group)
-    gids = torch.sort(torch.cat(kept)).values
+    kept_scores = []
+    for d, k in zip(done, kept):                 # each kept token's score in its group's pass
+        p = d.pass_
+        pg = p.gids.cpu()
+        kept_scores.append(p.scores.float().cpu()[torch.searchsorted(pg, k.cpu())])
+    all_gids = torch.cat(kept)
+    order = torch.argsort(all_gids.cpu(), stable=True)
+    gids = all_gids[order.to(all_gids.device)]
+    scores = torch.cat(kept_scores)[order] if kept_scores else torch.zeros(0)
     features.timer.add("allocate", time.perf_counter() - t0)
     if method is None:
         method = "lite" if scored.stop is not None else "adapttoken"
     groups = ranked.groups
     return Selection(features, ranked.question, ranked.prompt, gids, method, int(budget), reports,
                      skipped, n_red, features.timer.snapshot(), groups.group_size,
-                     groups.requested_group_size)
+                     groups.requested_group_size, scores)
 
 
 def even_split(scored, budget: int = 7040, hooks=None) -> Selection:

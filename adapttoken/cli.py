@@ -55,8 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("ask", help="answer a question about a video")
-    a.add_argument("video")
-    a.add_argument("question")
+    a.add_argument("video", help="a video file, or a folder of videos with --questions")
+    a.add_argument("question", nargs="?", default=None,
+                   help="the question (leave out with --questions)")
+    a.add_argument("--questions", default=None,
+                   help="a JSONL file of questions, one {\"question\", \"options\": [...], \"id\"} "
+                        "a line: all answered on the video (or on every video of the folder) in one "
+                        "run, reusing its features")
+    a.add_argument("--evidence", action="store_true",
+                   help="also print the key moments (times and frames the selection leans on; "
+                        "always in --json as `evidence`)")
     a.add_argument("--option", action="append", default=[],
                    help="an answer option (repeat: A, B, C... in order)")
     a.add_argument("--json", action="store_true", help="print one JSON object")
@@ -107,7 +115,15 @@ def config_from_args(args):
     return c
 
 
-def _print_result(res, as_json: bool) -> None:
+def _print_evidence(res) -> None:
+    print("key moments (best first):")
+    for m in res.evidence:
+        g = "" if m["group"] is None else f", group {m['group']}"
+        print(f"  {m['time']:9.2f} s  frame {m['frame']:7d}{g}: score {m['score']:.4f}, "
+              f"{m['tokens']} tokens")
+
+
+def _print_result(res, as_json: bool, evidence: bool = False) -> None:
     if as_json:
         print(res.to_json())
         return
@@ -124,10 +140,83 @@ def _print_result(res, as_json: bool) -> None:
     if res.skipped_groups:
         print(f"  skipped groups (Lite): {res.skipped_groups}")
     print("seconds: " + "  ".join(f"{k}={v:.2f}" for k, v in res.seconds.items()))
+    if evidence:
+        _print_evidence(res)
+
+
+def _videos_of(path: str) -> list[str]:
+    from pathlib import Path
+
+    from .errors import InputError
+    p = Path(path)
+    if p.is_dir():
+        vids = sorted(str(f) for f in p.iterdir() if f.is_file() and f.suffix.lower() in VIDEO_SUFFIXES)
+        if not vids:
+            raise InputError(f"folder {path!r} holds no videos ({', '.join(VIDEO_SUFFIXES)})")
+        return vids
+    return [path]
+
+
+def cmd_ask_many(args) -> int:
+    """--questions: every question on every video, one model, features reused per video."""
+    import time
+
+    from .models.loading import load_model
+    from .pipeline import ask, read_questions
+    from .video import plan_sampling, probe_video
+    items = read_questions(args.questions)
+    if args.option:
+        from .errors import InputError
+        raise InputError("--option applies to one question; with --questions put \"options\" in "
+                         "each line of the file")
+    cfg = config_from_args(args)
+    videos = _videos_of(args.video)
+    for v in videos:                                  # every video checked before the model loads
+        plan_sampling(probe_video(v), num_frames=cfg.num_frames, max_fps=cfg.max_fps,
+                      start=cfg.start, end=cfg.end, max_pixels=cfg.max_pixels,
+                      min_pixels=cfg.min_pixels, multiple_of=1)
+    method = args.method or ("lite" if args.lite else "adapttoken")
+    model = load_model(args.model or default_model_dir(), dtype=args.dtype, device=args.device,
+                       attn_implementation=args.attn)
+    rows = []
+    for v in videos:
+        for i, (qid, q) in enumerate(items):
+            t0 = time.perf_counter()
+            res = ask(model, v, q, config=cfg, method=method)
+            wall = time.perf_counter() - t0
+            row = {"video": v, "id": qid, "question": q.text, "options": list(q.options),
+                   "answer": res.answer, "option_probs": res.option_probs, "seconds": round(wall, 4),
+                   "first_on_video": i == 0, "evidence": res.evidence,
+                   "group_passes": res.group_passes, "kept": len(res.kept_tokens),
+                   "decoded_frames": res.decoded_frames, "encoded_slices": res.encoded_slices}
+            rows.append(row)
+            if args.json:
+                print(json.dumps(row), flush=True)
+            else:
+                print(f"{v}  [{qid}]  {res.answer!r}  {wall:.2f} s", flush=True)
+                if args.evidence:
+                    _print_evidence(res)
+        model.clear_cache()                           # one video's features at a time
+    first = [r["seconds"] for r in rows if r["first_on_video"]]
+    later = [r["seconds"] for r in rows if not r["first_on_video"]]
+    if not args.json and later:
+        f, l = sum(first) / len(first), sum(later) / len(later)
+        print(f"first question per video: {f:.2f} s; later questions: {l:.2f} s on average "
+              f"({l / f:.2f}x the first)")
+    return 0
+
+
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".gif")
 
 
 def cmd_ask(args) -> int:
     from .errors import InputError
+    if args.questions is not None:
+        if args.question is not None:
+            raise InputError("give either a question or --questions FILE, not both")
+        return cmd_ask_many(args)
+    if args.question is None:
+        raise InputError("no question: give it after the video, or --questions FILE.jsonl")
     from .models.loading import load_model
     from .pipeline import ask
     from .question import Question
@@ -153,7 +242,7 @@ def cmd_ask(args) -> int:
                            attn_implementation=args.attn)
         res = ask(model, args.video, q, config=cfg, method=method, layout=layout)
         if layout is None or layout.is_main:        # under torchrun rank 0 alone prints
-            _print_result(res, args.json)
+            _print_result(res, args.json, args.evidence)
     finally:
         if layout is not None:
             from .distributed import shutdown

@@ -15,6 +15,7 @@ from .budget import GroupReport, Selection, allocate, check_budget, even_split, 
 from .decode import open_video
 from .entropy import early_stop, response_entropy, score_groups
 from .errors import InputError
+from .evidence import key_moments
 from .groups import split_groups
 from .memory import out_of_memory
 from .models.loading import Model
@@ -90,6 +91,7 @@ class Result:
     extra: dict = field(default_factory=dict)
     group_size: int | None = None            # slices per group as run (clamped to the video)
     requested_group_size: int | None = None  # as asked
+    evidence: list[dict] = field(default_factory=list)  # key moments, best first (evidence.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,6 +134,7 @@ def answer(selection: Selection, max_new_tokens: int = 64, do_sample: bool = Fal
                  f.tokens_per_slice, selection.budget, selection.redundant_dropped, passes,
                  f.decoded_frames, f.encoded_slices, group_size=selection.group_size,
                  requested_group_size=selection.requested_group_size)
+    res.evidence = key_moments(selection)
     stats = getattr(f, "stats", None)
     if stats is not None:
         res.extra["features"] = {**stats, **(f.stash_stats() if hasattr(f, "stash_stats") else {}), "decode_busy_s": round(f.decode_busy_seconds(), 6),
@@ -254,3 +257,41 @@ def ask(model: Model, video_path, question: str | Question, options=(),
 def _sync(dev) -> None:
     if isinstance(dev, torch.device) and dev.type == "cuda":
         torch.cuda.synchronize(dev)
+
+
+def read_questions(path) -> list[Question]:
+    """Questions from a JSONL file: one object a line with `question`, optional `options` (a list)
+    and optional `id` (default: the line number). Blank lines are skipped."""
+    from pathlib import Path
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"--questions {str(p)!r} is not a file: give a JSONL file, one "
+                         f"{{\"question\": ..., \"options\": [...], \"id\": ...}} per line")
+    out = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{p.name} line {n} is not JSON ({e.msg}): one object per line") from None
+        if not isinstance(d, dict) or not isinstance(d.get("question"), str) or not d["question"].strip():
+            raise InputError(f"{p.name} line {n} has no \"question\" text: "
+                             f"{{\"question\": \"...\", \"options\": [...]}}")
+        opts = d.get("options") or []
+        if not isinstance(opts, list) or not all(isinstance(o, str) for o in opts):
+            raise InputError(f"{p.name} line {n}: \"options\" must be a list of strings")
+        out.append((str(d.get("id", n)), Question(d["question"], tuple(opts))))
+    if not out:
+        raise InputError(f"{p.name} holds no questions")
+    return out
+
+
+def ask_many(model: Model, video_path, questions, config: AdaptTokenConfig | None = None,
+             method: str = "adapttoken", hooks: Hooks = NO_HOOKS) -> list[Result]:
+    """Several questions on one video: the first decodes and encodes what it needs; the others reuse
+    the model's features of the video and the groups' prefix keys/values (question-independent),
+    so they pay mostly the question suffixes and the answer. `questions`: Question objects or
+    strings. Results in order; each has its own seconds."""
+    config = config or AdaptTokenConfig()
+    return [ask(model, video_path, q, config=config, method=method, hooks=hooks) for q in questions]

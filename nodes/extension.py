@@ -35,7 +35,7 @@ class AdaptTokenExtension(ComfyExtension):
         from .method import (AttentionRank, BudgetAllocate, EarlyStop, EntropyScore, GroupSplit,
                              UniformFrames)
         from .model import LoadMLLM
-        from .preview import SelectionPreview
+        from .preview import KeyMoments, SelectionPreview
         from .video import LoadVideo
         return [LoadMLLM, LoadVideo, GroupSplit, AttentionRank, EntropyScore, EarlyStop,
-                BudgetAllocate, UniformFrames, MLLMAnswer, SelectionPreview]
+                BudgetAllocate, UniformFrames, MLLMAnswer, SelectionPreview, KeyMoments]

@@ -19,7 +19,8 @@ AT_GROUPS = "AT_GROUPS"         # adapttoken.Groups
 AT_RANKED = "AT_RANKED"         # adapttoken.RankedGroups (lazy)
 AT_SCORED = "AT_SCORED"         # adapttoken.ScoredGroups (lazy)
 AT_SELECTION = "AT_SELECTION"   # adapttoken.Selection
-CUSTOM_TYPES = (AT_MODEL, AT_VIDEO, AT_GROUPS, AT_RANKED, AT_SCORED, AT_SELECTION)
+AT_EVIDENCE = "AT_EVIDENCE"     # list of key moments (adapttoken.evidence.key_moments dicts)
+CUSTOM_TYPES = (AT_MODEL, AT_VIDEO, AT_GROUPS, AT_RANKED, AT_SCORED, AT_SELECTION, AT_EVIDENCE)
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
 
@@ -195,6 +196,17 @@ SPECS: tuple[NodeSpec, ...] = (
         "Picture of what was kept: top frames with kept cells, tokens over time, budget per group.",
         (In("selection", AT_SELECTION),),
         (Out("image", "IMAGE"),),
+        output_node=True),
+    NodeSpec(
+        "AdaptToken_KeyMoments", "Key Moments (AdaptToken)",
+        "The frames the selection leans on, best first: each moment is a slice whose kept tokens' "
+        "attention scores sum highest (only groups that received budget keep tokens). Returns the "
+        "frames at the video's size, their times and an evidence list for other nodes.",
+        (In("selection", AT_SELECTION),
+         In("count", "INT", 8, 1, 256, 1, tooltip="How many moments (fewer when fewer slices kept tokens).")),
+        (Out("images", "IMAGE", "The moments' frames, best first, at the video's size."),
+         Out("moments", "STRING", "JSON list: time (s), frame (source index), group, score, tokens."),
+         Out("evidence", AT_EVIDENCE, "The same list, typed, for chaining.")),
         output_node=True),
 )
 

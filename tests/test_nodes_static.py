@@ -25,7 +25,7 @@ SOCKET_TYPES = set(spec.CUSTOM_TYPES) | {"IMAGE", "VIDEO"}
 NODE_IDS = ["AdaptToken_LoadMLLM", "AdaptToken_LoadVideo", "AdaptToken_GroupSplit",
             "AdaptToken_AttentionRank", "AdaptToken_EntropyScore", "AdaptToken_EarlyStop",
             "AdaptToken_BudgetAllocate", "AdaptToken_UniformFrames", "AdaptToken_MLLMAnswer",
-            "AdaptToken_SelectionPreview"]
+            "AdaptToken_SelectionPreview", "AdaptToken_KeyMoments"]
 SAMPLE = json.loads((ROOT / "adapttoken" / "assets" / "sample.json").read_text())
 
 

@@ -32,6 +32,7 @@ STEMS = ["adapttoken_full", "adapttoken_lite", "adapttoken_preview", "uniform_fr
 ARTIFACTS = REPO_ROOT / "tests" / "_artifacts" / "comfy"
 TINY = "tiny-qwen25vl"
 SAMPLE_SLICES = 480          # the sample: 960 frames = 480 slices of 2 frames
+SAMPLE = json.loads((REPO_ROOT / "adapttoken" / "assets" / "sample.json").read_text())
 SAMPLE_GROUPS = 8            # group_size 64 over 480 slices (strided)
 
 
@@ -169,6 +170,21 @@ def test_workflow_runs_to_an_answer(comfy_server, api, model_name, stem):
         status, png = comfy_server.request(
             "GET", f"/view?filename={img['filename']}&type={img['type']}&subfolder={img['subfolder']}")
         assert status == 200 and isinstance(png, bytes) and png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_key_moments_node_returns_the_needle_frames(comfy_server, api, model_name):
+    p = make(api, "adapttoken_full", model_name,
+             AttentionRank__options="A. blue square\nB. green square\nC. yellow cross\nD. blue cross")
+    p["km"] = {"class_type": "AdaptToken_KeyMoments",
+               "inputs": {"selection": [node_of(p, "AdaptToken_BudgetAllocate"), 0], "count": 4}}
+    run = comfy_server.run(p, timeout=300)
+    assert run.status == "success", run.error
+    out = run.outputs["km"]
+    moments = json.loads(out["moments"][0])
+    assert 1 <= len(moments) <= 4 and len(out["images"]) == len(moments)
+    needle = SAMPLE["needles"][0]
+    assert needle["frame_start"] - 2 <= moments[0]["frame"] <= needle["frame_end"]
+    assert moments == sorted(moments, key=lambda m: (-m["score"], m["time"]))
 
 
 def test_multiple_choice_gives_option_probabilities(comfy_server, api, model_name):
