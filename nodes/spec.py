@@ -130,17 +130,20 @@ SPECS: tuple[NodeSpec, ...] = (
     NodeSpec(
         "AdaptToken_GroupSplit", "Group Split (AdaptToken)",
         "Split the sampled slices (2 frames each) into groups; strided groups each cover the whole video.",
-        (In("video", AT_VIDEO),
+        (In("video", AT_VIDEO, tooltip="The planned video from Load Video."),
          In("group_size", "INT", 64, 1, 100_000, 1,
             tooltip="Temporal slices per group (FlexSelect: 64); more than the video has: one group "
                     "of all slices (the node shows the size used)."),
-         In("layout", "COMBO", "strided", options=("strided", "contiguous"))),
+         In("layout", "COMBO", "strided", options=("strided", "contiguous"),
+            tooltip="strided: group g holds slices g, g+G, ... (each group spans the whole video); "
+                    "contiguous: consecutive runs of slices.")),
         (Out("groups", AT_GROUPS),)),
     NodeSpec(
         "AdaptToken_AttentionRank", "Attention Rank (AdaptToken)",
         "Rank each group's visual tokens by the question's attention at one layer. Lazy: the group "
         "passes run when Budget Allocate asks for them.",
-        (In("model", AT_MODEL), In("groups", AT_GROUPS), QUESTION, OPTIONS,
+        (In("model", AT_MODEL, tooltip="The model from Load MLLM."),
+         In("groups", AT_GROUPS, tooltip="The groups from Group Split."), QUESTION, OPTIONS,
          In("layer", "INT", -1, -1, 1000, 1, tooltip="Reference layer; -1 = the model's default."),
          In("aggregation", "COMBO", "max", options=("max", "mean"),
             tooltip="Score of a token: max (FlexSelect) or mean over heads and question tokens.")),
@@ -148,7 +151,7 @@ SPECS: tuple[NodeSpec, ...] = (
     NodeSpec(
         "AdaptToken_EntropyScore", "Entropy Score (AdaptToken)",
         "How certain the answer is after each group (low entropy = evidence). Lazy.",
-        (In("ranked", AT_RANKED),
+        (In("ranked", AT_RANKED, tooltip="The ranked groups from Attention Rank."),
          In("mode", "COMBO", "auto", options=("auto", "options", "first_token", "greedy_mean"),
             tooltip="auto: over the option letters for multiple choice, else the first answer token."),
          In("tokens", "INT", 1, 1, 64, 1, tooltip="Greedy tokens averaged by greedy_mean.")),
@@ -157,7 +160,7 @@ SPECS: tuple[NodeSpec, ...] = (
         "AdaptToken_EarlyStop", "Early Stop (AdaptToken-Lite)",
         "AdaptToken-Lite: process groups in order and stop once the model is certain enough; the "
         "groups after the stop are never encoded or run (only frames that lie next to an earlier group's are decoded on the way).",
-        (In("scored", AT_SCORED),
+        (In("scored", AT_SCORED, tooltip="The scored groups from Entropy Score."),
          In("threshold", "FLOAT", 0.2, 0.0, 1.0, 0.01, tooltip="Stop when entropy / max entropy is below this."),
          In("min_groups", "INT", 1, 1, 100_000, 1, tooltip="Process at least this many groups.")),
         (Out("scored", AT_SCORED),)),
@@ -165,7 +168,8 @@ SPECS: tuple[NodeSpec, ...] = (
         "AdaptToken_BudgetAllocate", "Budget Allocate (AdaptToken)",
         "Runs the group passes, splits the token budget by relevance, keeps each group's top tokens "
         "and drops tokens that repeat the same place over time.",
-        (In("scored", AT_SCORED), BUDGET,
+        (In("scored", AT_SCORED, tooltip="Scored groups: from Entropy Score (AdaptToken) or Early "
+                                          "Stop (Lite)."), BUDGET,
          In("relevance", "COMBO", "linear", options=("linear", "softmax", "even"),
             tooltip="linear: 1 - H/Hmax; softmax(-H/Hmax/tau); even: FlexSelect's equal split."),
          In("tau", "FLOAT", 0.1, 0.001, 10.0, 0.001, tooltip="Temperature of softmax relevance."),
@@ -176,16 +180,17 @@ SPECS: tuple[NodeSpec, ...] = (
     NodeSpec(
         "AdaptToken_UniformFrames", "Uniform Frames (baseline)",
         "Baseline: as many evenly spaced frames as fit the budget, no selection.",
-        (In("model", AT_MODEL), In("video", AT_VIDEO), QUESTION, OPTIONS, BUDGET),
+        (In("model", AT_MODEL, tooltip="The model from Load MLLM."),
+         In("video", AT_VIDEO, tooltip="The planned video from Load Video."), QUESTION, OPTIONS, BUDGET),
         (Out("selection", AT_SELECTION),)),
     NodeSpec(
         "AdaptToken_MLLMAnswer", "MLLM Answer",
         "Answer once from the selected tokens in temporal order, at their full-video positions.",
-        (In("selection", AT_SELECTION),
-         In("max_new_tokens", "INT", 64, 1, 4096, 1),
+        (In("selection", AT_SELECTION, tooltip="The kept tokens from Budget Allocate or Uniform Frames."),
+         In("max_new_tokens", "INT", 64, 1, 4096, 1, tooltip="Longest answer, in tokens."),
          In("do_sample", "BOOLEAN", False, tooltip="Off: greedy decoding (the paper's setting)."),
-         In("temperature", "FLOAT", 1.0, 0.01, 5.0, 0.01),
-         In("top_p", "FLOAT", 1.0, 0.0, 1.0, 0.01),
+         In("temperature", "FLOAT", 1.0, 0.01, 5.0, 0.01, tooltip="Sampling temperature (do_sample on)."),
+         In("top_p", "FLOAT", 1.0, 0.0, 1.0, 0.01, tooltip="Nucleus sampling share (do_sample on)."),
          In("seed", "INT", 0, 0, SEED_MAX, 1, control_after_generate=True,
             tooltip="Used when do_sample is on.")),
         (Out("answer", "STRING"), Out("option_probs", "STRING", "JSON: probability of each option letter."),
@@ -194,7 +199,7 @@ SPECS: tuple[NodeSpec, ...] = (
     NodeSpec(
         "AdaptToken_SelectionPreview", "Selection Preview (AdaptToken)",
         "Picture of what was kept: top frames with kept cells, tokens over time, budget per group.",
-        (In("selection", AT_SELECTION),),
+        (In("selection", AT_SELECTION, tooltip="The kept tokens from Budget Allocate or Uniform Frames."),),
         (Out("image", "IMAGE"),),
         output_node=True),
     NodeSpec(
@@ -202,7 +207,7 @@ SPECS: tuple[NodeSpec, ...] = (
         "The frames the selection leans on, best first: each moment is a slice whose kept tokens' "
         "attention scores sum highest (only groups that received budget keep tokens). Returns the "
         "frames at the video's size, their times and an evidence list for other nodes.",
-        (In("selection", AT_SELECTION),
+        (In("selection", AT_SELECTION, tooltip="The kept tokens from Budget Allocate or Uniform Frames."),
          In("count", "INT", 8, 1, 256, 1, tooltip="How many moments (fewer when fewer slices kept tokens).")),
         (Out("images", "IMAGE", "The moments' frames, best first, at the video's size."),
          Out("moments", "STRING", "JSON list: time (s), frame (source index), group, score, tokens."),

@@ -214,3 +214,26 @@ def test_parse_options():
     assert parse_options("A. a dog\nB) a cat\n(C) a car") == ("a dog", "a cat", "a car")
     assert parse_options("A. a dog\nC. a cat") == ("A. a dog", "C. a cat")   # not A, B...: kept
     assert parse_options("B. only") == ("B. only",)
+
+
+# -- help and registry ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("s", spec.SPECS, ids=lambda s: s.id)
+def test_every_input_has_a_tooltip_and_the_node_a_help_page(s):
+    assert all(i.tooltip.strip() for i in s.inputs), [i.name for i in s.inputs if not i.tooltip]
+    page = ROOT / "web" / "js" / "docs" / f"{s.id}.md"        # ComfyUI's node help: docs/<id>.md
+    text = page.read_text(encoding="utf-8")
+    assert text.startswith(f"# {s.display_name}\n")
+    for name in [i.name for i in s.inputs] + [o.name for o in s.outputs]:
+        assert f"| `{name}` |" in text, f"{page.name} does not describe {name}"
+
+
+def test_pyproject_is_ready_for_the_registry_without_invented_urls():
+    import tomllib
+    import xml.etree.ElementTree as ET
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "urls" not in meta["project"]                       # no repository URL until a real one
+    comfy = meta["tool"]["comfy"]
+    assert set(comfy) >= {"PublisherId", "DisplayName", "Icon"} and comfy["DisplayName"]
+    assert comfy["Icon"] == "" or comfy["Icon"].startswith("https://")
+    assert ET.parse(ROOT / "web" / "icon.svg").getroot().tag.endswith("svg")   # shipped icon

@@ -139,6 +139,13 @@ def test_harness_request_returns_binary_bodies_as_bytes(comfy_server):
     assert isinstance(comfy_server.get("/system_stats"), dict)
 
 
+def test_help_pages_are_served(comfy_server):
+    for s in spec.SPECS:
+        status, body = comfy_server.request("GET", f"/extensions/{comfy_server.pack}/docs/{s.id}.md")
+        text = body.decode() if isinstance(body, bytes) else body
+        assert status == 200 and text.startswith(f"# {s.display_name}"), (s.id, status)
+
+
 def test_sample_video_copied_and_templates_listed(comfy_server):
     copied = comfy_server.input_dir / spec.SAMPLE_VIDEO_NAME
     bundled = REPO_ROOT / "adapttoken" / "assets" / "sample.mp4"
