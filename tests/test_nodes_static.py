@@ -19,6 +19,7 @@ from nodes import spec  # noqa: E402
 from nodes.text import parse_options  # noqa: E402
 
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+REAL_MODEL = "Qwen2.5-VL-7B-Instruct"      # the real-model workflow's folder in models/LLM
 FRONTEND_ONLY = {"MarkdownNote", "Note"}      # virtual nodes the frontend never sends to the server
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 SOCKET_TYPES = set(spec.CUSTOM_TYPES) | {"IMAGE", "VIDEO"}
@@ -93,12 +94,43 @@ def _valid_widget(i: spec.In, v) -> bool:
     allowed = set(i.options)
     if i.dynamic == "input_videos":
         allowed.add(spec.SAMPLE_VIDEO_NAME)
+    if i.dynamic == "llm_models":                 # a folder of models/LLM (the real-model workflow)
+        allowed.add(REAL_MODEL)
     return v in allowed
 
 
-def test_the_four_workflows_are_shipped():
+def test_the_workflows_are_shipped():
     assert [p.name for p in WORKFLOWS] == ["adapttoken_full.json", "adapttoken_lite.json",
-                                           "adapttoken_preview.json", "uniform_frames_baseline.json"]
+                                           "adapttoken_preview.json", "adapttoken_real_model.json",
+                                           "adapttoken_vs_uniform.json", "uniform_frames_baseline.json"]
+    assert not (ROOT / "example_workflows").exists()          # one folder only (issue 16)
+    for p in WORKFLOWS:                                       # the template browser's thumbnails
+        assert p.with_suffix(".jpg").is_file(), f"no thumbnail {p.with_suffix('.jpg').name}"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_reads_left_to_right_in_groups(path):
+    """Every edge goes right (or down within a column), and every node sits inside a titled group."""
+    ui = json.loads(path.read_text())
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    for _, src, _, dst, _, _ in ui["links"]:
+        a, b = nodes[src]["pos"], nodes[dst]["pos"]
+        assert a[0] < b[0] or (a[0] == b[0] and a[1] < b[1]), (nodes[src]["type"], nodes[dst]["type"])
+    groups = ui["groups"]
+    assert groups and all(g["title"] for g in groups)
+    titles = [g["title"] for g in groups]
+    assert titles[0].startswith("1. Inputs") and titles[-1].startswith("3. Answer")
+
+    def inside(n, g):
+        x, y, w, h = g["bounding"]
+        (nx, ny), (nw, nh) = n["pos"], n["size"]
+        return x <= nx and nx + nw <= x + w and y < ny and ny + nh <= y + h
+
+    for n in nodes.values():
+        if n["type"] not in FRONTEND_ONLY:
+            assert any(inside(n, g) for g in groups), n["type"]
+    notes = [n for n in nodes.values() if n["type"] in FRONTEND_ONLY]
+    assert len(notes) >= len(groups)                          # a note on each step
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -159,13 +191,27 @@ def test_lite_is_full_plus_early_stop_and_preview_is_full_plus_preview():
     assert ("AdaptToken_EntropyScore", "AdaptToken_BudgetAllocate") in full_edges
     assert {("AdaptToken_EntropyScore", "AdaptToken_EarlyStop"),
             ("AdaptToken_EarlyStop", "AdaptToken_BudgetAllocate")} <= lite_edges
-    assert sorted(prev) == sorted(full + ["AdaptToken_SelectionPreview"])
-    assert ("AdaptToken_BudgetAllocate", "AdaptToken_SelectionPreview") in prev_edges
+    assert sorted(prev) == sorted(full + ["AdaptToken_SelectionPreview", "AdaptToken_KeyMoments"])
+    assert {("AdaptToken_BudgetAllocate", "AdaptToken_SelectionPreview"),
+            ("AdaptToken_BudgetAllocate", "AdaptToken_KeyMoments")} <= prev_edges
+    both, both_edges, _ = _graph("adapttoken_vs_uniform.json")
+    assert sorted(both) == sorted(full + ["AdaptToken_UniformFrames", "AdaptToken_MLLMAnswer"])
+    assert ("AdaptToken_UniformFrames", "AdaptToken_MLLMAnswer") in both_edges
+    real, real_edges, real_ui = _graph("adapttoken_real_model.json")
+    assert real == full and real_edges == full_edges
     assert sorted(uni) == sorted(["AdaptToken_LoadMLLM", "AdaptToken_LoadVideo",
                                   "AdaptToken_UniformFrames", "AdaptToken_MLLMAnswer"])
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_real_model_workflow_has_the_papers_setting():
+    ui = json.loads((ROOT / "workflows" / "adapttoken_real_model.json").read_text())
+    values = {n["type"]: n.get("widgets_values") for n in ui["nodes"]}
+    assert values["AdaptToken_LoadMLLM"][0] == REAL_MODEL
+    assert values["AdaptToken_LoadVideo"][1] == 4096 and values["AdaptToken_BudgetAllocate"][0] == 7040
+
+
+@pytest.mark.parametrize("path", [p for p in WORKFLOWS if p.stem != "adapttoken_real_model"],
+                         ids=lambda p: p.stem)
 def test_workflow_points_at_the_bundled_demo(path):
     """Bundled model + bundled sample video, and the sample's own (open) question."""
     ui = json.loads(path.read_text())

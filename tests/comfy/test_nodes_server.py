@@ -28,7 +28,10 @@ sys.path.insert(0, str(REPO_ROOT))
 from nodes import spec  # noqa: E402
 
 WORKFLOWS = REPO_ROOT / "workflows"
-STEMS = ["adapttoken_full", "adapttoken_lite", "adapttoken_preview", "uniform_frames_baseline"]
+STEMS = ["adapttoken_full", "adapttoken_lite", "adapttoken_preview", "uniform_frames_baseline",
+         "adapttoken_vs_uniform"]                 # the workflows that run on the bundled demo
+REAL = "adapttoken_real_model"                    # needs Qwen2.5-VL-7B in models/LLM
+OLD_WORKFLOWS = sorted((REPO_ROOT / "tests" / "fixtures" / "workflows_0_1").glob("*.json"))
 ARTIFACTS = REPO_ROOT / "tests" / "_artifacts" / "comfy"
 TINY = "tiny-qwen25vl"
 SAMPLE_SLICES = 480          # the sample: 960 frames = 480 slices of 2 frames
@@ -57,10 +60,10 @@ def model_name(comfy_server) -> str:
 def api(comfy_browser, model_name) -> dict[str, dict]:
     """Each shipped workflow, loaded in the frontend (screenshot) and converted to the API format."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    run = comfy_browser([WORKFLOWS / f"{s}.json" for s in STEMS], require_nodes=tuple(spec.BY_ID),
-                        out_dir=ARTIFACTS)
+    run = comfy_browser([WORKFLOWS / f"{s}.json" for s in STEMS + [REAL]],
+                        require_nodes=tuple(spec.BY_ID), out_dir=ARTIFACTS)
     assert run.returncode == 0, f"{run.stdout}\n{run.stderr}\n{run.results}\n{run.console()[-3000:]}"
-    return {s: run.api_prompt(s) for s in STEMS}
+    return {s: run.api_prompt(s) for s in STEMS + [REAL]}
 
 
 def node_of(prompt: dict, class_type: str) -> str:
@@ -151,7 +154,10 @@ def test_sample_video_copied_and_templates_listed(comfy_server):
     bundled = REPO_ROOT / "adapttoken" / "assets" / "sample.mp4"
     assert copied.read_bytes() == bundled.read_bytes()
     listed = comfy_server.get("/workflow_templates")[comfy_server.pack]
-    assert sorted(listed) == sorted(STEMS)
+    assert sorted(listed) == sorted(STEMS + [REAL])
+    for stem in STEMS + [REAL]:                                      # thumbnails for the browser
+        status, body = comfy_server.request("GET", f"/api/workflow_templates/{comfy_server.pack}/{stem}.jpg")
+        assert status == 200 and isinstance(body, bytes) and body[:3] == b"\xff\xd8\xff", stem
 
 
 # -- the shipped workflows run ---------------------------------------------------------------------
@@ -161,6 +167,12 @@ def test_workflow_runs_to_an_answer(comfy_server, api, model_name, stem):
     prompt = make(api, stem, model_name)
     run = comfy_server.run(prompt, timeout=300)
     assert run.status == "success", run.error
+    if stem == "adapttoken_vs_uniform":                # two answers, side by side
+        answers = [k for k, v in prompt.items() if v["class_type"] == "AdaptToken_MLLMAnswer"]
+        methods = {json.loads(run.outputs[k]["stats"][0])["method"] for k in answers}
+        assert len(answers) == 2 and methods == {"adapttoken", "uniform"}
+        assert all(isinstance(run.outputs[k]["text"][0], str) for k in answers)
+        return
     ui = run.outputs[node_of(prompt, "AdaptToken_MLLMAnswer")]
     assert isinstance(ui["text"][0], str)
     assert json.loads(ui["option_probs"][0]) == {}          # the shipped question is open
@@ -192,6 +204,34 @@ def test_key_moments_node_returns_the_needle_frames(comfy_server, api, model_nam
     needle = SAMPLE["needles"][0]
     assert needle["frame_start"] - 2 <= moments[0]["frame"] <= needle["frame_end"]
     assert moments == sorted(moments, key=lambda m: (-m["score"], m["time"]))
+
+
+def test_real_model_workflow_loads_and_says_where_the_model_goes(comfy_server, api):
+    prompt = api[REAL]                                 # converted by the frontend (api fixture)
+    assert prompt[node_of(prompt, "AdaptToken_LoadMLLM")]["inputs"]["model"] == "Qwen2.5-VL-7B-Instruct"
+    assert prompt[node_of(prompt, "AdaptToken_LoadVideo")]["inputs"]["num_frames"] == 4096
+    rejected = sys.modules[type(comfy_server).__module__].PromptRejected   # the harness's class
+    with pytest.raises(rejected) as e:                 # refused before any work, one clear line
+        comfy_server.post_prompt(prompt)
+    details = [err["details"] for n in e.value.body["node_errors"].values() for err in n["errors"]]
+    assert any("'Qwen2.5-VL-7B-Instruct' is not in" in d and "LLM" in d
+               and "put the model folder" in d for d in details), details
+
+
+def test_saved_workflows_of_the_previous_version_still_run(comfy_browser, comfy_server, model_name,
+                                                           tmp_path):
+    """The files version 0.1 shipped (tests/fixtures/workflows_0_1), loaded and queued from the page."""
+    assert len(OLD_WORKFLOWS) == 4
+    for path in OLD_WORKFLOWS:
+        ui = json.loads(path.read_text())
+        for n in ui["nodes"]:
+            if n["type"] == "AdaptToken_LoadMLLM":
+                n["widgets_values"][0] = model_name
+        (tmp_path / path.name).write_text(json.dumps(ui))
+    run = comfy_browser([tmp_path / p.name for p in OLD_WORKFLOWS], require_nodes=tuple(spec.BY_ID),
+                        queue=True, out_dir=tmp_path / "out")
+    assert run.returncode == 0, f"{run.stdout}\n{run.stderr}\n{run.results}"
+    assert all(r.get("ok") for r in run.results), run.results
 
 
 def test_multiple_choice_gives_option_probabilities(comfy_server, api, model_name):
