@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from comfy_api.latest import io
+from .comfy_api_compat import io
 
 from .. import adapttoken as at
 from . import runtime

@@ -5,7 +5,7 @@ import logging
 import os
 import shutil
 
-from comfy_api.latest import ComfyExtension, io
+from .comfy_api_compat import ComfyExtension, io
 
 import folder_paths
 

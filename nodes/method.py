@@ -9,7 +9,7 @@ stay in the model's cache).
 """
 from __future__ import annotations
 
-from comfy_api.latest import io, ui
+from .comfy_api_compat import io, ui
 
 from .. import adapttoken as at
 from . import runtime

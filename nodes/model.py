@@ -1,7 +1,7 @@
 """Load MLLM: a local model folder from models/LLM, managed by ComfyUI's memory manager."""
 from __future__ import annotations
 
-from comfy_api.latest import io
+from .comfy_api_compat import io
 
 from .. import adapttoken as at
 from . import runtime

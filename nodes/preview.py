@@ -1,7 +1,7 @@
 """Selection Preview: what was kept, where and when, as an IMAGE shown on the node."""
 from __future__ import annotations
 
-from comfy_api.latest import io, ui
+from .comfy_api_compat import io, ui
 
 import json
 

@@ -1,5 +1,6 @@
-"""Text in and out of the nodes, free of ComfyUI (tested anywhere): answer options typed one per
-line, and the per-group summary Budget Allocate shows."""
+"""Text and small rules of the nodes, free of ComfyUI (tested anywhere): answer options typed one
+per line, the per-group summary Budget Allocate shows, a core VIDEO's trim window as a sampling
+range."""
 from __future__ import annotations
 
 import re
@@ -36,3 +37,21 @@ def summary(sel) -> str:
     if sel.skipped_groups:
         lines.append(f"skipped by Early Stop (never encoded or run): groups {sel.skipped_groups}")
     return "\n".join(lines)
+
+
+def trimmed_sampling(sampling: dict, window: tuple[float, float]) -> dict:
+    """Load Video's sampling range moved into a core VIDEO's trim window (start, duration in
+    seconds; duration 0 = to the end): the start/end typed on Load Video count from the start of
+    the trimmed clip, and never reach past its end."""
+    t0, dur = float(window[0] or 0.0), float(window[1] or 0.0)
+    if t0 <= 0 and dur <= 0:
+        return sampling
+    out = dict(sampling)
+    out["start"] = t0 + float(sampling.get("start") or 0.0)
+    end = sampling.get("end")
+    stop = t0 + dur if dur > 0 else None
+    if end:
+        out["end"] = t0 + float(end) if stop is None else min(stop, t0 + float(end))
+    else:
+        out["end"] = stop
+    return out

@@ -1,7 +1,7 @@
 """ComfyUI V3 types of the pack's edges, and the V3 schema of a node built from nodes/spec.py."""
 from __future__ import annotations
 
-from comfy_api.latest import io
+from .comfy_api_compat import io
 
 from . import spec
 

@@ -9,7 +9,8 @@ import uuid
 
 import torch
 import folder_paths
-from comfy_api.latest import io
+from .comfy_api_compat import io
+from .text import trimmed_sampling
 
 from .. import adapttoken as at
 from ..adapttoken.video import check_video_path
@@ -48,12 +49,29 @@ def from_images(images: torch.Tensor, fps: float, **sampling) -> at.VideoHandle:
 
 
 def from_video_input(video, fps: float, **sampling) -> at.VideoHandle:
-    """A core VIDEO: read by index from its file; an in-memory stream is written to temp once."""
-    from comfy_api.latest import InputImpl
+    """A core VIDEO: read by index from its file; an in-memory stream is written to temp once.
+
+    Newer ComfyUI (0.38+) lets the UI trim and crop a VIDEO without writing a file: its
+    get_stream_source() is still the whole original. A trim (get_active_trim_window) becomes the
+    sampling range, still read by index from the file; other frame edits (a crop:
+    has_pending_frame_edits() with other dimensions than the file's) are taken from
+    get_components(), the frames as edited. 0.3.64 has neither method: the file as it is."""
+    from .comfy_api_compat import InputImpl
     if isinstance(video, InputImpl.VideoFromComponents):
         c = video.get_components()
         return from_images(c.images, float(c.frame_rate or fps), **sampling)
+    edited = getattr(video, "has_pending_frame_edits", None)
+    window = getattr(video, "get_active_trim_window", None)
+    asked = sampling                                    # start/end within the clip as edited
+    if callable(window):
+        sampling = trimmed_sampling(sampling, window())
     src = video.get_stream_source()
+    if callable(edited) and edited() and isinstance(src, (str, os.PathLike)):
+        from ..adapttoken.video import probe_video
+        info = probe_video(src)
+        if tuple(video.get_dimensions()) != (info.width, info.height):     # cropped in the UI
+            c = video.get_components()                 # the trimmed, cropped frames
+            return from_images(c.images, float(c.frame_rate or fps), **asked)
     if not isinstance(src, (str, os.PathLike)):
         data = src.getvalue()
         src = os.path.join(folder_paths.get_temp_directory(),

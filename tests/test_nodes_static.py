@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from nodes import spec  # noqa: E402
-from nodes.text import parse_options  # noqa: E402
+from nodes.text import parse_options, trimmed_sampling  # noqa: E402
 
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 REAL_MODEL = "Qwen2.5-VL-7B-Instruct"      # the real-model workflow's folder in models/LLM
@@ -283,3 +283,13 @@ def test_pyproject_is_ready_for_the_registry_without_invented_urls():
     assert set(comfy) >= {"PublisherId", "DisplayName", "Icon"} and comfy["DisplayName"]
     assert comfy["Icon"] == "" or comfy["Icon"].startswith("https://")
     assert ET.parse(ROOT / "web" / "icon.svg").getroot().tag.endswith("svg")   # shipped icon
+
+
+def test_a_trimmed_core_video_samples_inside_its_trim_window():
+    base = {"num_frames": 64, "start": 0.0, "end": None}
+    assert trimmed_sampling(base, (0.0, 0.0)) == base                       # untrimmed: as typed
+    assert trimmed_sampling(base, (10.0, 5.0)) == {**base, "start": 10.0, "end": 15.0}
+    assert trimmed_sampling(base, (10.0, 0.0)) == {**base, "start": 10.0, "end": None}
+    within = {"num_frames": 64, "start": 1.0, "end": 3.0}                     # seconds of the clip
+    assert trimmed_sampling(within, (10.0, 5.0)) == {**within, "start": 11.0, "end": 13.0}
+    assert trimmed_sampling({**within, "end": 9.0}, (10.0, 5.0))["end"] == 15.0   # clip's end

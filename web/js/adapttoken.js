@@ -2,8 +2,20 @@
 // (Budget Allocate) and the groups as split (Group Split: a clamped group_size shows here) on the
 // node once it has run. Text streamed during generation is shown by the
 // frontend itself (PromptServer.send_progress_text); the final text then replaces it.
+//
+// Only supported frontend APIs: app.registerExtension, the node's widgets, widget.element (the
+// DOM element of a DOM widget; `inputEl` is its deprecated name), options.read_only (honoured by
+// the Vue node renderer, "Nodes 2.0"), node.removeWidgetByName where the frontend has it.
+// ComfyWidgets comes from an internal module: it is loaded on its own, so that a frontend without
+// that shim still gets the text (as a plain text widget) instead of losing the whole extension.
 import { app } from "../../scripts/app.js";
-import { ComfyWidgets } from "../../scripts/widgets.js";
+
+let ComfyWidgets = null;
+try {
+  ({ ComfyWidgets } = await import("../../scripts/widgets.js"));
+} catch (e) {
+  console.warn("adapttoken: ComfyWidgets is not available; results show as plain text widgets", e);
+}
 
 const SHOW_TEXT = {
   AdaptToken_MLLMAnswer: "answer_view",
@@ -12,23 +24,38 @@ const SHOW_TEXT = {
 };
 const PROGRESS_TEXT_WIDGET = "$$node-text-preview";
 
-function showText(node, name, text) {
-  const streamed = node.widgets?.findIndex((w) => w.name === PROGRESS_TEXT_WIDGET) ?? -1;
-  if (streamed > -1) {
-    node.widgets[streamed].onRemove?.();
-    node.widgets.splice(streamed, 1);
+function removeWidget(node, name) {
+  if (typeof node.removeWidgetByName === "function") {
+    if (node.widgets?.some((w) => w.name === name)) node.removeWidgetByName(name);
+    return;
   }
-  let widget = node.widgets?.find((w) => w.name === name);
-  if (!widget) {
+  const i = node.widgets?.findIndex((w) => w.name === name) ?? -1;
+  if (i > -1) {
+    node.widgets[i].onRemove?.();
+    node.widgets.splice(i, 1);
+  }
+}
+
+function makeTextWidget(node, name) {
+  let widget;
+  if (ComfyWidgets?.STRING) {
     widget = ComfyWidgets.STRING(node, name, ["STRING", { multiline: true }], app).widget;
-    const el = widget.inputEl ?? widget.element;
-    if (el) {
-      el.readOnly = true;
-      el.style.opacity = 0.85;
-    }
-    widget.serialize = false;          // not part of the saved workflow's widgets_values
-    widget.options = { ...(widget.options ?? {}), serialize: false };  // nor of the prompt
+  } else {
+    widget = node.addWidget("text", name, "", () => {}, {});
   }
+  const el = widget.element ?? widget.inputEl;
+  if (el) {
+    el.readOnly = true;
+    el.style.opacity = 0.85;
+  }
+  widget.serialize = false;          // not part of the saved workflow's widgets_values
+  widget.options = { ...(widget.options ?? {}), serialize: false, read_only: true };
+  return widget;
+}
+
+function showText(node, name, text) {
+  removeWidget(node, PROGRESS_TEXT_WIDGET);
+  const widget = node.widgets?.find((w) => w.name === name) ?? makeTextWidget(node, name);
   widget.value = text;
   node.setDirtyCanvas?.(true, true);
 }
