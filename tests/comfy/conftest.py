@@ -360,6 +360,14 @@ def comfy_server(comfyui_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
            "--output-directory", str(base / "output"), "--user-directory", str(base / "user"),
            "--temp-directory", str(base / "temp"), "--database-url", "sqlite:///:memory:",
            "--disable-auto-launch"]
+    # another frontend than the installed package (e.g. a newer comfyui-frontend-package's static
+    # folder), and frontend settings (e.g. {"Comfy.VueNodes.Enabled": true}): docs/TESTING-COMFYUI.md
+    if os.environ.get("COMFY_TEST_FRONTEND_ROOT"):
+        cmd += ["--front-end-root", os.environ["COMFY_TEST_FRONTEND_ROOT"]]
+    if os.environ.get("COMFY_TEST_SETTINGS"):
+        settings = base / "user" / "default" / "comfy.settings.json"
+        settings.parent.mkdir(parents=True, exist_ok=True)
+        settings.write_text(json.dumps(json.loads(os.environ["COMFY_TEST_SETTINGS"])))
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     print(f"\n[comfy] starting ComfyUI from {comfyui_dir} on port {port}; log: {log_path}")
     with open(log_path, "wb") as log:
