@@ -31,11 +31,11 @@ def setup() -> None:
 
 class AdaptTokenExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        from .answer import MLLMAnswer
+        from .answer import AskMany, MLLMAnswer
         from .method import (AttentionRank, BudgetAllocate, EarlyStop, EntropyScore, GroupSplit,
                              UniformFrames)
         from .model import LoadMLLM
         from .preview import KeyMoments, SelectionPreview
         from .video import LoadVideo
         return [LoadMLLM, LoadVideo, GroupSplit, AttentionRank, EntropyScore, EarlyStop,
-                BudgetAllocate, UniformFrames, MLLMAnswer, SelectionPreview, KeyMoments]
+                BudgetAllocate, UniformFrames, MLLMAnswer, SelectionPreview, KeyMoments, AskMany]

@@ -213,6 +213,24 @@ SPECS: tuple[NodeSpec, ...] = (
          Out("moments", "STRING", "JSON list: time (s), frame (source index), group, score, tokens."),
          Out("evidence", AT_EVIDENCE, "The same list, typed, for chaining.")),
         output_node=True),
+    NodeSpec(
+        "AdaptToken_AskMany", "Ask Many Questions (AdaptToken)",
+        "Answer a list of questions on one video in one run: the first question decodes and "
+        "encodes the video, the others reuse its features and each group's prefix keys/values. "
+        "Output: a table and JSON (answer, option probabilities, seconds, key moments).",
+        (In("model", AT_MODEL, tooltip="The model from Load MLLM."),
+         In("groups", AT_GROUPS, tooltip="The groups from Group Split (uniform uses their video)."),
+         In("questions", "STRING", "", multiline=True,
+            tooltip="One question per block, blocks separated by a blank line; the lines after a "
+                    "question are its options (A. / B) letters optional); one line = open question."),
+         In("method", "COMBO", "adapttoken", options=("adapttoken", "lite", "even_split", "uniform"),
+            tooltip="adapttoken; lite (Early Stop at threshold 0.2); even_split (FlexSelect's equal "
+                    "split); uniform (evenly spaced frames)."),
+         BUDGET,
+         In("max_new_tokens", "INT", 64, 1, 4096, 1, tooltip="Longest answer, in tokens.")),
+        (Out("table", "STRING", "One line per question: id, answer, seconds."),
+         Out("json", "STRING", "JSON list: question, options, answer, option_probs, seconds, evidence.")),
+        output_node=True, hidden_unique_id=True),
 )
 
 BY_ID: dict[str, NodeSpec] = {s.id: s for s in SPECS}

@@ -55,3 +55,32 @@ def trimmed_sampling(sampling: dict, window: tuple[float, float]) -> dict:
     else:
         out["end"] = stop
     return out
+
+
+def parse_question_list(text: str) -> list[tuple[str, tuple[str, ...]]]:
+    """The Ask Many node's question list, as plain text:
+
+        What colour is the car?
+        A. red
+        B. blue
+
+        How many people cross the street?
+
+    Questions are separated by a blank line (or a line `---`). In each block the first line is the
+    question and every further line one answer option (a typed "A." / "B)" / "(C)" letter is
+    dropped, as in the options box); a block of one line is an open question. Lines starting with
+    `#` are comments. Returns [(question, options)] in order."""
+    blocks, cur = [], []
+    for raw in (text or "").splitlines():
+        line = raw.strip()
+        if line.startswith("#"):
+            continue
+        if not line or line == "---":
+            if cur:
+                blocks.append(cur)
+            cur = []
+            continue
+        cur.append(line)
+    if cur:
+        blocks.append(cur)
+    return [(b[0], parse_options("\n".join(b[1:]))) for b in blocks]

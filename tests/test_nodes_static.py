@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from nodes import spec  # noqa: E402
-from nodes.text import parse_options, trimmed_sampling  # noqa: E402
+from nodes.text import parse_options, parse_question_list, trimmed_sampling  # noqa: E402
 
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 REAL_MODEL = "Qwen2.5-VL-7B-Instruct"      # the real-model workflow's folder in models/LLM
@@ -26,7 +26,7 @@ SOCKET_TYPES = set(spec.CUSTOM_TYPES) | {"IMAGE", "VIDEO"}
 NODE_IDS = ["AdaptToken_LoadMLLM", "AdaptToken_LoadVideo", "AdaptToken_GroupSplit",
             "AdaptToken_AttentionRank", "AdaptToken_EntropyScore", "AdaptToken_EarlyStop",
             "AdaptToken_BudgetAllocate", "AdaptToken_UniformFrames", "AdaptToken_MLLMAnswer",
-            "AdaptToken_SelectionPreview", "AdaptToken_KeyMoments"]
+            "AdaptToken_SelectionPreview", "AdaptToken_KeyMoments", "AdaptToken_AskMany"]
 SAMPLE = json.loads((ROOT / "adapttoken" / "assets" / "sample.json").read_text())
 
 
@@ -293,3 +293,23 @@ def test_a_trimmed_core_video_samples_inside_its_trim_window():
     within = {"num_frames": 64, "start": 1.0, "end": 3.0}                     # seconds of the clip
     assert trimmed_sampling(within, (10.0, 5.0)) == {**within, "start": 11.0, "end": 13.0}
     assert trimmed_sampling({**within, "end": 9.0}, (10.0, 5.0))["end"] == 15.0   # clip's end
+
+
+def test_question_list_syntax():
+    text = """# the sample video
+What coloured object appeared?
+A. red
+B) blue
+(C) green
+
+How many objects appeared?
+---
+Which shape?
+square
+circle
+"""
+    assert parse_question_list(text) == [
+        ("What coloured object appeared?", ("red", "blue", "green")),
+        ("How many objects appeared?", ()),
+        ("Which shape?", ("square", "circle"))]
+    assert parse_question_list("") == [] and parse_question_list("\n# only a comment\n") == []

@@ -234,6 +234,29 @@ def test_saved_workflows_of_the_previous_version_still_run(comfy_browser, comfy_
     assert all(r.get("ok") for r in run.results), run.results
 
 
+def test_ask_many_answers_a_question_list_decoding_the_video_once(comfy_server, api, model_name):
+    p = make(api, "adapttoken_full", model_name)
+    model, groups = node_of(p, "AdaptToken_LoadMLLM"), node_of(p, "AdaptToken_GroupSplit")
+    questions = ("What coloured object appeared in the video?\nA. blue square\nB. green square\n"
+                 "C. yellow cross\nD. blue cross\n\n# an open one\nWhat colour was the object?\n\n"
+                 "Which shape was it?\nsquare\ncircle\ncross")
+    keep = {model, groups, node_of(p, "AdaptToken_LoadVideo")}
+    p = {k: v for k, v in p.items() if k in keep}
+    p[node_of(p, "AdaptToken_LoadVideo")]["inputs"]["num_frames"] = 766   # a sampling no other test caches
+    p["many"] = {"class_type": "AdaptToken_AskMany",
+                 "inputs": {"model": [model, 0], "groups": [groups, 0], "questions": questions,
+                            "method": "adapttoken", "budget": 1024, "max_new_tokens": 8}}
+    run = comfy_server.run(p, timeout=300)
+    assert run.status == "success", run.error
+    table = run.outputs["many"]["text"][0]
+    assert len(table.splitlines()) == 4 and "later questions" in table
+    rows = json.loads(run.outputs["many"]["json"][0])
+    assert [r["options"] for r in rows] == [["blue square", "green square", "yellow cross", "blue cross"],
+                                            [], ["square", "circle", "cross"]]
+    assert sorted(rows[0]["option_probs"]) == ["A", "B", "C", "D"] and rows[1]["option_probs"] is None
+    assert rows[0]["decoded_frames"] > 0 and rows[1]["decoded_frames"] == rows[2]["decoded_frames"] == 0
+
+
 def test_multiple_choice_gives_option_probabilities(comfy_server, api, model_name):
     p = make(api, "adapttoken_full", model_name,
              AttentionRank__options="A. blue square\nB. green square\nC. yellow cross\nD. blue cross")
