@@ -159,7 +159,7 @@ def build(kind: str) -> dict:
         video["widgets_values"][1] = 4096
     g.group("1. Inputs", X_IN - 20, Y0 - TOP, 340, TOP + 1140, BLUE)
     g.note(STEP_NOTES["inputs"], (X_IN, Y0 + 930), (300, 180))
-    row_h = 440                                    # one method row: nodes, then its note
+    row_h = 480                                    # one method row: nodes, then its note
     answers = []
     if kind != "uniform":
         alloc = _chain(g, model, video, Y0, lite=(kind == "lite"))
@@ -172,7 +172,7 @@ def build(kind: str) -> dict:
         title = "2. AdaptToken-Lite" if kind == "lite" else (
             "2a. AdaptToken" if kind == "compare" else "2. AdaptToken")
         g.group(title, X_SPLIT - 20, Y0 - TOP, X_ANSWER - X_SPLIT - 20, TOP + row_h, GREEN)
-        g.note(STEP_NOTES["lite" if kind == "lite" else "adapttoken"], (X_SPLIT, Y0 + 180),
+        g.note(STEP_NOTES["lite" if kind == "lite" else "adapttoken"], (X_SPLIT, Y0 + 240),
                (320, 220))
     if kind in ("uniform", "compare"):
         y = Y0 if kind == "uniform" else Y0 + row_h + TOP + 40

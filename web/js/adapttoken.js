@@ -55,7 +55,13 @@ function makeTextWidget(node, name) {
 
 function showText(node, name, text) {
   removeWidget(node, PROGRESS_TEXT_WIDGET);
-  const widget = node.widgets?.find((w) => w.name === name) ?? makeTextWidget(node, name);
+  let widget = node.widgets?.find((w) => w.name === name);
+  if (!widget) {
+    widget = makeTextWidget(node, name);
+    // the Vue node renderer keeps a view of node.widgets that the assignment refreshes (newer
+    // frontends define node.widgets with a setter for it); for the canvas renderer a no-op
+    if (Array.isArray(node.widgets)) node.widgets = node.widgets.slice();
+  }
   widget.value = text;
   node.setDirtyCanvas?.(true, true);
 }
