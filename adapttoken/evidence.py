@@ -59,3 +59,45 @@ def moment_frames(selection, moments: list[dict]) -> torch.Tensor:
     out = torch.empty_like(frames)
     out[torch.as_tensor(order)] = frames
     return out
+
+
+def _thumb_data_url(frame: torch.Tensor, width: int) -> str:
+    """A small JPEG of one uint8 [H, W, 3] frame as a data URL (for the web timeline)."""
+    import base64
+    import io
+
+    from PIL import Image
+    img = Image.fromarray(frame.numpy())
+    h = max(1, round(img.height * width / max(1, img.width)))
+    img = img.resize((width, h))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def timeline(selection, bins: int = 200, moments: int = 4, thumb_width: int = 96) -> dict:
+    """What the web timeline draws (web/js/adapttoken.js), in video time (seconds):
+    per group its time span, H/Hmax, relevance, budget and kept tokens (skipped groups flagged);
+    the kept tokens' density over `bins` equal time bins; Lite's stop (the last processed group);
+    the top moments with small thumbnails."""
+    f = selection.features
+    v = f.video
+    ts = np.asarray(v.plan.timestamps, dtype=np.float64)
+    duration = float(max(v.info.duration or 0.0, ts[-1] if len(ts) else 0.0)) or 1.0
+    skipped = set(selection.skipped_groups)
+    groups = []
+    for rep in sorted(selection.groups, key=lambda r: r.group):
+        t = rep.timestamps or [0.0]
+        groups.append({"group": rep.group, "t0": float(min(t)), "t1": float(max(t)),
+                       "h": rep.entropy_norm, "relevance": rep.relevance, "budget": rep.budget,
+                       "kept": rep.kept, "skipped": rep.group in skipped})
+    gids = selection.gids.detach().cpu().long()
+    pos = (gids // f.tokens_per_slice).numpy() * v.frames_per_slice
+    hist, _ = np.histogram(ts[pos] if len(pos) else [], bins=bins, range=(0.0, duration))
+    stop = (min(skipped) - 1) if skipped else None
+    ms = key_moments(selection, moments)
+    if ms:
+        for m, img in zip(ms, moment_frames(selection, ms)):
+            m["thumb"] = _thumb_data_url(img, thumb_width)
+    return {"duration": duration, "groups": groups, "density": hist.tolist(), "stop": stop,
+            "moments": ms, "method": selection.method}

@@ -7,6 +7,7 @@ import time
 from .comfy_api_compat import io
 
 from .. import adapttoken as at
+from ..adapttoken.evidence import timeline
 from . import runtime
 from .method import sliced_for
 from .text import parse_question_list
@@ -31,8 +32,11 @@ class MLLMAnswer(io.ComfyNode):
             model.offload()
         probs = json.dumps(res.option_probs or {})
         stats = {k: v for k, v in res.to_dict().items() if k not in ("answer", "groups", "kept_tokens")}
+        with runtime.comfy_errors(model):
+            tl = json.dumps(timeline(selection))
         return io.NodeOutput(res.answer, probs, res.to_json(),
-                             ui={"text": [res.answer], "option_probs": [probs], "stats": [json.dumps(stats)]})
+                             ui={"text": [res.answer], "option_probs": [probs], "stats": [json.dumps(stats)],
+                                 "timeline": [tl]})
 
 
 class AskMany(io.ComfyNode):

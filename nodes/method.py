@@ -9,9 +9,12 @@ stay in the model's cache).
 """
 from __future__ import annotations
 
+import json
+
 from .comfy_api_compat import io, ui
 
 from .. import adapttoken as at
+from ..adapttoken.evidence import timeline
 from . import runtime
 from .text import parse_options, summary
 from .types import schema
@@ -115,8 +118,9 @@ class BudgetAllocate(io.ComfyNode):
             sel = at.allocate(scored, budget, relevance, tau, floor,
                               redundancy_threshold if redundancy_threshold >= 0 else None,
                               hooks=runtime.hooks())
+            tl = json.dumps(timeline(sel))
         text = summary(sel)
-        return io.NodeOutput(sel, text, ui=ui.PreviewText(text))
+        return io.NodeOutput(sel, text, ui={**ui.PreviewText(text).as_dict(), "timeline": [tl]})
 
 
 class UniformFrames(io.ComfyNode):

@@ -73,8 +73,8 @@ WIDGETS = {
     "AdaptToken_KeyMoments": [8],
 }
 SIZES = {"AdaptToken_LoadVideo": [300, 640], "AdaptToken_AttentionRank": [400, 330],
-         "AdaptToken_UniformFrames": [400, 330], "AdaptToken_BudgetAllocate": [320, 330],
-         "AdaptToken_MLLMAnswer": [360, 420], "AdaptToken_SelectionPreview": [720, 520],
+         "AdaptToken_UniformFrames": [400, 330], "AdaptToken_BudgetAllocate": [340, 480],
+         "AdaptToken_MLLMAnswer": [360, 600], "AdaptToken_SelectionPreview": [720, 520],
          "AdaptToken_GroupSplit": [300, 110], "AdaptToken_EntropyScore": [300, 110],
          "AdaptToken_EarlyStop": [300, 110], "AdaptToken_KeyMoments": [360, 420]}
 
@@ -159,7 +159,7 @@ def build(kind: str) -> dict:
         video["widgets_values"][1] = 4096
     g.group("1. Inputs", X_IN - 20, Y0 - TOP, 340, TOP + 1140, BLUE)
     g.note(STEP_NOTES["inputs"], (X_IN, Y0 + 930), (300, 180))
-    row_h = 480                                    # one method row: nodes, then its note
+    row_h = 540                                    # one method row: nodes, then its note
     answers = []
     if kind != "uniform":
         alloc = _chain(g, model, video, Y0, lite=(kind == "lite"))
@@ -175,7 +175,7 @@ def build(kind: str) -> dict:
         g.note(STEP_NOTES["lite" if kind == "lite" else "adapttoken"], (X_SPLIT, Y0 + 240),
                (320, 220))
     if kind in ("uniform", "compare"):
-        y = Y0 if kind == "uniform" else Y0 + row_h + TOP + 40
+        y = Y0 if kind == "uniform" else Y0 + 680     # below the first answer and its timeline
         uni = g.add("AdaptToken_UniformFrames", (X_RANK, y))
         g.link(model, "model", uni, "model")
         g.link(video, "video", uni, "video")
@@ -186,17 +186,18 @@ def build(kind: str) -> dict:
     for sel, y in answers:
         answer = g.add("AdaptToken_MLLMAnswer", (X_ANSWER, y))
         g.link(sel, "selection", answer, "selection")
-    bottom = max(y for _, y in answers) + 450      # below the last MLLM Answer (420 tall)
+    bottom = max(y for _, y in answers) + 630      # below the last MLLM Answer and its timeline
     width = 400
     if kind == "preview":
         preview = g.add("AdaptToken_SelectionPreview", (X_ANSWER + 400, Y0))
         g.link(answers[0][0], "selection", preview, "selection")
-        moments = g.add("AdaptToken_KeyMoments", (X_ANSWER, Y0 + 470))
+        moments = g.add("AdaptToken_KeyMoments", (X_ANSWER + 400, Y0 + 570))
         g.link(answers[0][0], "selection", moments, "selection")
-        bottom, width = Y0 + 920, 1160
+        bottom, width = Y0 + 1020, 1160
     g.note(STEP_NOTES["answer"], (X_ANSWER, bottom), (360, 150))
     g.group("3. Answer", X_ANSWER - 20, Y0 - TOP, width, bottom + 170 - (Y0 - TOP), BLUE)
-    g.note(NOTE[kind] + ("" if kind == "real" else NOTE_TAIL), (X_IN, Y0 + 1140), (700, 220))
+    about_y = Y0 + (1300 if kind == "compare" else 1140)      # below every group
+    g.note(NOTE[kind] + ("" if kind == "real" else NOTE_TAIL), (X_IN, about_y), (700, 220))
     return g.ui()
 
 

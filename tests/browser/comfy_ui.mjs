@@ -14,6 +14,9 @@
 //   --queue                  queue each workflow from the page and wait for success
 //   --timeout-ms N           limit for each step (default 60000)
 //   --run-timeout-ms N       limit for one queued run (default 300000)
+//   --probe-timeline         after a queued run, inspect Budget Allocate's evidence timeline: present,
+//                            widths before/after widening the node, a click on the best moment's time
+//                            and the Load Video preview's currentTime after it (results: timeline)
 //   --width N --height N     viewport (default 1600x1000)
 // Outputs in <out-dir>, per workflow <stem>: <stem>.png, <stem>.api.json, with --queue also
 // <stem>.after.png; and for the whole run: console.log (page console and errors) and
@@ -35,7 +38,7 @@ const CHROMIUM_FLAGS = [
 function parseArgs(argv) {
   const opts = {
     chromium: process.env.CHROMIUM || "/usr/bin/chromium",
-    requireNodes: [], queue: false, timeoutMs: 60000, runTimeoutMs: 300000,
+    requireNodes: [], queue: false, probeTimeline: false, timeoutMs: 60000, runTimeoutMs: 300000,
     width: 1600, height: 1000, positional: [],
   };
   const num = (name, v) => {
@@ -52,6 +55,7 @@ function parseArgs(argv) {
     if (a === "--chromium") opts.chromium = next();
     else if (a === "--require-nodes") opts.requireNodes = next().split(",").map((s) => s.trim()).filter(Boolean);
     else if (a === "--queue") opts.queue = true;
+    else if (a === "--probe-timeline") opts.probeTimeline = true;
     else if (a === "--timeout-ms") opts.timeoutMs = num(a, next());
     else if (a === "--run-timeout-ms") opts.runTimeoutMs = num(a, next());
     else if (a === "--width") opts.width = num(a, next());
@@ -188,12 +192,60 @@ async function convertOne(page, opts, file) {
         result.error = `queued run ended with ${result.run.status}${result.run.message ? `: ${result.run.message}` : ""}`;
         return result;
       }
+      if (opts.probeTimeline) {
+        result.timeline = await step(`timeline ${stem}`, opts.timeoutMs, () => probeTimeline(page));
+        await page.screenshot({ path: join(opts.outDir, `${stem}.timeline.png`) });
+      }
     }
     result.ok = true;
   } catch (e) {
     result.error = e.message;
   }
   return result;
+}
+
+// The evidence timeline on Budget Allocate (web/js/adapttoken.js): what a person would check by eye.
+async function probeTimeline(page) {
+  return page.evaluate(async () => {
+    const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+    const node = window.app.graph.nodes.find((n) => n.type === "AdaptToken_BudgetAllocate");
+    const w = node?.widgets?.find((x) => x.name === "timeline_view");
+    const tl = w?.adapttokenTimeline;
+    if (!tl) return { present: false };
+    const canvas = tl.canvas;
+    const out = { present: true, groups: tl.data.groups.length, width1: canvas.clientWidth,
+                  groupPx1: tl.groupPx, duration: tl.data.duration };
+    node.setSize([node.size[0] * 1.6, node.size[1]]);
+    window.app.canvas.setDirty(true, true);
+    await sleep(800);
+    out.width2 = canvas.clientWidth;
+    out.groupPx2 = tl.groupPx;
+    const lv = window.app.graph.nodes.find((n) => n.type === "AdaptToken_LoadVideo");
+    let video = null;
+    for (const x of lv?.widgets ?? []) {
+      const el = x.element ?? x.inputEl;
+      video = el?.tagName === "VIDEO" ? el : el?.querySelector?.("video");
+      if (video) break;
+    }
+    out.hasVideo = !!video;
+    if (video && video.readyState < 1) {
+      await new Promise((r) => { video.addEventListener("loadedmetadata", r, { once: true }); setTimeout(r, 5000); });
+    }
+    out.before = video?.currentTime ?? null;
+    const m = tl.data.moments?.[0];
+    out.moment = m?.time ?? null;
+    if (m) {
+      const r = canvas.getBoundingClientRect();
+      const rowY = (4 + 46 + 8 + 17) / (4 + 46 + 8 + 34 + 8 + 62 + 4);
+      canvas.dispatchEvent(new MouseEvent("click", { bubbles: true,
+        clientX: r.left + (m.time / tl.data.duration) * r.width, clientY: r.top + rowY * r.height }));
+      await sleep(500);
+    }
+    out.lastSeek = tl.lastSeek ?? null;
+    out.seeked = tl.seeked ?? false;
+    out.after = video?.currentTime ?? null;
+    return out;
+  });
 }
 
 // Load a UI-format graph and check that the canvas now holds exactly its nodes.

@@ -458,13 +458,16 @@ def comfy_browser(comfy_server: ComfyClient, tmp_path_factory: pytest.TempPathFa
         pytest.skip("playwright-core is missing: run `npm ci` in tests/browser (see docs/TESTING-COMFYUI.md)")
 
     def run(workflows: list[Path | str], *, require_nodes: tuple[str, ...] = (), queue: bool = False,
-            out_dir: Path | None = None, timeout: float = 600) -> BrowserRun:
+            out_dir: Path | None = None, timeout: float = 600,
+            probe_timeline: bool = False) -> BrowserRun:
         out = out_dir or tmp_path_factory.mktemp("browser")
         cmd = [node, str(BROWSER_DIR / "comfy_ui.mjs"), "--chromium", chromium]
         if require_nodes:
             cmd += ["--require-nodes", ",".join(require_nodes)]
         if queue:
             cmd.append("--queue")
+        if probe_timeline:
+            cmd.append("--probe-timeline")
         cmd += [comfy_server.base_url, str(out), *map(str, workflows)]
         proc = subprocess.run(cmd, cwd=BROWSER_DIR, capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)

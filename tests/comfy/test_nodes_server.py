@@ -285,6 +285,33 @@ def test_workflows_queued_from_the_page(comfy_browser, comfy_server, model_name,
     assert not errors, errors
 
 
+def test_evidence_timeline_is_drawn_resizes_and_seeks_the_preview(comfy_browser, comfy_server,
+                                                                  model_name, tmp_path):
+    ui = json.loads((WORKFLOWS / "adapttoken_full.json").read_text())
+    for n in ui["nodes"]:
+        if n["type"] == "AdaptToken_LoadMLLM":
+            n["widgets_values"][0] = model_name
+        if n["type"] == "AdaptToken_LoadVideo":
+            n["widgets_values"][1] = 512          # a sampling no other test has cached: a fresh run
+        if n["type"] == "AdaptToken_AttentionRank":
+            n["widgets_values"][1] = "blue square\ngreen square\nyellow cross\nblue cross"
+    (tmp_path / "timeline.json").write_text(json.dumps(ui))
+    out = ARTIFACTS / "timeline"
+    out.mkdir(parents=True, exist_ok=True)
+    run = comfy_browser([tmp_path / "timeline.json"], require_nodes=tuple(spec.BY_ID), queue=True,
+                        out_dir=out, probe_timeline=True)
+    assert run.returncode == 0, f"{run.stdout}\n{run.stderr}\n{run.results}"
+    tl = run.results[0]["timeline"]
+    assert tl["present"] and tl["groups"] == 4                  # 256 slices in groups of 64
+    assert tl["groupPx1"] >= 2 and tl["width2"] > tl["width1"] * 1.3   # follows the node's width
+    needle = SAMPLE["needles"][0]
+    t_needle = needle["frame_start"] / SAMPLE["fps"]
+    assert abs(tl["moment"] - t_needle) < 1.0                   # the best moment is the needle
+    assert tl["hasVideo"] and tl["seeked"]
+    assert abs(tl["after"] - tl["lastSeek"]) < 0.25 and abs(tl["after"] - tl["moment"]) < 0.5
+    assert abs(tl["after"] - tl["before"]) > 1.0               # the preview moved
+
+
 # -- laziness, caching and the feature cache -------------------------------------------------------
 
 def test_budget_change_reruns_only_the_allocation(comfy_server, api, model_name):
