@@ -398,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(default: a temporary folder)")
     ap.add_argument("--jobs", type=int, default=1, help="processes for generating and evaluating")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--generate-only", action="store_true",
+                    help="write the videos to --videos and stop (a later run with the same --videos "
+                         "reuses them)")
     return ap
 
 
@@ -432,6 +435,8 @@ def main(argv=None) -> int:
     samples = generate(jobs, args.jobs)
     gen_s = time.perf_counter() - t0
     print(f"generated {len(samples)} videos in {gen_s:.1f} s ({vdir})", flush=True)
+    if args.generate_only:
+        return 0
     items = [(s, j[1]) for s, j in zip(samples, jobs)]
     t1 = time.perf_counter()
     if args.jobs <= 1:
