@@ -243,7 +243,7 @@ def make_example(rng: np.random.Generator, situation: str | None = None,
 # The training data are random scenes and events drawn from the training seed; the benchmark's
 # videos use their own seeds (bench.synthetic.sample_seed) and are never trained on.
 
-TASK_MIX = {"colour": 0.2, "shape": 0.2, "count": 0.2, "order": 0.2, "large": 0.2}
+TASK_MIX = {"colour": 0.1, "shape": 0.25, "count": 0.25, "order": 0.2, "large": 0.2}
 COUNT_IN_VIEW_P = 0.6
 
 
