@@ -153,3 +153,44 @@ def test_bench_task_grid_with_ablations(tmp_path):
     md = (out / "README.md").read_text()
     assert "Task **order**" in md and "budget 16 tokens" in md and "softmax relevance" in md
     assert "--task order" in md and "--group-size 16" in md
+
+
+def test_training_targets_follow_the_view():
+    """train_tiny's task examples: the target is what the tokens in view settle (count: most mass on
+    the count in view, never certain while larger options remain; order: half on each named colour
+    with one event in view; large: the tiles in view when 3 or more), uniform without evidence."""
+    from adapttoken.training import train_tiny as T
+    rng = np.random.default_rng(3)
+    seen = set()
+    for i in range(90):
+        task = ("count", "order", "large")[i % 3]
+        ex = T.make_task_example(rng, task, situation=("group", "final")[i % 2], short=True,
+                                 form=("mc", "open")[(i // 2) % 2])
+        q = ex.question
+        assert len(ex.frames) == 2 * len(ex.t_pos) and ex.needle.shape == ex.keep.shape
+        if ex.present:
+            assert not ex.soft and ex.needle.any()
+            if task == "large":
+                assert int(q.answer_text) == int(ex.needle.sum()) >= 3
+            if task == "order":
+                assert q.answer_text in q.text
+            seen.add((task, "hard"))
+        elif ex.soft:
+            words = dict(ex.soft)
+            assert abs(sum(words.values()) - 1) < 1e-9 and ex.needle.any()
+            if task == "order":
+                assert sorted(words.values()) == [0.5, 0.5]
+            if task == "count":
+                val = {w: int(q.options[T.syn.LETTERS.index(w)] if q.options else w) for w in words}
+                c = int(ex.needle.sum())                     # one cell per event
+                opts = [int(o) for o in (q.options or T.syn.NUMBERS[:5])]
+                assert all(v >= c for v in val.values())
+                if c in opts:                                # most mass on the count in view
+                    best = max(words, key=words.get)
+                    assert val[best] == c and words[best] == T.COUNT_IN_VIEW_P
+            seen.add((task, "soft"))
+        else:
+            assert q.answer == "" and not ex.soft
+            seen.add((task, "none"))
+    assert {("count", "soft"), ("order", "soft"), ("order", "hard"), ("large", "hard"),
+            ("count", "none")} <= seen
