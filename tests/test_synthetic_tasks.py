@@ -194,3 +194,16 @@ def test_training_targets_follow_the_view():
             seen.add((task, "none"))
     assert {("count", "soft"), ("order", "soft"), ("order", "hard"), ("large", "hard"),
             ("count", "none")} <= seen
+
+
+def test_evidence_kept_counts_the_needles_own_tokens():
+    from adapttoken.bench.synthetic import evidence_kept
+    nd = {"frame_start": 10, "frame_end": 12, "colour": "red", "shape": "square", "x": 42, "y": 14,
+          "size": 20}                                       # box rows 4-23, cols 32-51: cell (0, 1)
+    other = {**nd, "frame_start": 40, "frame_end": 42, "x": 98, "y": 98}   # cell (3, 3)
+    kept = [{"frame_index": 10, "row": 0, "col": 1}, {"frame_index": 10, "row": 1, "col": 1},
+            {"frame_index": 12, "row": 0, "col": 1}, {"frame_index": 40, "row": 0, "col": 1}]
+    assert evidence_kept([nd], kept) == (1, 1)
+    assert evidence_kept([nd, other], kept) == (1, 1)
+    assert evidence_kept([nd, other], kept + [{"frame_index": 40, "row": 3, "col": 3}]) == (2, 2)
+    assert evidence_kept([other], kept) == (0, 0)

@@ -108,6 +108,20 @@ def is_correct(q: dict, answer: str) -> bool:
     return normalize_answer(answer) == normalize_answer(q["answer_text"])
 
 
+def evidence_kept(needles: list[dict], kept_tokens: list[dict]) -> tuple[int, int]:
+    """(needles with at least one of their own tokens kept, kept tokens on needles): a token is the
+    needle's when its slice shows the needle and its (row, col) cell holds needle pixels."""
+    from adapttoken.training.synthetic import Needle
+    cells = [set(map(tuple, Needle(**nd).tokens())) for nd in needles]
+    hits, toks = 0, 0
+    for nd, c in zip(needles, cells):
+        n = sum(1 for k in kept_tokens if nd["frame_start"] - 1 <= k["frame_index"] < nd["frame_end"]
+                and (k["row"], k["col"]) in c)
+        hits += n > 0
+        toks += n
+    return hits, toks
+
+
 def _shown(needles: list[dict], frames) -> bool:
     return any(nd["frame_start"] <= f < nd["frame_end"] for nd in needles for f in frames)
 
@@ -140,6 +154,7 @@ def run_one(model, sample: dict, length: int, methods, cfg, form: str = "mc", ta
                            "needle": _shown(needles, g.frame_indices), "budget": g.budget})
         kept_needle = sum(1 for k in res.kept_tokens if any(
             nd["frame_start"] - 1 <= k["frame_index"] < nd["frame_end"] for nd in needles))
+        ev_hit, ev_tok = evidence_kept(needles, res.kept_tokens)
         rows.append({"length": length, "seed": sample["seed"], "method": m, "answer": res.answer,
                      "task": task or "what", "events": len(needles),
                      "letter": letter, "truth": q["answer"], "correct": is_correct(q, res.answer),
@@ -149,6 +164,7 @@ def run_one(model, sample: dict, length: int, methods, cfg, form: str = "mc", ta
                      "skipped": len(res.skipped_groups), "seconds": round(wall, 4),
                      "fresh_features": fresh, "kept": len(res.kept_tokens),
                      "kept_in_needle_slices": kept_needle,
+                     "evidence_kept": ev_hit, "evidence_tokens_kept": ev_tok,
                      "group_entropy": groups if m == "adapttoken" else None})
     return rows
 
@@ -182,6 +198,9 @@ def summarize(rows: list[dict], lengths, methods) -> dict:
             lo, hi = wilson(k, n)
             e = {"correct": k, "n": n, "acc": k / n, "ci95": [round(lo, 4), round(hi, 4)],
                  "seconds_mean": float(np.mean([r["seconds"] for r in rs]))}
+            if all("evidence_kept" in r for r in rs):
+                e["evidence_recall"] = float(np.mean([r["evidence_kept"] / max(1, r["events"]) for r in rs]))
+                e["evidence_complete"] = float(np.mean([r["evidence_kept"] == r["events"] for r in rs]))
             if m == "lite":
                 e["pass_share"] = float(np.mean([r["group_passes"] / r["groups"] for r in rs]))
             if m in ("adapttoken", "lite", "even_split"):
@@ -254,6 +273,18 @@ def markdown(summary: dict, lengths, methods, budget: int, command: str, meta: d
         share = f"{100 * lite['pass_share']:.0f}% of {lite['groups']:.0f}" if lite else "-"
         secs = " / ".join(f"{t[f'{L}/{m}']['seconds_mean']:.2f}" if f"{L}/{m}" in t else "-" for m in methods)
         lines.append(f"| {L} | " + " | ".join(cells) + f" | {share} | {secs} |")
+    if any("evidence_recall" in e for e in t.values()):
+        cols = methods + ablations
+        lines += ["", "Evidence the selection kept (what the allocation adds, whatever the model then "
+                  "answers): share of the needles (events, tiles) with at least one of their own tokens "
+                  "kept / share of videos with every needle kept:", "",
+                  "| frames | " + " | ".join(names[m] for m in cols) + " |",
+                  "| --- | " + " | ".join("---" for _ in cols) + " |"]
+        for L in lengths:
+            lines.append(f"| {L} | " + " | ".join(
+                "-" if "evidence_recall" not in t.get(f"{L}/{m}", {}) else
+                f"{100 * t[f'{L}/{m}']['evidence_recall']:.0f}% / {100 * t[f'{L}/{m}']['evidence_complete']:.0f}%"
+                for m in cols) + " |")
     abl_lengths = [L for L in lengths if any(f"{L}/{m}" in t for m in ablations)]
     if abl_lengths:
         cols = ["adapttoken"] + ablations
