@@ -1,6 +1,6 @@
 """Synthetic long-video QA: seeded clips with short coloured "needle" events among grey distractors.
 
-Why one file of ~700 lines: the scene, the video writer and the question planner share one seed
+Why one file of ~900 lines: the scene, the video writer and the question planner share one seed
 discipline and one vocabulary (`VOCAB_TEXTS`), and the tests check them together; apart they would
 each import the other two.
 
@@ -12,7 +12,8 @@ events: "something appeared" is never evidence by itself, only colour is). Needl
 
 Questions come from fixed templates with a small vocabulary (`VOCAB_TEXTS` covers them all, for the
 tiny tokenizer): what appeared (colour, shape, or "colour shape"), which of two needles came first,
-and how many times a colour appeared (1-4). Each has a multiple-choice form (4 options, letters A-D,
+and how many times a colour appeared (1-4). The benchmark's task families (`TASKS`, `plan_task`,
+`TASK_DEFAULTS`: colour, shape, count, order, large) build on these; see their section. Each has a multiple-choice form (4 options, letters A-D,
 the correct letter's position drawn from the seed) and an open form (the answer word(s)).
 
 Determinism: everything depends only on the arguments and the seed. The background and distractors of

@@ -1,6 +1,6 @@
 """Train the bundled demo model: a tiny Qwen2.5-VL on synthetic long videos (synthetic.py).
 
-Why one file of ~800 lines: a script read top to bottom as the model card tells it (data, model,
+Why one file of ~1,100 lines: a script read top to bottom as the model card tells it (data, model,
 losses, loop, checks), run once to make the bundled weights; the library imports none of it
 (a test reuses its vision check).
 
@@ -28,6 +28,12 @@ ones given; the target is then the answer. Without it, the target is a uniform d
 the option letters (multiple choice) or over the candidate answers' first tokens (open questions):
 the model learns to be uncertain -- high response entropy -- when the evidence is not in view,
 which is exactly the signal AdaptToken's budget split and Lite's early stop read.
+
+Task families (stage 6 of the bundled model, `make_task_example`, `TASK_MIX`): the examples are
+drawn from the benchmark's five tasks (`synthetic.TASKS`: colour, shape, count, order, large), with
+one rule for the target: answer what the tokens in view show, and where they cannot settle the
+question spread the target over the answers they leave open (see the section's comment); the
+benchmark's own seeds are never used.
 
 Auxiliary probe loss [ours]: AdaptToken ranks a group's tokens by the attention of the question
 tokens at one layer (max over heads and query tokens; layer round(0.7 * depth) = 3 here). Nothing

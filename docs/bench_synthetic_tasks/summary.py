@@ -5,9 +5,13 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parents[1]))          # this checkout's adapttoken, not an installed one
+from adapttoken.training.synthetic import TASK_DEFAULTS  # noqa: E402
+
 TASKS = ("colour", "shape", "count", "order", "large")
 METHODS = ("adapttoken", "lite", "even_split", "uniform")
 NAMES = {"adapttoken": "AdaptToken", "lite": "Lite", "even_split": "Even split", "uniform": "Uniform frames",
@@ -36,12 +40,22 @@ def main() -> None:
         print("| --- | --- | " + " | ".join("---" for _ in METHODS) + " | --- |")
         for t, r in rows:
             tab = r["summary"]["table"]
-            budget = next(x for x in r["command"].split("--budget ")[1:2] + [""]) or "default"
             lite = tab.get(f"{length}/lite")
             share = f"{100 * lite['pass_share']:.0f}% of {lite['groups']:.0f}" if lite else "-"
-            from adapttoken.training.synthetic import TASK_DEFAULTS
             print(f"| {t} | {TASK_DEFAULTS[t].budget} | " + " | ".join(cell(tab.get(f"{length}/{m}")) for m in METHODS)
                   + f" | {share} |")
+        ev = [(t, r) for t, r in rows if "evidence_recall" in r["summary"]["table"].get(f"{length}/adapttoken", {})]
+        if ev:
+            print(f"\nEvidence kept by the selection at {length} frames (needles with a token of their own kept "
+                  "/ videos with every needle kept):\n")
+            print("| task | " + " | ".join(NAMES[m] for m in METHODS) + " |")
+            print("| --- | " + " | ".join("---" for _ in METHODS) + " |")
+            for t, r in ev:
+                tab = r["summary"]["table"]
+                print(f"| {t} | " + " | ".join(
+                    f"{100 * tab[f'{length}/{m}']['evidence_recall']:.0f}% / "
+                    f"{100 * tab[f'{length}/{m}']['evidence_complete']:.0f}%" if f"{length}/{m}" in tab else "-"
+                    for m in METHODS) + " |")
         abl = [(t, r) for t, r in rows if f"{length}/adapttoken_softmax" in r["summary"]["table"]]
         if abl:
             cols = ("adapttoken", "adapttoken_softmax", "adapttoken_no_redundancy")
