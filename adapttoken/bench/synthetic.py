@@ -2,6 +2,17 @@
 
     python -m adapttoken bench synthetic --lengths 512 2048 4096 10000 --count 30 --seed 0 \\
         --out docs/bench_synthetic
+    python -m adapttoken bench synthetic --task count --lengths 2048 4096 10000 --count 20 \\
+        --out docs/bench_synthetic_tasks/count
+
+--task colour|shape|count|order|large runs one task family of `training.synthetic` (TASKS) at its
+committed defaults (`synthetic.TASK_DEFAULTS`: budget, group size, needle frames and size, events
+per video; --budget / --group-size override them, and the README then says so). Without --task the
+single-needle "what" question of --attribute is asked (the original benchmark). At the
+--ablation-lengths (default 4096) AdaptToken also runs with softmax relevance
+("adapttoken_softmax") and without redundancy removal ("adapttoken_no_redundancy").
+Open answers (--form open) are right when the normalised words match exactly (numbers as digits or
+words: `synthetic.normalize_answer`).
 
 For each length (frames, all of them sampled, 8 fps) and each of `count` seeds, a video is
 generated with one needle (a coloured shape shown for 4-8 frames among grey distractors) and a
@@ -38,7 +49,12 @@ import numpy as np
 from ..eval.metrics import wilson
 
 METHODS = ("adapttoken", "lite", "uniform", "even_split")
-ORDER = ("lite", "adapttoken", "even_split", "uniform")     # fresh features first (see doc)
+ORDER = ("lite", "adapttoken", "even_split", "uniform", "adapttoken_softmax",
+         "adapttoken_no_redundancy")                        # fresh features first (see doc)
+# AdaptToken ablations: method name -> AdaptTokenConfig changes (run with method "adapttoken")
+ABLATIONS = {"adapttoken_softmax": {"relevance": "softmax"},
+             "adapttoken_no_redundancy": {"redundancy_threshold": None}}
+ALL_METHODS = METHODS + tuple(ABLATIONS)
 
 
 def sample_seed(base: int, length: int, i: int) -> int:
@@ -46,13 +62,18 @@ def sample_seed(base: int, length: int, i: int) -> int:
 
 
 def _make(job):
-    path, length, seed, attribute = job
+    path, length, seed, attribute = job[:4]
+    task = job[4] if len(job) > 4 else None
+    group_size = job[5] if len(job) > 5 else None
     from adapttoken.training import synthetic as syn
     meta = Path(str(path) + ".json")
     if Path(path).exists() and meta.exists():
         return json.loads(meta.read_text())
-    s = syn.make_sample(path, length, seed, kind="what", form="both",
-                        attribute=None if attribute == "any" else attribute)
+    if task:
+        s = syn.make_task_sample(path, task, length, seed, form="both", group_size=group_size)
+    else:
+        s = syn.make_sample(path, length, seed, kind="what", form="both",
+                            attribute=None if attribute == "any" else attribute)
     d = s.to_dict()
     meta.write_text(json.dumps(d))
     return d
@@ -79,35 +100,63 @@ def parse_letter(text: str) -> str:
 
 
 def is_correct(q: dict, answer: str) -> bool:
-    """Multiple choice: the first letter; open: the answer words, case and final period aside."""
+    """Multiple choice: the first letter; open: an exact match of the normalised answer words
+    (case and punctuation aside, numbers as digits or words)."""
+    from adapttoken.training.synthetic import normalize_answer
     if q["options"]:
         return parse_letter(answer) == q["answer"]
-    return answer.strip().lower().rstrip(".").strip() == q["answer_text"]
+    return normalize_answer(answer) == normalize_answer(q["answer_text"])
 
 
-def run_one(model, sample: dict, length: int, methods, cfg, form: str = "mc") -> list[dict]:
+def evidence_kept(needles: list[dict], kept_tokens: list[dict]) -> tuple[int, int]:
+    """(needles with at least one of their own tokens kept, kept tokens on needles): a token is the
+    needle's when its slice shows the needle and its (row, col) cell holds needle pixels."""
+    from adapttoken.training.synthetic import Needle
+    cells = [set(map(tuple, Needle(**nd).tokens())) for nd in needles]
+    hits, toks = 0, 0
+    for nd, c in zip(needles, cells):
+        n = sum(1 for k in kept_tokens if nd["frame_start"] - 1 <= k["frame_index"] < nd["frame_end"]
+                and (k["row"], k["col"]) in c)
+        hits += n > 0
+        toks += n
+    return hits, toks
+
+
+def _shown(needles: list[dict], frames) -> bool:
+    return any(nd["frame_start"] <= f < nd["frame_end"] for nd in needles for f in frames)
+
+
+def run_one(model, sample: dict, length: int, methods, cfg, form: str = "mc", task: str | None = None
+            ) -> list[dict]:
     """Every method on one video; returns one row per method."""
+    from dataclasses import replace
+
     from adapttoken.question import Question
     from adapttoken.pipeline import ask
     q = sample["questions"][0 if form == "mc" else 1]
     question = Question(q["text"], tuple(q["options"]))
-    nd = sample["needles"][0]
+    needles = sample["needles"]
     rows = []
     model.clear_cache()
     for m in [m for m in ORDER if m in methods]:
         fresh = m in ("lite", "adapttoken")
         t0 = time.perf_counter()
-        res = ask(model, sample["video_path"], question, config=cfg, method=m, fresh_features=fresh)
+        if m in ABLATIONS:
+            res = ask(model, sample["video_path"], question, config=replace(cfg, **ABLATIONS[m]),
+                      method="adapttoken", fresh_features=False)
+        else:
+            res = ask(model, sample["video_path"], question, config=cfg, method=m, fresh_features=fresh)
         wall = time.perf_counter() - t0
         letter = parse_letter(res.answer) if q["options"] else res.answer.strip()
         groups = []
         for g in res.groups:
-            shown = any(nd["frame_start"] <= f < nd["frame_end"] for f in g.frame_indices)
-            groups.append({"group": g.group, "entropy_norm": g.entropy_norm, "needle": shown,
-                           "budget": g.budget})
-        kept_needle = sum(1 for k in res.kept_tokens
-                          if nd["frame_start"] - 1 <= k["frame_index"] < nd["frame_end"])
+            groups.append({"group": g.group, "entropy_norm": g.entropy_norm,
+                           "needle": _shown(needles, g.frame_indices), "budget": g.budget})
+        kept_needle = sum(1 for k in res.kept_tokens if any(
+            nd["frame_start"] - 1 <= k["frame_index"] < nd["frame_end"] for nd in needles))
+        ev_hit, ev_tok = evidence_kept(needles, res.kept_tokens)
         rows.append({"length": length, "seed": sample["seed"], "method": m, "answer": res.answer,
+                     "task": task or "what", "events": len(needles),
                      "letter": letter, "truth": q["answer"], "correct": is_correct(q, res.answer),
                      "form": form,
                      "attribute": q["attribute"], "option_probs": res.option_probs,
@@ -115,19 +164,23 @@ def run_one(model, sample: dict, length: int, methods, cfg, form: str = "mc") ->
                      "skipped": len(res.skipped_groups), "seconds": round(wall, 4),
                      "fresh_features": fresh, "kept": len(res.kept_tokens),
                      "kept_in_needle_slices": kept_needle,
+                     "evidence_kept": ev_hit, "evidence_tokens_kept": ev_tok,
                      "group_entropy": groups if m == "adapttoken" else None})
     return rows
 
 
 def _worker(args):
-    model_dir, device, dtype, items, methods, budget, group_size, stop, threads, form = args
+    model_dir, device, dtype, items, methods, budget, group_size, stop, threads, form = args[:10]
+    task = args[10] if len(args) > 10 else None
+    ablation_lengths = args[11] if len(args) > 11 else ()
     import torch
     torch.set_num_threads(threads)
     from adapttoken.models.loading import load_model
     model = load_model(model_dir, dtype=dtype, device=device)
     out = []
     for sample, length in items:
-        rows = run_one(model, sample, length, methods, bench_config(length, budget, group_size, stop), form)
+        ms = [m for m in methods if m not in ABLATIONS or length in ablation_lengths]
+        rows = run_one(model, sample, length, ms, bench_config(length, budget, group_size, stop), form, task)
         out.extend(rows)
         print(f"{length} frames, seed {sample['seed']}: " + "  ".join(
             f"{r['method']} {'ok' if r['correct'] else 'WRONG'} {r['seconds']:.1f}s" for r in rows), flush=True)
@@ -145,6 +198,9 @@ def summarize(rows: list[dict], lengths, methods) -> dict:
             lo, hi = wilson(k, n)
             e = {"correct": k, "n": n, "acc": k / n, "ci95": [round(lo, 4), round(hi, 4)],
                  "seconds_mean": float(np.mean([r["seconds"] for r in rs]))}
+            if all("evidence_kept" in r for r in rs):
+                e["evidence_recall"] = float(np.mean([r["evidence_kept"] / max(1, r["events"]) for r in rs]))
+                e["evidence_complete"] = float(np.mean([r["evidence_kept"] == r["events"] for r in rs]))
             if m == "lite":
                 e["pass_share"] = float(np.mean([r["group_passes"] / r["groups"] for r in rs]))
             if m in ("adapttoken", "lite", "even_split"):
@@ -164,33 +220,80 @@ def summarize(rows: list[dict], lengths, methods) -> dict:
     return {"table": table, "entropy": ent}
 
 
+TASK_TEXT = {
+    "colour": "one needle (a coloured shape, 4-8 frames, 32-48 px); the question asks its colour",
+    "shape": "one needle (a coloured shape, 4-8 frames, 32-48 px); the question asks its shape",
+    "count": "1-5 events (a coloured shape inside one token cell, on one 2-frame slice each), each in "
+             "a different group; the question asks how many times the colour appeared",
+    "order": "two events of two colours (one cell, one slice each), in different groups and at least "
+             "a quarter of the video apart; the question asks which colour came first",
+    "large": "a pattern of 3-6 coloured tiles (one per token cell) on one slice; the question asks "
+             "how many tiles it had (a 1-2 cell crop cannot tell)",
+}
+NAMES = {"adapttoken": "AdaptToken", "lite": "Lite", "uniform": "Uniform frames",
+         "even_split": "Even split", "adapttoken_softmax": "AdaptToken, softmax relevance",
+         "adapttoken_no_redundancy": "AdaptToken, no redundancy removal"}
+
+
+def _cell(e) -> str:
+    return ("-" if e is None else
+            f"{100 * e['acc']:.1f}% ({e['correct']}/{e['n']}, {100 * e['ci95'][0]:.0f}-{100 * e['ci95'][1]:.0f})")
+
+
 def markdown(summary: dict, lengths, methods, budget: int, command: str, meta: dict,
-             form: str = "mc", attribute: str = "colour") -> str:
+             form: str = "mc", attribute: str = "colour", task: str | None = None,
+             group_size: int = 64) -> str:
     t = summary["table"]
-    names = {"adapttoken": "AdaptToken", "lite": "Lite", "uniform": "Uniform frames",
-             "even_split": "Even split"}
-    lines = ["# Synthetic long-video benchmark", "",
-             (f"Single-needle multiple-choice questions (4 options, chance 25%), budget {budget} "
-              if form == "mc" else
-              f"Single-needle open questions (answer: a colour, a shape or both; correct = the exact "
-              f"words), budget {budget} ") +
-             "tokens for every method. The question asks for the needle's " +
-             {"colour": "colour", "shape": "shape", "both": "colour and shape",
-              "any": "colour, shape or both (drawn per seed)"}[attribute] +
-             ". Accuracy: correct / questions (95% Wilson interval).", "",
+    names = NAMES
+    ablations = [m for m in methods if m in ABLATIONS]
+    methods = [m for m in methods if m not in ABLATIONS]
+    if task:
+        head = (f"Task **{task}**: {TASK_TEXT[task]}. " +
+                ("Multiple choice (4 options, chance 25%)" if form == "mc" else
+                 "Open questions (correct = an exact match of the normalised answer words, numbers as "
+                 "digits or words)") +
+                f"; budget {budget} tokens and groups of {group_size} slices for every method. "
+                "Accuracy: correct / questions (95% Wilson interval).")
+    else:
+        head = ((f"Single-needle multiple-choice questions (4 options, chance 25%), budget {budget} "
+                 if form == "mc" else
+                 f"Single-needle open questions (answer: a colour, a shape or both; correct = the exact "
+                 f"words), budget {budget} ") +
+                "tokens for every method. The question asks for the needle's " +
+                {"colour": "colour", "shape": "shape", "both": "colour and shape",
+                 "any": "colour, shape or both (drawn per seed)"}[attribute] +
+                ". Accuracy: correct / questions (95% Wilson interval).")
+    lines = ["# Synthetic long-video benchmark" + (f": {task}" if task else ""), "", head, "",
              "| frames | " + " | ".join(names[m] for m in methods) + " | Lite passes | seconds: " +
              " / ".join(names[m] for m in methods) + " |",
              "| --- | " + " | ".join("---" for _ in methods) + " | --- | --- |"]
     for L in lengths:
-        cells = []
-        for m in methods:
-            e = t.get(f"{L}/{m}")
-            cells.append("-" if e is None else
-                         f"{100 * e['acc']:.1f}% ({e['correct']}/{e['n']}, {100 * e['ci95'][0]:.0f}-{100 * e['ci95'][1]:.0f})")
+        cells = [_cell(t.get(f"{L}/{m}")) for m in methods]
         lite = t.get(f"{L}/lite")
         share = f"{100 * lite['pass_share']:.0f}% of {lite['groups']:.0f}" if lite else "-"
         secs = " / ".join(f"{t[f'{L}/{m}']['seconds_mean']:.2f}" if f"{L}/{m}" in t else "-" for m in methods)
         lines.append(f"| {L} | " + " | ".join(cells) + f" | {share} | {secs} |")
+    if any("evidence_recall" in e for e in t.values()):
+        cols = methods + ablations
+        lines += ["", "Evidence the selection kept (what the allocation adds, whatever the model then "
+                  "answers): share of the needles (events, tiles) with at least one of their own tokens "
+                  "kept / share of videos with every needle kept:", "",
+                  "| frames | " + " | ".join(names[m] for m in cols) + " |",
+                  "| --- | " + " | ".join("---" for _ in cols) + " |"]
+        for L in lengths:
+            lines.append(f"| {L} | " + " | ".join(
+                "-" if "evidence_recall" not in t.get(f"{L}/{m}", {}) else
+                f"{100 * t[f'{L}/{m}']['evidence_recall']:.0f}% / {100 * t[f'{L}/{m}']['evidence_complete']:.0f}%"
+                for m in cols) + " |")
+    abl_lengths = [L for L in lengths if any(f"{L}/{m}" in t for m in ablations)]
+    if abl_lengths:
+        cols = ["adapttoken"] + ablations
+        lines += ["", "Ablation of AdaptToken (same videos, budget and groups; default: linear relevance "
+                  "and redundancy removal at cosine 0.9):", "",
+                  "| frames | " + " | ".join(names[m] for m in cols) + " |",
+                  "| --- | " + " | ".join("---" for _ in cols) + " |"]
+        for L in abl_lengths:
+            lines.append(f"| {L} | " + " | ".join(_cell(t.get(f"{L}/{m}")) for m in cols) + " |")
     e = summary["entropy"]
     lines += ["", ("Group entropy (H / H_max of the option letters)" if form == "mc" else
                    "Group entropy of the first answer token (H / ln V)") +
@@ -301,13 +404,22 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--count", type=int, default=20, help="videos per length")
     ap.add_argument("--seed", type=int, default=0, help="base seed (video i of length L uses "
                                                          "seed*1000003 + L*101 + i)")
-    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    ap.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=list(ALL_METHODS),
+                    help="methods (the adapttoken_* ablations run at --ablation-lengths only)")
     ap.add_argument("--form", choices=["mc", "open"], default="mc",
                     help="multiple choice (4 options) or open questions (the answer words)")
     ap.add_argument("--attribute", choices=["colour", "shape", "both", "any"], default="colour",
                     help="what the question asks about the needle (any: drawn from the seed)")
-    ap.add_argument("--budget", type=int, default=256, help="visual tokens kept, every method")
-    ap.add_argument("--group-size", type=int, default=64, help="slices per group")
+    ap.add_argument("--task", choices=["colour", "shape", "count", "order", "large"], default=None,
+                    help="task family at its committed defaults (synthetic.TASK_DEFAULTS); without it "
+                         "the single-needle question of --attribute")
+    ap.add_argument("--ablation-lengths", type=int, nargs="*", default=[4096],
+                    help="lengths at which AdaptToken also runs with softmax relevance and without "
+                         "redundancy removal (none: skip)")
+    ap.add_argument("--budget", type=int, default=None,
+                    help="visual tokens kept, every method (default: the task's, else 256)")
+    ap.add_argument("--group-size", type=int, default=None,
+                    help="slices per group (default: the task's, else 64)")
     ap.add_argument("--stop-threshold", type=float, default=0.2, help="Lite's H / H_max stop")
     ap.add_argument("--model", default=None, help="model folder (default: the bundled tiny model)")
     ap.add_argument("--device", default="auto")
@@ -317,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(default: a temporary folder)")
     ap.add_argument("--jobs", type=int, default=1, help="processes for generating and evaluating")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--generate-only", action="store_true",
+                    help="write the videos to --videos and stop (a later run with the same --videos "
+                         "reuses them)")
     return ap
 
 
@@ -334,29 +449,43 @@ def main(argv=None) -> int:
         vdir = Path(tmp.name)
     vdir.mkdir(parents=True, exist_ok=True)
     lengths = list(dict.fromkeys(args.lengths))
-    methods = [m for m in METHODS if m in args.methods]
+    methods = [m for m in ALL_METHODS if m in args.methods]
+    abl = tuple(args.ablation_lengths or ())
+    if args.task:
+        from adapttoken.training.synthetic import TASK_DEFAULTS
+        d = TASK_DEFAULTS[args.task]
+        budget = args.budget or d.budget
+        group_size = args.group_size or d.group_size
+    else:
+        budget, group_size = args.budget or 256, args.group_size or 64
+    tag = f"task_{args.task}" if args.task else args.attribute
     t0 = time.perf_counter()
-    jobs = [(str(vdir / f"synth_{args.attribute}_{L}_{sample_seed(args.seed, L, i)}.mp4"), L,
-             sample_seed(args.seed, L, i), args.attribute) for L in lengths for i in range(args.count)]
+    jobs = [(str(vdir / f"synth_{tag}_{L}_{sample_seed(args.seed, L, i)}.mp4"), L,
+             sample_seed(args.seed, L, i), args.attribute, args.task, min(group_size, max(1, L // 2)))
+            for L in lengths for i in range(args.count)]
     samples = generate(jobs, args.jobs)
     gen_s = time.perf_counter() - t0
     print(f"generated {len(samples)} videos in {gen_s:.1f} s ({vdir})", flush=True)
+    if args.generate_only:
+        return 0
     items = [(s, j[1]) for s, j in zip(samples, jobs)]
     t1 = time.perf_counter()
     if args.jobs <= 1:
-        rows = _worker((model_dir, args.device, args.dtype, items, methods, args.budget,
-                        args.group_size, args.stop_threshold, max(1, min(2, os.cpu_count() or 1)), args.form))
+        rows = _worker((model_dir, args.device, args.dtype, items, methods, budget,
+                        group_size, args.stop_threshold, max(1, min(2, os.cpu_count() or 1)), args.form,
+                        args.task, abl))
     else:
         import multiprocessing as mp
         n = min(args.jobs, len(items))
         parts = [items[i::n] for i in range(n)]
         threads = max(1, (os.cpu_count() or 2) // n)
         with mp.get_context("spawn").Pool(n) as pool:
-            res = pool.map(_worker, [(model_dir, args.device, args.dtype, p, methods, args.budget,
-                                      args.group_size, args.stop_threshold, threads, args.form) for p in parts])
+            res = pool.map(_worker, [(model_dir, args.device, args.dtype, p, methods, budget,
+                                      group_size, args.stop_threshold, threads, args.form, args.task, abl)
+                                     for p in parts])
         rows = [r for part in res for r in part]
     eval_s = time.perf_counter() - t1
-    rows.sort(key=lambda r: (r["length"], r["seed"], METHODS.index(r["method"])))
+    rows.sort(key=lambda r: (r["length"], r["seed"], ALL_METHODS.index(r["method"])))
     summary = summarize(rows, lengths, methods)
     import torch
     meta = {"python": platform.python_version(), "torch": torch.__version__,
@@ -368,18 +497,22 @@ def main(argv=None) -> int:
         meta["transformers"] = transformers.__version__
     except ImportError:
         pass
-    cmd = ("python -m adapttoken bench synthetic --lengths " + " ".join(map(str, lengths)) +
-           f" --count {args.count} --seed {args.seed} --form {args.form} --attribute {args.attribute}"
-           f" --budget {args.budget}"
-           f" --group-size {args.group_size}"
-           + (" --methods " + " ".join(methods) if set(methods) != set(METHODS) else "")
+    cmd = ("python -m adapttoken bench synthetic" + (f" --task {args.task}" if args.task else "") +
+           " --lengths " + " ".join(map(str, lengths)) +
+           f" --count {args.count} --seed {args.seed} --form {args.form}" +
+           ("" if args.task else f" --attribute {args.attribute}") +
+           (f" --budget {budget}" if args.budget or not args.task else "") +
+           (f" --group-size {group_size}" if args.group_size or not args.task else "") +
+           (" --ablation-lengths " + " ".join(map(str, abl)) if abl != (4096,) else "")
+           + (" --methods " + " ".join(methods) if set(methods) != set(ALL_METHODS) else "")
            + (f" --model {args.model}" if args.model else "") + f" --out {args.out}")
     (out / "results.json").write_text(json.dumps({"command": cmd, "meta": meta, "summary": summary,
                                                   "rows": rows}, indent=1) + "\n")
-    md = markdown(summary, lengths, methods, args.budget, cmd, meta, args.form, args.attribute)
+    md = markdown(summary, lengths, methods, budget, cmd, meta, args.form, args.attribute, args.task,
+                  group_size)
     (out / "README.md").write_text(md)
     if not args.no_plots:
-        plot_accuracy(summary, lengths, methods, out / "accuracy.png")
+        plot_accuracy(summary, lengths, [m for m in methods if m in METHODS], out / "accuracy.png")
         plot_entropy(rows, out / "entropy.png", form=args.form)
     print(md)
     print(f"wrote {out}/README.md, results.json" + ("" if args.no_plots else ", accuracy.png, entropy.png"))

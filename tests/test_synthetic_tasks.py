@@ -1,0 +1,209 @@
+"""The benchmark's task families (training/synthetic.py: TASKS): seeded, and built so that each
+task needs what it claims (evidence in several groups, needles far apart, a pattern no 1-2 cell
+crop can count), and open answers scored by normalised exact match."""
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from adapttoken.bench.synthetic import is_correct
+from adapttoken.groups import split_slices
+from adapttoken.training import synthetic as S
+
+LENGTHS = (2048, 4096, 10000)
+
+
+def _group_of(nd: S.Needle, frames: int, group_size: int) -> set[int]:
+    """Strided groups whose slices show the needle (every frame sampled, 2 frames per slice)."""
+    groups = split_slices(-(-frames // 2), group_size)
+    owner = {int(s): g for g, sl in enumerate(groups) for s in sl}
+    return {owner[f // 2] for f in range(nd.frame_start, nd.frame_end)}
+
+
+def test_defaults_are_committed_for_every_task():
+    assert set(S.TASK_DEFAULTS) == set(S.TASKS)
+    for t, d in S.TASK_DEFAULTS.items():
+        assert d.budget > 0 and d.group_size > 0 and d.events[0] <= d.events[1]
+    # the tight budgets: at 4096 frames (32 groups) an even split gives under 1 (count, order)
+    # and 2 (large) tokens per group
+    assert S.num_groups(4096, 64) == 32
+    assert S.TASK_DEFAULTS["large"].budget == 64
+
+
+@pytest.mark.parametrize("task", S.TASKS)
+def test_task_plans_are_seeded(task):
+    a = S.plan_task(task, 4096, 11)
+    assert a == S.plan_task(task, 4096, 11)
+    assert a != S.plan_task(task, 4096, 12)
+    needles, (mc, op) = a
+    assert mc.form == "mc" and op.form == "open" and len(mc.options) == 4
+    assert mc.options[S.LETTERS.index(mc.answer)] == mc.answer_text == op.answer
+
+
+def test_colour_and_shape_are_the_single_needle_questions():
+    for task in ("colour", "shape"):
+        assert S.plan_task(task, 4096, 5) == S.plan(4096, 5, "what", "both", attribute=task)
+
+
+@pytest.mark.parametrize("frames", LENGTHS)
+def test_count_events_number_k_and_lie_in_distinct_groups(frames):
+    seen = set()
+    for seed in range(40):
+        needles, (mc, op) = S.plan_task("count", frames, seed)
+        k = len(needles)
+        seen.add(k)
+        assert op.answer == str(k) and mc.answer_text == str(k)
+        assert len({n.colour for n in needles}) == 1 and needles[0].colour in mc.text
+        groups = [_group_of(n, frames, 64) for n in needles]
+        assert all(len(g) == 1 for g in groups)            # one slice, one group each
+        assert len(set().union(*groups)) == k              # k different groups
+        for n in needles:                                  # short: one slice, inside one cell
+            assert n.frame_end - n.frame_start == 2 and n.frame_start % 2 == 0
+            assert len(n.tokens()) == 1
+    assert seen == {1, 2, 3, 4, 5}
+
+
+@pytest.mark.parametrize("frames", LENGTHS)
+def test_order_needles_far_apart_in_different_groups(frames):
+    for seed in range(40):
+        (a, b), (mc, op) = S.plan_task("order", frames, seed)
+        assert a.frame_start < b.frame_start and a.colour != b.colour
+        assert b.frame_start - a.frame_start >= frames // 4 - 2
+        assert _group_of(a, frames, 64) != _group_of(b, frames, 64)
+        assert op.answer == a.colour and a.colour in mc.text and b.colour in mc.text
+
+
+def test_large_pattern_needs_more_than_two_cells():
+    for seed in range(60):
+        needles, (mc, op) = S.plan_task("large", 4096, seed)
+        n = len(needles)
+        assert 3 <= n <= 6 and op.answer == str(n)
+        assert len({(x.frame_start, x.frame_end) for x in needles}) == 1      # one moment
+        cells = [tuple(x.tokens()) for x in needles]
+        assert all(len(c) == 1 for c in cells) and len(set(cells)) == n        # one tile per cell
+        # by construction: any crop of 1-2 cells sees at most 2 tiles, and every option is >= 3,
+        # so the tiles such a crop sees are the same for every answer: it cannot decide
+        tiles = {c[0] for c in cells}
+        grid = [(r, c) for r in range(4) for c in range(4)]
+        most = max(len(tiles & set(crop)) for crop in itertools.combinations(grid, 2))
+        assert most == 2 < min(int(o) for o in mc.options)
+
+
+def test_large_pattern_is_drawn(tmp_path):
+    needles, _ = S.plan_task("large", 256, 3)
+    fr = S.make_frames(256, 3, S.DEFAULT_SIZE, needles)
+    f = needles[0].frame_start
+    sat = S.saturation(fr[f])
+    for nd in needles:
+        y0, y1, x0, x1 = nd.box
+        assert sat[y0:y1, x0:x1].min() > 100
+    assert S.saturation(fr[f - 1]).max() < 60 if f > 0 else True
+
+
+def test_task_sample_written_and_described(tmp_path):
+    s = S.make_task_sample(tmp_path / "c.mp4", "count", 512, 2, group_size=16)
+    d = json.loads(json.dumps(s.to_dict()))
+    assert S.Sample.from_dict(d).needles == s.needles
+    dec = S.read_video(s.video_path)
+    assert len(dec) == 512
+    for nd in s.needles:
+        y0, y1, x0, x1 = nd.box
+        region = dec[nd.frame_start, y0:y1, x0:x1][nd.mask()]
+        assert S.nearest_colour(region.mean(0)) == nd.colour
+
+
+def test_too_many_events_for_the_groups_is_an_error():
+    with pytest.raises(ValueError, match="groups"):
+        S.plan_task("count", 256, 0, events=5)            # 128 slices / 64 = 2 groups
+
+
+def test_open_answers_normalised():
+    assert S.normalize_answer(" Three.") == "3"
+    assert S.normalize_answer("3") == "3"
+    assert S.normalize_answer("Red!") == "red"
+    q = {"options": [], "answer": "3", "answer_text": "3"}
+    assert is_correct(q, "three") and is_correct(q, " 3.") and is_correct(q, "Three")
+    assert not is_correct(q, "4") and not is_correct(q, "thirty") and not is_correct(q, "3 4")
+    q = {"options": [], "answer": "red", "answer_text": "red"}
+    assert is_correct(q, "Red.") and not is_correct(q, "red circle")
+    q = {"options": ["1", "2", "3", "4"], "answer": "C", "answer_text": "3"}
+    assert is_correct(q, "C") and is_correct(q, "(C) 3") and not is_correct(q, "3")
+
+
+def test_vocab_covers_task_prompts():
+    vocab = set(" ".join(S.VOCAB_TEXTS).replace("\n", " ").split())
+    for task in S.TASKS:
+        for q in S.plan_task(task, 4096, 1)[1]:
+            assert set(q.prompt_text().replace("\n", " ").split()) <= vocab
+
+
+def test_bench_task_grid_with_ablations(tmp_path):
+    pytest.importorskip("av")
+    from adapttoken.bench.synthetic import ALL_METHODS, main
+    out = tmp_path / "bench"
+    assert main(["--task", "order", "--lengths", "256", "--count", "1", "--group-size", "16",
+                 "--ablation-lengths", "256", "--out", str(out), "--no-plots",
+                 "--videos", str(tmp_path / "v")]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert {r["method"] for r in res["rows"]} == set(ALL_METHODS)
+    assert all(r["task"] == "order" and r["events"] == 2 for r in res["rows"])
+    md = (out / "README.md").read_text()
+    assert "Task **order**" in md and "budget 16 tokens" in md and "softmax relevance" in md
+    assert "--task order" in md and "--group-size 16" in md
+
+
+def test_training_targets_follow_the_view():
+    """train_tiny's task examples: the target is what the tokens in view settle (count: most mass on
+    the count in view, never certain while larger options remain; order: half on each named colour
+    with one event in view; large: the tiles in view when 3 or more), uniform without evidence."""
+    from adapttoken.training import train_tiny as T
+    rng = np.random.default_rng(3)
+    seen = set()
+    for i in range(90):
+        task = ("count", "order", "large")[i % 3]
+        ex = T.make_task_example(rng, task, situation=("group", "final")[i % 2], short=True,
+                                 form=("mc", "open")[(i // 2) % 2])
+        q = ex.question
+        assert len(ex.frames) == 2 * len(ex.t_pos) and ex.needle.shape == ex.keep.shape
+        if ex.present:
+            assert not ex.soft and ex.needle.any()
+            if task == "large":
+                assert int(q.answer_text) == int(ex.needle.sum()) >= 3
+            if task == "order":
+                assert q.answer_text in q.text
+            seen.add((task, "hard"))
+        elif ex.soft:
+            words = dict(ex.soft)
+            assert abs(sum(words.values()) - 1) < 1e-9 and ex.needle.any()
+            if task == "order":
+                assert sorted(words.values()) == [0.5, 0.5]
+            if task == "count":
+                val = {w: int(q.options[T.syn.LETTERS.index(w)] if q.options else w) for w in words}
+                c = int(ex.needle.sum())                     # one cell per event
+                opts = [int(o) for o in (q.options or T.syn.NUMBERS[:5])]
+                assert all(v >= c for v in val.values())
+                if c in opts:                                # most mass on the count in view
+                    best = max(words, key=words.get)
+                    assert val[best] == c and words[best] == T.COUNT_IN_VIEW_P
+            seen.add((task, "soft"))
+        else:
+            assert q.answer == "" and not ex.soft
+            seen.add((task, "none"))
+    assert {("count", "soft"), ("order", "soft"), ("order", "hard"), ("large", "hard"),
+            ("count", "none")} <= seen
+
+
+def test_evidence_kept_counts_the_needles_own_tokens():
+    from adapttoken.bench.synthetic import evidence_kept
+    nd = {"frame_start": 10, "frame_end": 12, "colour": "red", "shape": "square", "x": 42, "y": 14,
+          "size": 20}                                       # box rows 4-23, cols 32-51: cell (0, 1)
+    other = {**nd, "frame_start": 40, "frame_end": 42, "x": 98, "y": 98}   # cell (3, 3)
+    kept = [{"frame_index": 10, "row": 0, "col": 1}, {"frame_index": 10, "row": 1, "col": 1},
+            {"frame_index": 12, "row": 0, "col": 1}, {"frame_index": 40, "row": 0, "col": 1}]
+    assert evidence_kept([nd], kept) == (1, 1)
+    assert evidence_kept([nd, other], kept) == (1, 1)
+    assert evidence_kept([nd, other], kept + [{"frame_index": 40, "row": 3, "col": 3}]) == (2, 2)
+    assert evidence_kept([other], kept) == (0, 0)
