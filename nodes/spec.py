@@ -21,6 +21,9 @@ AT_SCORED = "AT_SCORED"         # adapttoken.ScoredGroups (lazy)
 AT_SELECTION = "AT_SELECTION"   # adapttoken.Selection
 AT_EVIDENCE = "AT_EVIDENCE"     # list of key moments (adapttoken.evidence.key_moments dicts)
 CUSTOM_TYPES = (AT_MODEL, AT_VIDEO, AT_GROUPS, AT_RANKED, AT_SCORED, AT_SELECTION, AT_EVIDENCE)
+# Edge types other packs define, which some inputs accept (VideoHelperSuite's video info dict)
+VHS_VIDEOINFO = "VHS_VIDEOINFO"
+FOREIGN_TYPES = (VHS_VIDEOINFO,)
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
 
@@ -123,7 +126,10 @@ SPECS: tuple[NodeSpec, ...] = (
          In("images_fps", "FLOAT", 24.0, 0.01, 1000.0, 0.01, optional=True,
             tooltip="Frame rate of the images input (used only when images are connected)."),
          In("video_input", "VIDEO", optional=True, tooltip="A core VIDEO; frames are read by index."),
-         In("images", "IMAGE", optional=True, tooltip="Frames already in memory.")),
+         In("images", "IMAGE", optional=True, tooltip="Frames already in memory."),
+         In("video_info", VHS_VIDEOINFO, optional=True,
+            tooltip="VideoHelperSuite's video info (from its Load Video, with its IMAGE output on "
+                    "images): its loaded_fps is the frames' rate and wins over images_fps.")),
         (Out("video", AT_VIDEO), Out("source_frames", "INT"), Out("source_fps", "FLOAT"),
          Out("sampled_fps", "FLOAT"), Out("sampled_frames", "INT"), Out("duration", "FLOAT"),
          Out("width", "INT"), Out("height", "INT"))),

@@ -84,3 +84,14 @@ def parse_question_list(text: str) -> list[tuple[str, tuple[str, ...]]]:
     if cur:
         blocks.append(cur)
     return [(b[0], parse_options("\n".join(b[1:]))) for b in blocks]
+
+
+def images_fps_of(video_info, typed: float) -> float:
+    """The frame rate of an IMAGE batch: VideoHelperSuite's video info (its `loaded_fps`, the rate
+    of the frames it returned after any select_every_nth / force_rate) when connected and valid,
+    else the rate typed on Load Video."""
+    try:
+        fps = float((video_info or {}).get("loaded_fps") or 0)
+    except (TypeError, ValueError, AttributeError):
+        fps = 0.0
+    return fps if fps > 0 and fps == fps and fps != float("inf") else float(typed)

@@ -5,7 +5,7 @@ from .comfy_api_compat import io
 
 from . import spec
 
-TYPES = {name: io.Custom(name) for name in spec.CUSTOM_TYPES}
+TYPES = {name: io.Custom(name) for name in spec.CUSTOM_TYPES + spec.FOREIGN_TYPES}
 TYPES.update({"INT": io.Int, "FLOAT": io.Float, "STRING": io.String, "BOOLEAN": io.Boolean,
               "COMBO": io.Combo, "IMAGE": io.Image, "VIDEO": io.Video})
 UPLOADS = {"video": io.UploadType.video}

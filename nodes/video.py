@@ -10,7 +10,7 @@ import uuid
 import torch
 import folder_paths
 from .comfy_api_compat import io
-from .text import trimmed_sampling
+from .text import images_fps_of, trimmed_sampling
 
 from .. import adapttoken as at
 from ..adapttoken.video import check_video_path
@@ -91,7 +91,8 @@ class LoadVideo(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, video, start, end, path="", input_types=None):
         linked = input_types or {}
-        for name, want in (("video_input", "VIDEO"), ("images", "IMAGE")):
+        for name, want in (("video_input", "VIDEO"), ("images", "IMAGE"),
+                           ("video_info", "VHS_VIDEOINFO")):
             if name in linked and linked[name] not in (want, "*"):
                 return f"{name} takes {want}, not {linked[name]}"
         if not (math.isfinite(start) and start >= 0):
@@ -127,12 +128,12 @@ class LoadVideo(io.ComfyNode):
 
     @classmethod
     def execute(cls, video, num_frames, max_fps, start, end, max_pixels, path="", images_fps=24.0,
-                video_input=None, images=None) -> io.NodeOutput:
+                video_input=None, images=None, video_info=None) -> io.NodeOutput:
         sampling = dict(num_frames=num_frames, max_fps=max_fps or None, start=start,
                         end=end or None, max_pixels=max_pixels)
         with runtime.comfy_errors():
             if images is not None:
-                handle = from_images(images, images_fps, **sampling)
+                handle = from_images(images, images_fps_of(video_info, images_fps), **sampling)
             elif video_input is not None:
                 handle = from_video_input(video_input, images_fps, **sampling)
             else:

@@ -16,13 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from nodes import spec  # noqa: E402
-from nodes.text import parse_options, parse_question_list, trimmed_sampling  # noqa: E402
+from nodes.text import images_fps_of, parse_options, parse_question_list, trimmed_sampling  # noqa: E402
 
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 REAL_MODEL = "Qwen2.5-VL-7B-Instruct"      # the real-model workflow's folder in models/LLM
 FRONTEND_ONLY = {"MarkdownNote", "Note"}      # virtual nodes the frontend never sends to the server
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
-SOCKET_TYPES = set(spec.CUSTOM_TYPES) | {"IMAGE", "VIDEO"}
+SOCKET_TYPES = set(spec.CUSTOM_TYPES) | set(spec.FOREIGN_TYPES) | {"IMAGE", "VIDEO"}
 NODE_IDS = ["AdaptToken_LoadMLLM", "AdaptToken_LoadVideo", "AdaptToken_GroupSplit",
             "AdaptToken_AttentionRank", "AdaptToken_EntropyScore", "AdaptToken_EarlyStop",
             "AdaptToken_BudgetAllocate", "AdaptToken_UniformFrames", "AdaptToken_MLLMAnswer",
@@ -313,3 +313,11 @@ circle
         ("How many objects appeared?", ()),
         ("Which shape?", ("square", "circle"))]
     assert parse_question_list("") == [] and parse_question_list("\n# only a comment\n") == []
+
+
+def test_videohelpersuite_video_info_gives_the_frame_rate():
+    info = {"source_fps": 30.0, "loaded_fps": 10.0, "loaded_frame_count": 90}
+    assert images_fps_of(info, 24.0) == 10.0                 # VHS's rate of the frames it returned
+    assert images_fps_of(None, 24.0) == 24.0                 # not connected: the typed rate
+    assert images_fps_of({"loaded_fps": 0}, 12.5) == 12.5
+    assert images_fps_of({"loaded_fps": "x"}, 12.5) == 12.5

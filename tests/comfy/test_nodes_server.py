@@ -407,6 +407,31 @@ def test_images_and_core_video_inputs(comfy_server, api, model_name):
     assert stats(run, p)["num_frames"] == 64
 
 
+@pytest.mark.vhs
+def test_frames_and_video_info_from_videohelpersuite(comfy_server, api, model_name, tmp_path):
+    """VideoHelperSuite's Load Video (Path) -> IMAGE + VHS_VIDEOINFO -> Load Video: the frame rate
+    comes from its video info (loaded_fps after force_rate), not from images_fps. Opt-in: run with
+    COMFY_TEST_EXTRA_PACKS=<ComfyUI-VideoHelperSuite checkout> pytest -m vhs (it needs opencv and
+    imageio-ffmpeg)."""
+    from videos import write_video
+    if "VHS_LoadVideoPath" not in comfy_server.get("/object_info"):
+        pytest.fail("VideoHelperSuite is not loaded: set COMFY_TEST_EXTRA_PACKS to its checkout")
+    src = write_video(tmp_path / "numbered.mp4", 120, width=112, height=112, fps=10)
+    p = make(api, "adapttoken_full", model_name)
+    lv = node_of(p, "AdaptToken_LoadVideo")
+    p["vhs"] = {"class_type": "VHS_LoadVideoPath",
+                "inputs": {"video": str(src), "force_rate": 5, "custom_width": 0, "custom_height": 0,
+                           "frame_load_cap": 0, "skip_first_frames": 0, "select_every_nth": 1}}
+    p[lv]["inputs"].update(images=["vhs", 0], video_info=["vhs", 3], images_fps=24.0, num_frames=16)
+    p["fps"] = {"class_type": "PreviewAny", "inputs": {"source": [lv, 2]}}
+    p["n"] = {"class_type": "PreviewAny", "inputs": {"source": [lv, 1]}}
+    run = comfy_server.run(p, timeout=300)
+    assert run.status == "success", run.error
+    assert float(run.outputs["fps"]["text"][0]) == 5.0           # VHS's loaded_fps, not 24
+    assert int(run.outputs["n"]["text"][0]) == 60                 # 12 s at 5 fps
+    assert run.outputs[node_of(p, "AdaptToken_MLLMAnswer")]["text"][0] is not None
+
+
 def test_path_widget_wins_over_the_list(comfy_server, api, model_name, tmp_path):
     from videos import write_video
     clip = write_video(tmp_path / "elsewhere.mp4", 40, width=64, height=48, fps=8)
