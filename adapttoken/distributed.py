@@ -228,19 +228,23 @@ class RowExchange:
         return h
 
     def _exchange(self, gids: torch.Tensor, dim: int, dtype, op: int) -> torch.Tensor:
+        h = self._header(op, len(gids), dim, dtype)
+        return self._transfer(int(h[1]), dim, dtype, gids).to(self.features.adapter.device)
+
+    def _transfer(self, n: int, dim: int, dtype, gids: torch.Tensor | None = None) -> torch.Tensor:
+        """One request's collectives, the same on every rank: rank 0 broadcasts the `n` token ids
+        (`gids`, taken on rank 0 only), each rank writes the rows it owns, an all-reduce over the
+        bytes completes them (exact: one non-zero contributor per byte)."""
         import torch.distributed as dist
         lay = self.layout
-        h = self._header(op, len(gids), dim, dtype)
-        n = int(h[1])
-        ids = gids.to(lay.comm_device) if lay.is_main else torch.empty(n, dtype=torch.long,
-                                                                       device=lay.comm_device)
+        ids = (gids.to(lay.comm_device) if lay.is_main
+               else torch.empty(n, dtype=torch.long, device=lay.comm_device))
         dist.broadcast(ids, src=0)
         out = self._contribute(ids.cpu(), dim, dtype)
-        buf = out.view(torch.uint8).reshape(-1)          # exact: one non-zero contributor per byte
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        dist.all_reduce(out.view(torch.uint8).reshape(-1), op=dist.ReduceOp.SUM)
         self.requests += 1
         self.rows += n
-        return out.to(self.features.adapter.device)
+        return out
 
     def _contribute(self, ids: torch.Tensor, dim: int, dtype) -> torch.Tensor:
         lay = self.layout
@@ -265,17 +269,7 @@ class RowExchange:
             if op == _OP_ABORT:
                 raise RemoteError("rank 0 failed while selecting or answering (its message is above); "
                                   "this rank stops too")
-            self._exchange_as_server(n, dim, self._DTYPES[code])
-
-    def _exchange_as_server(self, n: int, dim: int, dtype) -> None:
-        import torch.distributed as dist
-        lay = self.layout
-        ids = torch.empty(n, dtype=torch.long, device=lay.comm_device)
-        dist.broadcast(ids, src=0)
-        out = self._contribute(ids.cpu(), dim, dtype)
-        dist.all_reduce(out.view(torch.uint8).reshape(-1), op=dist.ReduceOp.SUM)
-        self.requests += 1
-        self.rows += n
+            self._transfer(n, dim, self._DTYPES[code])
 
     def finish(self, ok: bool) -> None:
         """Rank 0: release the servers (done, or abort after an error)."""

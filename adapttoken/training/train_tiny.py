@@ -132,6 +132,18 @@ class _SceneCache:
         self.reuse, self.scene = reuse, None
 
 
+def _render_slices(scene, needles, slice_frames, slices, stride: int) -> np.ndarray:
+    """The frames of the given slices with `needles` drawn (the scene's needles reset after)."""
+    scene.needles = list(needles)
+    try:
+        fr = slice_frames[slices].reshape(-1)
+        if stride == 1:
+            return np.concatenate([scene.render(int(a), int(a) + 2) for a in fr[::2]])
+        return np.concatenate([scene.render(int(a), int(a) + 1) for a in fr])
+    finally:
+        scene.needles = []
+
+
 def make_example(rng: np.random.Generator, situation: str | None = None,
                  present: bool | None = None, form: str | None = None, short: bool = False,
                  cache: _SceneCache | None = None, mc_share: float = 0.8,
@@ -190,15 +202,7 @@ def make_example(rng: np.random.Generator, situation: str | None = None,
     shown = bool(hit[slices].any())
     if situation == "group" and not present:
         shown = False                                       # rendered without the needle
-    scene.needles = [needle] if shown else []
-    try:
-        fr = slice_frames[slices].reshape(-1)
-        if stride == 1:
-            frames = np.concatenate([scene.render(int(a), int(a) + 2) for a in fr[::2]])
-        else:
-            frames = np.concatenate([scene.render(int(a), int(a) + 1) for a in fr])
-    finally:
-        scene.needles = []
+    frames = _render_slices(scene, [needle] if shown else [], slice_frames, slices, stride)
     n = len(slices)
 
     cover = _cell_cover(needle)
@@ -360,15 +364,8 @@ def make_task_example(rng: np.random.Generator, task: str, situation: str | None
     q = mc if form == "mc" else op
 
     # frames of the view, with the events drawn
-    scene.needles = sorted(needles, key=lambda x: (x.frame_start, x.frame_end))
-    try:
-        fr = slice_frames[slices].reshape(-1)
-        if stride == 1:
-            frames = np.concatenate([scene.render(int(a), int(a) + 2) for a in fr[::2]])
-        else:
-            frames = np.concatenate([scene.render(int(a), int(a) + 1) for a in fr])
-    finally:
-        scene.needles = []
+    frames = _render_slices(scene, sorted(needles, key=lambda x: (x.frame_start, x.frame_end)),
+                            slice_frames, slices, stride)
     nv = len(slices)
     owner = np.full(nv * TPS, -1)                    # token -> needle index shown there
     for j, sl in enumerate(slices):
