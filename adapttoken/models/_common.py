@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import Cancelled, InputError, ModelLoadError
+from ..errors import AdaptTokenError, Cancelled, InputError, ModelLoadError
 from ..question import NO_HOOKS, Hooks, Question
 from .base import Adapter, ForwardOut, Generation, Prompt
 from .probe import AttentionProbe, token_scores
@@ -50,8 +50,12 @@ def option_token_ids(tok, letters) -> list[list[int]]:
     return out
 
 
-def load_pretrained(model_cls_name: str, path: Path, dtype, device, attn_implementation: str):
-    """(model on device, processor) from a local folder: safetensors only, no remote code."""
+def load_pretrained(model_cls_name: str, path: Path, dtype, device, attn_implementation: str,
+                    options=None):
+    """(model on device, processor) from a local folder: safetensors only, no remote code.
+    `options` (loading.LoadOptions): where the weights go when not on one device (accelerate's
+    device_map, tensor parallel under torchrun) and how they are stored (quantization); a model
+    placed by from_pretrained itself is not moved afterwards."""
     import transformers
     from transformers import AutoProcessor
     try:
@@ -66,13 +70,18 @@ def load_pretrained(model_cls_name: str, path: Path, dtype, device, attn_impleme
         raise ModelLoadError(f"model folder {str(path)!r}: this transformers "
                              f"({transformers.__version__}) has no {model_cls_name}; upgrade "
                              f"transformers")
+    extra = options.pretrained_kwargs(device) if options is not None else {}
     try:
         model = cls.from_pretrained(str(path), dtype=dtype, attn_implementation=attn_implementation,
                                     local_files_only=True, use_safetensors=True,
-                                    trust_remote_code=False)
+                                    trust_remote_code=False, **extra)
+    except AdaptTokenError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"model folder {str(path)!r}: weights could not be loaded "
                              f"({type(e).__name__}: {e})") from None
+    if options is not None and options.places_itself:
+        return model, processor
     return model.to(device), processor
 
 
@@ -92,8 +101,9 @@ class FamilyAdapter(Adapter):
 
     @classmethod
     def from_folder(cls, path: Path, dtype: torch.dtype, device: torch.device,
-                    attn_implementation: str = "sdpa"):
-        return cls(*load_pretrained(cls.model_class_name, path, dtype, device, attn_implementation))
+                    attn_implementation: str = "sdpa", options=None):
+        return cls(*load_pretrained(cls.model_class_name, path, dtype, device, attn_implementation,
+                                    options))
 
     # -- shape facts ---------------------------------------------------------------------------
     @property

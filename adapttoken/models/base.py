@@ -51,6 +51,15 @@ class Adapter(ABC):
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the device of the input embeddings (with accelerate's device_map the
+        layers sit on several devices; an offloaded embedding's execution device)."""
+        if getattr(self.model, "hf_device_map", None):
+            emb = self.model.get_input_embeddings()
+            if emb.weight.device.type != "meta":
+                return emb.weight.device
+            dev = getattr(getattr(emb, "_hf_hook", None), "execution_device", None)
+            if dev is not None:
+                return torch.device(dev if not isinstance(dev, int) else f"cuda:{dev}")
         return next(self.model.parameters()).device
 
     @property

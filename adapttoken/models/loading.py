@@ -95,15 +95,71 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return table[dtype]
 
 
+@dataclass
+class LoadOptions:
+    """How a model's weights are placed and stored, beyond "all of it on one device":
+
+    - `device_map="auto"`: one process spreads the layers over the GPUs it sees (then the host's
+      memory) through accelerate; activations follow each layer's device, so do the probe and the
+      pruned forward (the adapter's `device` is where the input embeddings live);
+    - `layout` with `layout.tp > 1` (under torchrun): transformers' tensor parallel, each rank of a
+      copy holding a share of every layer's heads and MLP (distributed.py);
+    - `quantization`: how the language model's weights are stored (bitsandbytes), None = as `dtype`.
+    """
+    device_map: str | None = None
+    layout: object = None
+    quantization: str | None = None
+
+    @property
+    def tensor_parallel(self) -> bool:
+        return self.layout is not None and getattr(self.layout, "tp", 1) > 1
+
+    @property
+    def places_itself(self) -> bool:
+        """True when from_pretrained puts the weights where they go (no .to(device) afterwards)."""
+        return bool(self.device_map) or self.tensor_parallel or bool(self.quantization)
+
+    def check(self) -> None:
+        if self.device_map not in (None, "auto"):
+            raise InputError(f"device_map={self.device_map!r}: use 'auto' (accelerate places the "
+                             f"layers over the GPUs, then the host) or leave it unset")
+        if self.device_map and self.tensor_parallel:
+            raise InputError("device_map='auto' and tensor parallel (--tp) exclude each other: "
+                             "use --tp under torchrun, or device_map='auto' in one process")
+
+    def pretrained_kwargs(self, device: torch.device) -> dict:
+        """Extra keyword arguments of from_pretrained."""
+        self.check()
+        kw: dict = {}
+        if self.device_map:
+            _need_accelerate("device_map='auto'")
+            kw["device_map"] = "auto"
+        if self.tensor_parallel:
+            from ..distributed import tp_pretrained_kwargs
+            kw.update(tp_pretrained_kwargs(self.layout))
+        return kw
+
+
+def _need_accelerate(what: str) -> None:
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise InputError(f"{what} needs the accelerate package: pip install accelerate") from None
+
+
 def load_adapter(path: str | Path, dtype: str | torch.dtype | None = "auto",
                  device: str | torch.device | None = "auto",
-                 attn_implementation: str = "sdpa") -> Adapter:
+                 attn_implementation: str = "sdpa", options: LoadOptions | None = None) -> Adapter:
     """Load a model folder from local disk (safetensors only, never remote code, never the network)."""
     family = detect_family(path)
     check_weights(path)
+    if options is not None:
+        options.check()
+        if options.tensor_parallel:
+            device = options.layout.device
     dev = resolve_device(device)
     return _families()[family].from_folder(Path(path), resolve_dtype(dtype, dev), dev,
-                                           attn_implementation)
+                                           attn_implementation, options)
 
 
 def download_model(repo_id: str, dest: str | Path) -> Path:
@@ -152,6 +208,12 @@ class Model:
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto",
-               device: str | torch.device | None = "auto", attn_implementation: str = "sdpa") -> Model:
-    """Load a local model folder as a `Model` (see load_adapter)."""
-    return Model(load_adapter(path, dtype, device, attn_implementation), name=Path(path).name)
+               device: str | torch.device | None = "auto", attn_implementation: str = "sdpa", *,
+               device_map: str | None = None, layout=None, quantization: str | None = None) -> Model:
+    """Load a local model folder as a `Model` (see load_adapter). `device_map="auto"`: layers spread
+    over the GPUs by accelerate in this process; `layout` (distributed.init(tp=N) under torchrun):
+    tensor parallel when its tp > 1; `quantization`: see LoadOptions."""
+    opts = None
+    if device_map or layout is not None or quantization:
+        opts = LoadOptions(device_map=device_map, layout=layout, quantization=quantization)
+    return Model(load_adapter(path, dtype, device, attn_implementation, opts), name=Path(path).name)

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelLoadError
 from ..positions import build_position_ids
 from ..question import NO_HOOKS, Hooks, Question
-from ._common import _LayerCancel, generate_from_embeds, option_token_ids, resize_exact
+from ._common import (_LayerCancel, generate_from_embeds, load_pretrained, option_token_ids,
+                      resize_exact)
 from .base import Adapter, ForwardOut, Generation, Prompt
 from .compat import cache_kwargs
 from .probe import AttentionProbe, token_scores
@@ -109,23 +109,9 @@ class Qwen25VLAdapter(Adapter):
     # -- loading -------------------------------------------------------------------------------
     @classmethod
     def from_folder(cls, path: Path, dtype: torch.dtype, device: torch.device,
-                    attn_implementation: str = "sdpa") -> "Qwen25VLAdapter":
-        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-        try:
-            processor = AutoProcessor.from_pretrained(str(path), local_files_only=True,
-                                                      trust_remote_code=False)
-        except Exception as e:  # noqa: BLE001 - any failure here means the folder is incomplete
-            raise ModelLoadError(f"model folder {str(path)!r}: its processor/tokenizer files could "
-                                 f"not be loaded ({type(e).__name__}: {e}); copy the tokenizer and "
-                                 f"preprocessor files next to config.json") from None
-        try:
-            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                str(path), dtype=dtype, attn_implementation=attn_implementation,
-                local_files_only=True, use_safetensors=True, trust_remote_code=False)
-        except Exception as e:  # noqa: BLE001
-            raise ModelLoadError(f"model folder {str(path)!r}: weights could not be loaded "
-                                 f"({type(e).__name__}: {e})") from None
-        return cls(model.to(device), processor)
+                    attn_implementation: str = "sdpa", options=None) -> "Qwen25VLAdapter":
+        return cls(*load_pretrained("Qwen2_5_VLForConditionalGeneration", path, dtype, device,
+                                    attn_implementation, options))
 
     # -- shape facts ---------------------------------------------------------------------------
     @property
