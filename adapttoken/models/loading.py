@@ -158,8 +158,13 @@ def load_adapter(path: str | Path, dtype: str | torch.dtype | None = "auto",
         if options.tensor_parallel:
             device = options.layout.device
     dev = resolve_device(device)
-    return _families()[family].from_folder(Path(path), resolve_dtype(dtype, dev), dev,
-                                           attn_implementation, options)
+    adapter = _families()[family].from_folder(Path(path), resolve_dtype(dtype, dev), dev,
+                                              attn_implementation, options)
+    if options is not None and options.tensor_parallel:
+        adapter.tp_group = options.layout.tp_group
+        if hasattr(adapter, "fuse_text"):       # our compiled kernels assume whole layers
+            adapter.fuse_text = False
+    return adapter
 
 
 def download_model(repo_id: str, dest: str | Path) -> Path:
