@@ -138,18 +138,6 @@ def init(tp: int = 1, device: str | None = "auto") -> Layout:
     return lay
 
 
-def tp_pretrained_kwargs(layout: Layout) -> dict:
-    """from_pretrained's arguments for tensor parallel over the layout's ranks: transformers' own
-    plan (`base_model_tp_plan`) through its DistributedConfig."""
-    try:
-        from transformers.distributed import DistributedConfig
-    except ImportError:
-        import transformers
-        raise InputError(f"tensor parallel needs transformers' DistributedConfig (5.17 or newer); "
-                         f"this is transformers {transformers.__version__}: upgrade it") from None
-    return {"distributed_config": DistributedConfig(tp_size=layout.tp)}
-
-
 def shutdown() -> None:
     import torch.distributed as dist
     if dist.is_initialized():

@@ -242,6 +242,19 @@ def test_tensor_parallel_internvl_equals_one_process(tmp_path, internvl_folder, 
                           budget=24, max_pixels=64 * 64)
 
 
+def test_bench_gpu_tp_builds_the_random_model_sharded(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "adapttoken", "bench", "gpu", "--tiny", "--tp", "2",
+                        "--device", "cpu", "--frames", "32", "--out", str(tmp_path)],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert (res["meta"]["nproc"], res["meta"]["tp"]) == (2, 2)
+    par = res["meta"]["params"]
+    # rank 0 holds about half of the language model (the vision tower is whole on every rank)
+    assert par["bytes_this_rank"] < par["bytes"] - 0.4 * 4 * (par["decoder_linear"])
+    assert {c["method"] for c in res["cases"]} >= {"adapttoken", "lite", "uniform"}
+
+
 def test_several_tensor_parallel_copies_are_refused_with_a_clear_error(tmp_path):
     out = tmp_path / "o"
     out.mkdir()
