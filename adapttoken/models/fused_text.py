@@ -21,10 +21,10 @@ because three things must stay eager, decided per call:
 - short inputs (`min_elements`): a second question's ~110-token suffix pass and the decode steps of
   generation are launch-bound; each compiled call adds Python time (guards), measured as +35 ms per
   suffix pass when everything was compiled (docs/PERF_NOTES.md item 13);
-- a module that carries hooks at call time (its own, its submodules' or global ones): dynamo does
+- a module that carries hooks at call time (its own, its submodules' or global ones): dynamo may
   not see hooks registered after a graph was compiled (`skip_nnmodule_hook_guards`, on by default:
-  an empty hook dict is not guarded), so a compiled call would silently skip them. The eager call
-  runs them. Tensor parallel (transformers' tp_plan) puts its hooks on the Linear layers, so its
+  an empty hook dict is not guarded; measured: a submodule's pre-hook added later silently did not
+  run), so a compiled call could skip them. The eager call runs them. Tensor parallel (transformers' tp_plan) puts its hooks on the Linear layers, so its
   MLPs run eager by this rule alone; under torch.distributed with more than one process everything
   runs eager anyway;
 - `enabled=False`, inputs off CUDA with `enabled=None`, and every call after a failed compile
@@ -34,8 +34,8 @@ Why not compile whole decoder layers (measured on the CPU with torch 2.14 and tr
 tests/test_fused_text.py keeps the facts): (1) with a key/value cache (our prefix store runs every
 group pass's prefix through a DynamicCache) the layer's graph guards on the cache's state and the
 layer index: one recompile per layer, and after torch's recompile limit (8) the remaining layers
-run eager, with a warning; (2) the attention probe and Cancel register hooks per pass (on a layer's
-self_attn, on every layer); a compiled layer would skip them (above). So the attention modules
+run eager, with a warning; (2) the attention probe registers a pre-hook on one layer's self_attn
+per pass, and a compiled layer skipped it (above; the layer's own pre-hooks, Cancel's, did run). So the attention modules
 (projections, transformers' `apply_rotary_pos_emb`, the cache update, sdpa) stay eager; the rotary
 products are no longer fused, as they were when this module wrapped transformers' module-global
 `apply_rotary_pos_emb` (removed: reassigning another library's globals is not allowed here).
