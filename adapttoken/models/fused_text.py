@@ -24,9 +24,10 @@ because three things must stay eager, decided per call:
 - a module that carries hooks at call time (its own, its submodules' or global ones): dynamo may
   not see hooks registered after a graph was compiled (`skip_nnmodule_hook_guards`, on by default:
   an empty hook dict is not guarded; measured: a submodule's pre-hook added later silently did not
-  run), so a compiled call could skip them. The eager call runs them. Tensor parallel (transformers' tp_plan) puts its hooks on the Linear layers, so its
-  MLPs run eager by this rule alone; under torch.distributed with more than one process everything
-  runs eager anyway;
+  run), so a compiled call could skip them. The eager call runs them. Tensor parallel (transformers'
+  tp_plan) puts its hooks on the Linear layers, so its MLPs run eager by this rule alone (and
+  loading a model tensor-parallel sets `fuse_text = False`); group-parallel copies under torchrun
+  (whole models) keep the compiled path;
 - `enabled=False`, inputs off CUDA with `enabled=None`, and every call after a failed compile
   (warned once): `module._call_impl`, i.e. exactly transformers' eager forward and hooks.
 
@@ -73,11 +74,6 @@ _STATE = {"failed": False}
 def _compiled(module: torch.nn.Module):
     """What `module.compile(dynamic=True)` stores: the module's own call, compiled."""
     return torch.compile(module._call_impl, dynamic=True)
-
-
-def _distributed() -> bool:
-    dist = torch.distributed
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _has_hooks(module: torch.nn.Module) -> bool:
@@ -150,7 +146,7 @@ class FusedText:
         self.compiled_calls = 0          # calls that ran a compiled graph (tests, benchmarks)
 
     def use(self, x: torch.Tensor) -> bool:
-        if self.enabled is False or _STATE["failed"] or _distributed():
+        if self.enabled is False or _STATE["failed"]:
             return False
         if self.enabled is None and x.numel() < self.min_elements:
             return False
