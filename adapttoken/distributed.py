@@ -210,8 +210,10 @@ class RowExchange:
         self.rows = 0
 
     # RemoteFeatures calls this for every tokens() request on replica 0
-    def tokens(self, gids: torch.Tensor, hooks=None) -> torch.Tensor:
+    def tokens(self, gids: torch.Tensor, hooks=None, columns: int | None = None) -> torch.Tensor:
         dim, dtype = self._row_shape()
+        if columns is not None:
+            dim = min(dim, int(columns))
         return self._exchange(gids.cpu().long(), dim, dtype, op=_OP_ROWS)
 
     def _row_shape(self):
@@ -256,7 +258,7 @@ class RowExchange:
         owner = self.slice_owner[ids // f.tokens_per_slice]
         mine = torch.nonzero(owner == lay.replica).squeeze(1)
         if len(mine):
-            rows = f._gather_rows(ids[mine])
+            rows = f._gather_rows(ids[mine], dim)
             out[mine.to(out.device)] = rows.to(device=out.device, dtype=dtype)
         return out
 
@@ -287,9 +289,9 @@ class RemoteFeatures:
     def __init__(self, store, exchange: RowExchange):
         self._store, self._exchange = store, exchange
 
-    def tokens(self, gids: torch.Tensor, hooks=None):
+    def tokens(self, gids: torch.Tensor, hooks=None, columns: int | None = None):
         gids = gids.cpu()
-        return self._exchange.tokens(gids, hooks), self._store.coords_of(gids)
+        return self._exchange.tokens(gids, hooks, columns), self._store.coords_of(gids)
 
     def __getattr__(self, name):
         return getattr(self._store, name)
