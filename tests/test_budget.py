@@ -105,8 +105,8 @@ class _Feats:
         self.emb, self.tokens_per_slice = emb, tokens_per_slice
         self.num_slices = emb.shape[0] // tokens_per_slice
 
-    def tokens(self, gids):
-        return self.emb[gids], None
+    def tokens(self, gids, hooks=None, columns=None):
+        return self.emb[gids][:, :columns], None
 
 
 def test_redundancy_removal_drops_static_tokens_and_backfills():

@@ -246,7 +246,10 @@ def test_frames_held_at_the_file_size_are_bounded_by_bytes(tiny_model, tmp_path,
     ref = F.SliceFeatures(tiny_model.adapter, video, chunk_slices=16, decode_workers=workers)
     assert ref._prescale() is not None and ref.encode_chunk_slices() == 16
     ref.ensure(np.arange(ref.num_slices))
-    assert torch.equal(got, ref._gather_slices(np.arange(ref.num_slices)))
+    # other chunk sizes batch the tower's matmuls differently: equal up to float rounding (bitwise
+    # on some CPUs, 7e-8 apart on others)
+    torch.testing.assert_close(got, ref._gather_slices(np.arange(ref.num_slices)), rtol=1e-5,
+                               atol=1e-6)
     ref.release()
 
 

@@ -381,13 +381,17 @@ def test_redundancy_compares_the_main_embedding_only():
     class Feats:
         tokens_per_slice, num_slices = 1, 3
         adapter = SimpleNamespace(main_dim=2)
+        asked: list = []
 
-        def tokens(self, gids):   # slices 0 and 1: same main embedding, different extra levels
+        def tokens(self, gids, hooks=None, columns=None):
+            # slices 0 and 1: same main embedding, different extra levels; only `columns` copied
             e = torch.tensor([[1.0, 0.0, 5.0, 0.0], [1.0, 0.0, 0.0, 5.0], [0.0, 1.0, 0.0, 0.0]])
-            return e[gids], None
+            Feats.asked.append(columns)
+            return e[gids][:, :columns], None
 
     kept, dropped = remove_redundancy([torch.tensor([0, 1, 2])], [2], Feats(), 0.9)
     assert dropped == 1 and kept[0].tolist() == [0, 2]
+    assert set(Feats.asked) == {2}                 # the deepstack levels were not even gathered
     Feats.adapter = SimpleNamespace(main_dim=None)          # whole vector: not similar
     kept, dropped = remove_redundancy([torch.tensor([0, 1, 2])], [2], Feats(), 0.9)
     assert dropped == 0 and kept[0].tolist() == [0, 1]

@@ -75,6 +75,11 @@ def test_strided_requests_and_cpu_storage(tiny_adapter, clip):
         torch.testing.assert_close(emb, want, rtol=1e-5, atol=1e-5)
     assert f.storage_device == torch.device("cpu")
     assert f.encoded_slices == 2 * len(groups.slices[0])
+    # rows across storage blocks, in any order; `columns` gathers the first columns only
+    gids = torch.tensor([5, f.tokens_per_slice * 9 + 1, 0, f.tokens_per_slice * 17 + 3])
+    full, _ = f.tokens(gids)
+    part, _ = f.tokens(gids, columns=7)
+    assert part.shape == (4, 7) and torch.equal(part, full[:, :7])
     f.release()
 
 
