@@ -36,6 +36,10 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", default="auto", help="auto, bf16, fp16, fp32")
+    p.add_argument("--quantization", choices=["none", "nf4", "int8"], default="none",
+                   help="language-model weights in 4-bit NF4 or 8-bit (bitsandbytes: pip install "
+                        "\"adapttoken[quant]\"), computed in --dtype; the vision tower and LM head "
+                        "stay in --dtype (default none)")
     p.add_argument("--attn", default="sdpa", help="attention implementation (sdpa default)")
     p.add_argument("--cache-dir", default=None,
                    help="on-disk vision-feature cache folder: a later run on the same video and "
@@ -177,7 +181,7 @@ def cmd_ask_many(args) -> int:
                       min_pixels=cfg.min_pixels, multiple_of=1)
     method = args.method or ("lite" if args.lite else "adapttoken")
     model = load_model(args.model or default_model_dir(), dtype=args.dtype, device=args.device,
-                       attn_implementation=args.attn)
+                       attn_implementation=args.attn, quantization=args.quantization)
     rows = []
     for v in videos:
         for i, (qid, q) in enumerate(items):
@@ -239,7 +243,7 @@ def cmd_ask(args) -> int:
     try:
         model = load_model(args.model or default_model_dir(), dtype=args.dtype,
                            device=layout.device if layout is not None else args.device,
-                           attn_implementation=args.attn)
+                           attn_implementation=args.attn, quantization=args.quantization)
         res = ask(model, args.video, q, config=cfg, method=method, layout=layout)
         if layout is None or layout.is_main:        # under torchrun rank 0 alone prints
             _print_result(res, args.json, args.evidence)

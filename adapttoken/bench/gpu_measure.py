@@ -63,9 +63,11 @@ def build_config(tok, text: dict, vision: dict, attn: str = "sdpa"):
 
 
 def build_model(tiny: bool, device: torch.device, dtype: torch.dtype, pixels: int, seed: int = 0,
-                size: str = "7b", llm_layers: int | None = None):
+                size: str = "7b", llm_layers: int | None = None, quantization: str | None = None):
     """(Model, build seconds): random weights created directly on `device` in `dtype`. size "7b"
-    or "72b" (Qwen2.5-VL's widths); llm_layers: only that many decoder layers (a slice)."""
+    or "72b" (Qwen2.5-VL's widths); llm_layers: only that many decoder layers (a slice);
+    quantization "nf4"/"int8": then quantized in memory by bitsandbytes (models/quant.py: the
+    same weights as without it, for the same seed)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from ..models.loading import Model
@@ -91,10 +93,18 @@ def build_model(tiny: bool, device: torch.device, dtype: torch.dtype, pixels: in
     finally:
         torch.set_default_dtype(prev)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    from ..models.quant import normalize, quantize_in_memory
+    quantization = normalize(quantization)
+    if quantization:
+        model = quantize_in_memory(model, quantization, device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     adapter = Qwen25VLAdapter(model, proc)
     _sync(device)
     name = "tiny-random" if tiny else f"qwen2.5-vl-{size}-random" + (
         f"-{llm_layers}-layers" if llm_layers else "")
+    if quantization:
+        name += f"-{quantization}"
     return Model(adapter, name=name), \
         time.perf_counter() - t0
 
@@ -110,8 +120,8 @@ def param_counts(model) -> dict:
     m = model.adapter.model
     vis = sum(p.numel() for mod in _vision_modules(m) for p in mod.parameters())
     lm = m.model.language_model
-    dec_linear = sum(mod.weight.numel() for layer in lm.layers for mod in layer.modules()
-                     if isinstance(mod, torch.nn.Linear))
+    dec_linear = sum(mod.in_features * mod.out_features for layer in lm.layers
+                     for mod in layer.modules() if isinstance(mod, torch.nn.Linear))  # quantized too
     emb = m.get_input_embeddings().weight.numel()
     head = m.lm_head.weight.numel()
     total = sum(p.numel() for p in m.parameters())

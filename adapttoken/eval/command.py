@@ -51,6 +51,9 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-errors", action="store_true", help="run the error rows again")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--quantization", choices=["none", "nf4", "int8"], default="none",
+                   help="language-model weights in 4-bit NF4 or 8-bit (bitsandbytes), computed in "
+                        "--dtype (with --arch: the random weights quantized in memory)")
     p.add_argument("--attn", default="sdpa")
     p.add_argument("--cache-dir", default=None, help="on-disk vision-feature cache")
     p.add_argument("--decode-workers", type=int, default=None)
@@ -102,7 +105,8 @@ def spec_from_args(a):
                    group_size=a.group_size, stop_threshold=a.stop_threshold,
                    native_frames=a.native_frames, native_max_pixels=a.native_max_pixels,
                    native_min_pixels=a.native_min_pixels, subtitles=a.subtitles, model=a.model or "",
-                   device=a.device, dtype=a.dtype, attn=a.attn, cache_dir=a.cache_dir,
+                   device=a.device, dtype=a.dtype, attn=a.attn, quantization=a.quantization,
+                   cache_dir=a.cache_dir,
                    decode_workers=a.decode_workers, worker=a.worker, workers=a.workers, limit=a.limit,
                    seed=a.seed, quiet=a.quiet, retry_errors=a.retry_errors, arch=a.arch,
                    lite_stop_fraction=a.lite_stop_fraction,
