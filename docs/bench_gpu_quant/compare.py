@@ -79,11 +79,19 @@ def part_7b(args, dev) -> dict:
     out: dict = {"frames": args.frames, "budget": args.budget, "group_size": args.group_size,
                  "card_gib": args.card_gib, "runs": {}}
 
+    cuda = dev.type == "cuda"
+
+    def cap(gib):
+        if cuda:
+            total = torch.cuda.get_device_properties(dev).total_memory
+            idx = dev.index if dev.index is not None else torch.cuda.current_device()
+            torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2 ** 30 / total) if gib else 1.0, idx)
+
+    def allocated() -> float:
+        return round(torch.cuda.memory_allocated(dev) / 2 ** 30, 3) if cuda else 0.0
+
     def run(model, label, cap_gib=None):
-        total = torch.cuda.get_device_properties(dev).total_memory
-        idx = dev.index if dev.index is not None else torch.cuda.current_device()
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2 ** 30 / total) if cap_gib
-                                                   else 1.0, idx)
+        cap(cap_gib)
         res_hw = model.adapter.resized_size(H, W, bargs.pixels, bargs.pixels)
         vis = vision_flops_per_slice(model, res_hw)
         counter = LLMCounter(model)
@@ -99,7 +107,7 @@ def part_7b(args, dev) -> dict:
                       f"vision {c.seconds.get('vision', 0):.2f}  group_pass {c.seconds.get('group_pass', 0):.2f}",
                       flush=True)
         model.clear_cache()
-        torch.cuda.set_per_process_memory_fraction(1.0, idx)
+        cap(None)
         c = cases[-1]
         weights = sum(t.numel() * t.element_size() for t in model.adapter.model.parameters())
         return {"wall_s": [round(x.wall, 3) for x in cases], "peak_gib": round(max(x.peak_gib for x in cases), 3),
@@ -109,9 +117,9 @@ def part_7b(args, dev) -> dict:
                 "entropy_norm": c.entropy_norm, "kept_set": c.kept_set, "cap_gib": cap_gib}
 
     t0 = time.perf_counter()
-    model, _ = build_model(False, dev, torch.bfloat16, bargs.pixels)
+    model, _ = build_model(args.tiny, dev, torch.bfloat16 if cuda else torch.float32, bargs.pixels)
     _reset(dev)
-    out["bf16_weights_gib"] = round(torch.cuda.memory_allocated(dev) / 2 ** 30, 3)
+    out["bf16_weights_gib"] = allocated()
     print(f"[7b] bf16 built in {time.perf_counter() - t0:.1f} s, {out['bf16_weights_gib']} GiB", flush=True)
     ref = run(model, "bf16")
     out["runs"]["bf16"] = ref
@@ -127,7 +135,7 @@ def part_7b(args, dev) -> dict:
     _reset(dev)
     qmodel = Model(Qwen25VLAdapter(q, proc), name="qwen2.5-vl-7b-random-nf4")
     out["nf4_quantize_s"] = round(time.perf_counter() - t0, 2)
-    out["nf4_weights_gib"] = round(torch.cuda.memory_allocated(dev) / 2 ** 30, 3)
+    out["nf4_weights_gib"] = allocated()
     print(f"[7b] nf4 quantized in memory in {out['nf4_quantize_s']} s, {out['nf4_weights_gib']} GiB "
           f"allocated", flush=True)
     r = run(qmodel, "nf4", cap_gib=args.card_gib or None)
@@ -154,11 +162,12 @@ def bundled_video(frames: int, seed: int = 0):
     return MemoryVideo(arr, syn.DEFAULT_FPS, name=f"demo seed {seed}"), qs[0], needles[0]
 
 
-def run_bundled(model, video, q, frames: int, dev) -> dict:
+def run_bundled(model, video, q, frames: int, dev, redundancy=0.9) -> dict:
     from adapttoken.demo import demo_config
     from adapttoken.pipeline import answer, select
     from adapttoken.question import Question
     cfg = demo_config(frames)
+    cfg.redundancy_threshold = redundancy
     handle = video.open(frames, cfg.max_pixels, cfg.min_pixels, model.adapter.frames_per_slice)
     model.clear_cache()
     _reset(dev)
@@ -191,6 +200,7 @@ def part_bundled(args, dev) -> dict:
     ref_model = at.load_model(BUNDLED_MODEL, dtype=dtype, device=dev)
     run_bundled(ref_model, video, q, frames, dev)                      # warm-up
     ref = run_bundled(ref_model, video, q, frames, dev)
+    ref["no_redundancy"] = run_bundled(ref_model, video, q, frames, dev, None)
     out["reference_dtype"] = dtype
     out["runs"][dtype] = ref
     for name in args.quantizations:
@@ -198,8 +208,11 @@ def part_bundled(args, dev) -> dict:
         run_bundled(m, video, q, frames, dev)
         r = run_bundled(m, video, q, frames, dev)
         r["agreement"] = agreement(ref, r)
+        r["no_redundancy"] = run_bundled(m, video, q, frames, dev, None)
+        r["no_redundancy"]["agreement"] = agreement(ref["no_redundancy"], r["no_redundancy"])
         out["runs"][name] = r
-        print(f"[bundled] {name}: answer {r['answer']!r}  {json.dumps(r['agreement'])}", flush=True)
+        print(f"[bundled] {name}: answer {r['answer']!r}  {json.dumps(r['agreement'])}  no redundancy: "
+              f"{json.dumps(r['no_redundancy']['agreement'])}", flush=True)
         del m
     # which modules stay unquantized: nf4 variants quantized in memory from the reference weights
     layer = ref_model.adapter.default_layer
@@ -216,9 +229,12 @@ def part_bundled(args, dev) -> dict:
         m = Model(Qwen25VLAdapter(qm, ref_model.adapter.processor), name=label)
         r = run_bundled(m, video, q, frames, dev)
         r["agreement"] = agreement(ref, r)
+        r["no_redundancy"] = run_bundled(m, video, q, frames, dev, None)
+        r["no_redundancy"]["agreement"] = agreement(ref["no_redundancy"], r["no_redundancy"])
         r["skip_modules"] = list(skip)
         out["variants"][label] = r
-        print(f"[bundled] {label}: answer {r['answer']!r}  {json.dumps(r['agreement'])}", flush=True)
+        print(f"[bundled] {label}: answer {r['answer']!r}  {json.dumps(r['agreement'])}  no "
+              f"redundancy: {json.dumps(r['no_redundancy']['agreement'])}", flush=True)
         del m, qm
     return out
 
@@ -242,6 +258,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bundled-frames", type=int, default=2048)
     ap.add_argument("--quantizations", nargs="+", default=["nf4", "int8"])
     ap.add_argument("--skip-7b", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="part 1 on the tiny random config (smoke test)")
     ap.add_argument("--skip-bundled", action="store_true")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
