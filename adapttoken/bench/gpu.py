@@ -214,7 +214,8 @@ def run_case(model, video_path, frames: int, method: str, args, counter: LLMCoun
     feats.configure(feature_device=args.feature_device, decode_workers=args.decode_workers,
                     overlap=not args.no_overlap, cache_dir=cache_dir,
                     pad_chunks=bool(args.compile_vision),
-                    prefix_host_bytes=int(args.kv_host_gib * 2 ** 30))
+                    prefix_host_bytes=int(args.kv_host_gib * 2 ** 30),
+                    prefix_cache=False if getattr(args, "no_prefix_kv", False) else None)
     feats.reset_stats()
     feats.timer.add("probe", probe_s)
     n_groups = 0
@@ -365,6 +366,9 @@ def main(argv=None) -> int:
                     help="emulate a card of this many GiB (torch.cuda.set_per_process_memory_fraction: "
                          "allocations beyond it fail) for the lengths >= --card-from; 0: off")
     ap.add_argument("--card-from", type=int, default=10000)
+    ap.add_argument("--no-prefix-kv", action="store_true",
+                    help="keep no group-prefix keys/values for later questions (PrefixKVCache off): "
+                         "the peak of one question without that cache")
     ap.add_argument("--kv-host-gib", type=float, default=0.0,
                     help="let group-prefix keys/values that do not fit on the GPU live in this many "
                          "GiB of CPU memory (PrefixKVCache host tier; 0: off)")

@@ -90,8 +90,10 @@ def part_7b(args, dev) -> dict:
     def allocated() -> float:
         return round(torch.cuda.memory_allocated(dev) / 2 ** 30, 3) if cuda else 0.0
 
-    def run(model, label, cap_gib=None):
+    def run(model, label, cap_gib=None, no_prefix_kv=False, fuse_text=None):
         cap(cap_gib)
+        bargs.no_prefix_kv = no_prefix_kv
+        model.adapter.fuse_text = fuse_text
         res_hw = model.adapter.resized_size(H, W, bargs.pixels, bargs.pixels)
         vis = vision_flops_per_slice(model, res_hw)
         counter = LLMCounter(model)
@@ -114,7 +116,8 @@ def part_7b(args, dev) -> dict:
                 "warmup_s": round(warm, 2), "seconds": {k: round(v, 3) for k, v in c.seconds.items()},
                 "kept": c.kept, "group_passes": c.group_passes, "groups": c.groups,
                 "param_gib": round(weights / 2 ** 30, 3), "features": c.features,
-                "entropy_norm": c.entropy_norm, "kept_set": c.kept_set, "cap_gib": cap_gib}
+                "entropy_norm": c.entropy_norm, "kept_set": c.kept_set, "cap_gib": cap_gib,
+                "no_prefix_kv": no_prefix_kv, "fuse_text": fuse_text}
 
     t0 = time.perf_counter()
     model, _ = build_model(args.tiny, dev, torch.bfloat16 if cuda else torch.float32, bargs.pixels)
@@ -123,6 +126,13 @@ def part_7b(args, dev) -> dict:
     print(f"[7b] bf16 built in {time.perf_counter() - t0:.1f} s, {out['bf16_weights_gib']} GiB", flush=True)
     ref = run(model, "bf16")
     out["runs"]["bf16"] = ref
+    if args.calibrate:
+        # the same bf16 weights through transformers' eager norm/MLP instead of the fused kernels:
+        # bf16 against bf16 rounded differently, the spread a near-tie in the scores gives
+        r = run(model, "bf16, eager norm/MLP", fuse_text=False)
+        r["agreement"] = agreement(ref, r)
+        out["runs"]["bf16_eager_norm_mlp"] = r
+        print(f"[7b] bf16 eager norm/MLP vs bf16: {json.dumps(r['agreement'])}", flush=True)
 
     t0 = time.perf_counter()
     proc = model.adapter.processor
@@ -138,10 +148,12 @@ def part_7b(args, dev) -> dict:
     out["nf4_weights_gib"] = allocated()
     print(f"[7b] nf4 quantized in memory in {out['nf4_quantize_s']} s, {out['nf4_weights_gib']} GiB "
           f"allocated", flush=True)
-    r = run(qmodel, "nf4", cap_gib=args.card_gib or None)
-    r["agreement"] = agreement(ref, r)
-    out["runs"]["nf4"] = r
-    print(f"[7b] nf4 vs bf16: {json.dumps(r['agreement'])}", flush=True)
+    for no_kv in ([False, True] if args.no_prefix_kv == "both" else [args.no_prefix_kv == "on"]):
+        label = "nf4" + (", no prefix KV cache" if no_kv else "")
+        r = run(qmodel, label, cap_gib=args.card_gib or None, no_prefix_kv=no_kv)
+        r["agreement"] = agreement(ref, r)
+        out["runs"]["nf4_no_prefix_kv" if no_kv else "nf4"] = r
+        print(f"[7b] {label} vs bf16: {json.dumps(r['agreement'])}", flush=True)
     del qmodel, q
     gc.collect()
     _reset(dev)
@@ -258,6 +270,10 @@ def main(argv=None) -> int:
     ap.add_argument("--bundled-frames", type=int, default=2048)
     ap.add_argument("--quantizations", nargs="+", default=["nf4", "int8"])
     ap.add_argument("--skip-7b", action="store_true")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="part 1: also bf16 with eager norm/MLP (no fused kernels) against bf16")
+    ap.add_argument("--no-prefix-kv", choices=["off", "on", "both"], default="off",
+                    help="part 1: the nf4 run without the prefix key/value cache (on), or both")
     ap.add_argument("--tiny", action="store_true", help="part 1 on the tiny random config (smoke test)")
     ap.add_argument("--skip-bundled", action="store_true")
     args = ap.parse_args(argv)
