@@ -89,8 +89,8 @@ def split_budget(rel, capacity, budget: int, floor: int = 0) -> list[int]:
 
 def _unit_embeddings(features, gids: torch.Tensor) -> torch.Tensor:
     """L2-normalised visual embeddings of `gids` (float32, on the features' device)."""
-    emb, _ = features.tokens(gids)
     dim = getattr(getattr(features, "adapter", None), "main_dim", None)  # Qwen3-VL: no deepstack
+    emb, _ = features.tokens(gids, columns=dim)                         # (nor copied)
     return torch.nn.functional.normalize(emb[:, :dim].float(), dim=-1)
 
 

@@ -8,6 +8,7 @@ import json
 import sys
 
 from .defaults import default_model_dir
+from .errors import InputError
 
 
 def _add_method_args(p: argparse.ArgumentParser) -> None:
@@ -35,6 +36,14 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--device-map", choices=["auto"], default=None,
+                   help="auto: one process spreads the model's layers over every GPU it sees "
+                        "(then the host's memory) through accelerate: for models larger than one GPU "
+                        "without torchrun")
+    p.add_argument("--tp", type=int, default=1,
+                   help="under torchrun: tensor parallel over this many processes (transformers' "
+                        "own plan; each GPU holds 1/N of every layer); must equal --nproc-per-node. "
+                        "1 (default): each process holds a whole copy and the groups are divided")
     p.add_argument("--dtype", default="auto", help="auto, bf16, fp16, fp32")
     p.add_argument("--quantization", choices=["none", "nf4", "int8"], default="none",
                    help="language-model weights in 4-bit NF4 or 8-bit (bitsandbytes: pip install "
@@ -180,8 +189,11 @@ def cmd_ask_many(args) -> int:
                       start=cfg.start, end=cfg.end, max_pixels=cfg.max_pixels,
                       min_pixels=cfg.min_pixels, multiple_of=1)
     method = args.method or ("lite" if args.lite else "adapttoken")
+    if args.tp != 1:
+        raise InputError("--tp applies to one question under torchrun: leave it out with --questions")
     model = load_model(args.model or default_model_dir(), dtype=args.dtype, device=args.device,
-                       attn_implementation=args.attn, quantization=args.quantization)
+                       attn_implementation=args.attn, device_map=args.device_map,
+                       quantization=args.quantization)
     rows = []
     for v in videos:
         for i, (qid, q) in enumerate(items):
@@ -243,7 +255,9 @@ def cmd_ask(args) -> int:
     try:
         model = load_model(args.model or default_model_dir(), dtype=args.dtype,
                            device=layout.device if layout is not None else args.device,
-                           attn_implementation=args.attn, quantization=args.quantization)
+                           attn_implementation=args.attn, device_map=args.device_map,
+                           layout=layout if layout is not None and layout.tp > 1 else None,
+                           quantization=args.quantization)
         res = ask(model, args.video, q, config=cfg, method=method, layout=layout)
         if layout is None or layout.is_main:        # under torchrun rank 0 alone prints
             _print_result(res, args.json, args.evidence)
@@ -257,9 +271,16 @@ def cmd_ask(args) -> int:
 def _distributed_layout(args):
     """The rank's Layout when torchrun started this process (None otherwise)."""
     from .distributed import init, launched_by_torchrun
+    from .errors import InputError
     if not launched_by_torchrun():
+        if args.tp != 1:
+            raise InputError(f"--tp {args.tp} runs under torchrun: torchrun --nproc-per-node "
+                             f"{args.tp} -m adapttoken ask ... --tp {args.tp}")
         return None
-    return init(device=args.device)
+    if args.device_map:
+        raise InputError("--device-map auto is the one-process way to spread a model over GPUs: "
+                         "under torchrun use --tp N instead")
+    return init(tp=args.tp, device=args.device)
 
 
 def main(argv=None) -> int:

@@ -2,9 +2,12 @@
 (torchrun + torch.distributed: NCCL between GPUs, gloo between CPUs).
 
 Layout. `torchrun --nproc-per-node N` starts N ranks, each holding a whole copy of the model on its
-device (GPU LOCAL_RANK, or the CPU); copies work on different groups. The Layout also describes
-copies of T ranks each (`tp`, `tp_rank`: tensor parallel), which this version does not load yet:
-`init` accepts tp = 1 only.
+device (GPU LOCAL_RANK, or the CPU); copies work on different groups. With `tp` = T > 1 a copy is
+T ranks in tensor parallel (transformers' own tp_plan: each rank holds 1/T of every language-model
+layer's heads and MLP; the vision tower is replicated): they run every step together, the attention
+probe combines their heads (probe.token_scores over `tp_group`), and only the copy's first rank
+contributes results. transformers (5.17-5.24) builds the tensor-parallel mesh over the whole world,
+so T = N (one copy); several tensor-parallel copies (N = copies x T) are refused with a message.
 
 Group parallel (one question, R replicas). Group g belongs to replica g % R. Each replica decodes,
 encodes (vision tower) and runs the group passes of its own groups only, then every replica's
@@ -57,8 +60,7 @@ class Layout:
     tp: int
     device: torch.device
     backend: str
-    tp_mesh: object = None          # torch DeviceMesh of this replica's tensor-parallel ranks
-    tp_group: object = None         # its process group (None when tp == 1)
+    tp_group: object = None         # the copy's tensor-parallel process group (None when tp == 1)
 
     @property
     def replicas(self) -> int:
@@ -109,12 +111,14 @@ def init(tp: int = 1, device: str | None = "auto") -> Layout:
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     local = int(os.environ.get("LOCAL_RANK", rank))
     tp = int(tp)
-    if tp != 1:
-        raise InputError(f"tensor parallel (tp={tp}) is not available in this version: run one "
-                         f"whole model copy per process (tp=1)")
     if tp < 1 or world % tp:
         raise InputError(f"--tp {tp} must divide the number of processes ({world}): e.g. "
-                         f"--nproc-per-node {world} with --tp 1, 2{', 4' if world % 4 == 0 else ''}")
+                         f"--nproc-per-node {world} with --tp 1 or --tp {world}")
+    if 1 < tp < world:
+        raise InputError(f"--tp {tp} with {world} processes would make {world // tp} tensor-parallel "
+                         f"copies; transformers builds its tensor-parallel mesh over all processes, "
+                         f"so use --tp {world} (one copy over every GPU) or --tp 1 ({world} whole "
+                         f"copies), or start one torchrun job per copy")
     use_cuda = torch.cuda.is_available() and str(device) not in ("cpu",)
     if use_cuda:
         if local >= torch.cuda.device_count():
@@ -129,11 +133,8 @@ def init(tp: int = 1, device: str | None = "auto") -> Layout:
         kw = {"device_id": dev} if use_cuda else {}
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_seconds()), **kw)
     lay = Layout(rank, world, local, tp, dev, backend)
-    if tp > 1:
-        from torch.distributed.device_mesh import init_device_mesh
-        mesh = init_device_mesh(dev.type, (world // tp, tp), mesh_dim_names=("replica", "tp"))
-        lay.tp_mesh = mesh["tp"]
-        lay.tp_group = lay.tp_mesh.get_group()
+    if tp > 1:                       # tp == world: the copy's group is the whole world
+        lay.tp_group = dist.group.WORLD
     return lay
 
 
@@ -209,8 +210,10 @@ class RowExchange:
         self.rows = 0
 
     # RemoteFeatures calls this for every tokens() request on replica 0
-    def tokens(self, gids: torch.Tensor, hooks=None) -> torch.Tensor:
+    def tokens(self, gids: torch.Tensor, hooks=None, columns: int | None = None) -> torch.Tensor:
         dim, dtype = self._row_shape()
+        if columns is not None:
+            dim = min(dim, int(columns))
         return self._exchange(gids.cpu().long(), dim, dtype, op=_OP_ROWS)
 
     def _row_shape(self):
@@ -255,7 +258,7 @@ class RowExchange:
         owner = self.slice_owner[ids // f.tokens_per_slice]
         mine = torch.nonzero(owner == lay.replica).squeeze(1)
         if len(mine):
-            rows = f._gather_rows(ids[mine])
+            rows = f._gather_rows(ids[mine], dim)
             out[mine.to(out.device)] = rows.to(device=out.device, dtype=dtype)
         return out
 
@@ -286,9 +289,9 @@ class RemoteFeatures:
     def __init__(self, store, exchange: RowExchange):
         self._store, self._exchange = store, exchange
 
-    def tokens(self, gids: torch.Tensor, hooks=None):
+    def tokens(self, gids: torch.Tensor, hooks=None, columns: int | None = None):
         gids = gids.cpu()
-        return self._exchange.tokens(gids, hooks), self._store.coords_of(gids)
+        return self._exchange.tokens(gids, hooks, columns), self._store.coords_of(gids)
 
     def __getattr__(self, name):
         return getattr(self._store, name)
@@ -437,10 +440,12 @@ class ParallelQuestion:
             return None
         from .entropy import ScoredGroups
         sc = self.scored
-        view = ScoredGroups(_RankedView(sc.ranked, RemoteFeatures(f, self.exchange)), sc.mode,
-                            sc.tokens, sc.stop)
+        # one copy (tensor parallel over every rank): each rank encoded every slice itself (the
+        # vision tower is replicated), so the rows are local; several copies: through the exchange
+        feats = RemoteFeatures(f, self.exchange) if self.layout.replicas > 1 else f
+        view = ScoredGroups(_RankedView(sc.ranked, feats), sc.mode, sc.tokens, sc.stop)
         view.adopt(done, skipped)
-        self._opened = True
+        self._opened = self.layout.replicas > 1
         if method is None:
             method = "lite" if sc.stop is not None else "adapttoken"
         return allocate(view, budget, relevance_mode, tau, floor, redundancy_threshold,

@@ -335,9 +335,10 @@ class SliceFeatures:
             out = torch.stack(parts)
         return self._to_compute(out.view(-1, D))
 
-    def _gather_rows(self, gids: torch.Tensor) -> torch.Tensor:
+    def _gather_rows(self, gids: torch.Tensor, columns: int | None = None) -> torch.Tensor:
         """[n, D] features of global token ids on the compute device (one copy per storage block,
-        no host round trip per block)."""
+        no host round trip per block); `columns`: only the first that many of each row (Qwen3-VL's
+        rows are 4x wider with their deepstack levels, which redundancy removal does not read)."""
         tps, cs = self.tokens_per_slice, self.chunk_slices
         gids = gids.long()
         blk_of = gids // (tps * cs)
@@ -347,15 +348,17 @@ class SliceFeatures:
         ub, counts = torch.unique_consecutive(sb, return_counts=True)
         first = next(x for x in self._blocks if x is not None)
         D, dtype, dev = first.shape[-1], first.dtype, first.device
+        C = D if columns is None else min(int(columns), D)
         if dev.type == "cpu":
-            out = self._pinned_like((len(gids), D), dtype)
+            out = self._pinned_like((len(gids), C), dtype)
         else:
-            out = torch.empty(len(gids), D, dtype=dtype, device=dev)
+            out = torch.empty(len(gids), C, dtype=dtype, device=dev)
             rows = rows.to(dev, non_blocking=True)
-        sorted_out = torch.empty_like(out) if dev.type != "cpu" else torch.empty(len(gids), D, dtype=dtype)
+        sorted_out = torch.empty_like(out) if dev.type != "cpu" else torch.empty(len(gids), C, dtype=dtype)
         a = 0
         for b_, n_ in zip(ub.tolist(), counts.tolist()):
-            torch.index_select(self._blocks[b_].view(-1, D), 0, rows[a:a + n_], out=sorted_out[a:a + n_])
+            torch.index_select(self._blocks[b_].view(-1, D)[:, :C], 0, rows[a:a + n_],
+                               out=sorted_out[a:a + n_])
             a += n_
         out[order.to(dev)] = sorted_out
         return self._to_compute(out)
@@ -576,12 +579,12 @@ class SliceFeatures:
         """Compute every slice in temporal order (sequential decoding: the full method needs all)."""
         self.ensure(np.arange(self.num_slices), hooks)
 
-    def tokens(self, gids: torch.Tensor, hooks=None):
+    def tokens(self, gids: torch.Tensor, hooks=None, columns: int | None = None):
         """(embeds [n, D], coords [3, n]) of the given global token ids (computing what is missing),
-        embeds on the model's device."""
+        embeds on the model's device; `columns`: only the first that many features of each row."""
         gids = gids.cpu()
         self.ensure(torch.unique(gids // self.tokens_per_slice).numpy(), hooks)
-        return self._gather_rows(gids), self.coords_of(gids)
+        return self._gather_rows(gids, columns), self.coords_of(gids)
 
     def tokens_of_slices(self, slices, hooks=None):
         """(embeds, coords, gids) of every token of the given slices, in temporal order."""

@@ -7,6 +7,11 @@ import os
 import sys
 
 
+def _local_rows(w) -> int:
+    """Rows of a weight this rank holds (a DTensor's local shard under tensor parallel)."""
+    return int((w.to_local() if hasattr(w, "to_local") else w).shape[0])
+
+
 def main(spec_path: str) -> int:
     from adapttoken import distributed
     from adapttoken.entropy import early_stop, score_groups
@@ -19,7 +24,7 @@ def main(spec_path: str) -> int:
     spec = json.loads(open(spec_path).read())
     out = spec["out"]
     lay = distributed.init(tp=spec.get("tp", 1), device="cpu")
-    model = load_model(spec["model"], dtype="fp32", device="cpu")
+    model = load_model(spec["model"], dtype="fp32", device="cpu", layout=lay if lay.tp > 1 else None)
     q = Question(spec["question"], tuple(spec["options"]))
     cfg = AdaptTokenConfig(num_frames=spec["frames"], group_size=spec["group_size"],
                            budget=spec["budget"], max_pixels=spec.get("max_pixels", 308 * 560),
@@ -37,6 +42,19 @@ def main(spec_path: str) -> int:
                 res = None if sel is None else answer(sel, cfg.max_new_tokens)
             mine[method] = {"processed": pq.processed, "skipped": pq.skipped,
                             "passes_run": pq.passes_run, "passes_dropped": pq.passes_dropped}
+        elif method == "probe":              # group passes on every rank, kept as each rank saw them
+            video = prepare(model, spec["video"], cfg)
+            groups = split_groups(video, cfg.group_size)
+            out_probe = {}
+            for agg in ("max", "mean"):
+                scored = score_groups(RankedGroups(model, groups, q, aggregation=agg))
+                out_probe[agg] = [{"entropy": s.entropy, "gids": s.pass_.gids.tolist(),
+                                   "scores": s.pass_.scores.float().tolist()}
+                                  for s in (scored.score(g) for g in range(min(3, len(groups))))]
+            layer = model.adapter.text_model.layers[0]
+            mine[method] = {"groups": out_probe, "q_rows": _local_rows(layer.self_attn.q_proj.weight),
+                            "mlp_rows": _local_rows(layer.mlp.up_proj.weight)}
+            continue
         elif method == "abort_after_select":     # rank 0 fails while the others serve rows
             video = prepare(model, spec["video"], cfg)
             scored = score_groups(RankedGroups(model, split_groups(video, cfg.group_size), q))

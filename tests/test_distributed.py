@@ -167,14 +167,102 @@ def test_an_error_on_rank_0_after_the_gather_stops_the_serving_ranks(tmp_path):
     assert seen["error"] == "RemoteError" and "rank 0 failed" in seen["message"]
 
 
-def test_tensor_parallel_is_refused_with_a_clear_error(tmp_path):
+def _probe_reference(model_dir, video, **over) -> dict:
+    """What tests/dist_worker.py's "probe" records, computed in this one process."""
+    from adapttoken.entropy import score_groups
+    from adapttoken.groups import split_groups
+    from adapttoken.pipeline import prepare
+    from adapttoken.question import Question
+    from adapttoken.rank import RankedGroups
+    torch.set_num_threads(1)
+    spec = {**BASE, **over}
+    model = at.load_model(model_dir, dtype="fp32", device="cpu")
+    cfg = at.AdaptTokenConfig(num_frames=spec["frames"], group_size=spec["group_size"],
+                              budget=spec["budget"], max_pixels=spec.get("max_pixels", 308 * 560),
+                              decode_workers=0)
+    v = prepare(model, str(video), cfg)
+    groups = split_groups(v, cfg.group_size)
+    q = Question(spec["question"], tuple(spec["options"]))
+    out = {}
+    for agg in ("max", "mean"):
+        scored = score_groups(RankedGroups(model, groups, q, aggregation=agg))
+        out[agg] = [{"entropy": s.entropy, "gids": s.pass_.gids.tolist(),
+                     "scores": s.pass_.scores.float().tolist()}
+                    for s in (scored.score(g) for g in range(min(3, len(groups))))]
+    attn = model.adapter.text_model.layers[0].self_attn
+    return {"groups": out, "q_rows": int(attn.q_proj.weight.shape[0]),
+            "mlp_rows": int(model.adapter.text_model.layers[0].mlp.up_proj.weight.shape[0])}
+
+
+def _same_probe(ref: dict, got: dict, rtol: float = 1e-4) -> None:
+    for agg in ("max", "mean"):
+        for a, b in zip(ref["groups"][agg], got["groups"][agg], strict=True):
+            assert a["gids"] == b["gids"]
+            assert abs(a["entropy"] - b["entropy"]) <= 1e-5
+            torch.testing.assert_close(torch.tensor(b["scores"]), torch.tensor(a["scores"]),
+                                       rtol=rtol, atol=1e-7)
+
+
+def _tensor_parallel_case(tmp_path, model_dir, video, **over):
+    methods = ["adapttoken", "lite", "probe"]
+    got = _worker(tmp_path, 2, methods=methods, tp=2, model=str(model_dir), video=str(video), **over)
+    ref = _reference(model_dir, video, ["adapttoken", "lite"], **over)
+    for m in ("adapttoken", "lite"):
+        _same_selection(ref[m], got[m], tol=1e-4)
+        d = got[m]["extra"]["distributed"]
+        assert (d["world"], d["replicas"], d["tp"]) == (2, 1, 2)
+    # both ranks of the one copy return the Result (the answer's forward ran on both)
+    assert got["rank1"]["adapttoken"] == {"result": True}
+    one = _probe_reference(model_dir, video, **over)
+    for r in (0, 1):
+        mine = got[f"rank{r}"]["probe"]
+        # each rank holds half of the heads and of the MLP (transformers' tp_plan), and the probe
+        # scores combined over the ranks equal one process's over all heads
+        assert mine["q_rows"] * 2 == one["q_rows"] and mine["mlp_rows"] * 2 == one["mlp_rows"]
+        _same_probe(one, mine)
+    assert got["rank0"]["probe"]["groups"] == got["rank1"]["probe"]["groups"]  # one decision
+
+
+def test_tensor_parallel_two_ranks_equals_one_process(tmp_path):
+    _tensor_parallel_case(tmp_path, default_model_dir(), SAMPLE, frames=96)
+
+
+@pytest.fixture(scope="module")
+def internvl_folder(tmp_path_factory):
+    from adapttoken.training.tiny import save_model_folder
+    from adapttoken.training.tiny_families import build_tiny_family
+    model, proc = build_tiny_family("internvl", seed=0, layers=4)
+    return save_model_folder(tmp_path_factory.mktemp("m") / "tiny-internvl", model, proc)
+
+
+# (transformers' tensor-parallel plan for Qwen3-VL's text model covers only its embeddings, so
+# InternVL, whose Qwen2 language model is split layer by layer, is the second family here)
+def test_tensor_parallel_internvl_equals_one_process(tmp_path, internvl_folder, small_clip):
+    _tensor_parallel_case(tmp_path, internvl_folder, small_clip, frames=32, group_size=4,
+                          budget=24, max_pixels=64 * 64)
+
+
+def test_bench_gpu_tp_builds_the_random_model_sharded(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "adapttoken", "bench", "gpu", "--tiny", "--tp", "2",
+                        "--device", "cpu", "--frames", "32", "--out", str(tmp_path)],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert (res["meta"]["nproc"], res["meta"]["tp"]) == (2, 2)
+    par = res["meta"]["params"]
+    # rank 0 holds about half of the language model (the vision tower is whole on every rank)
+    assert par["bytes_this_rank"] < par["bytes"] - 0.4 * 4 * (par["decoder_linear"])
+    assert {c["method"] for c in res["cases"]} >= {"adapttoken", "lite", "uniform"}
+
+
+def test_several_tensor_parallel_copies_are_refused_with_a_clear_error(tmp_path):
     out = tmp_path / "o"
     out.mkdir()
     spec = {**BASE, "model": str(default_model_dir()), "video": str(SAMPLE), "out": str(out),
             "methods": ["adapttoken"], "tp": 2}
     (out / "spec.json").write_text(json.dumps(spec))
-    p = _torchrun(2, str(ROOT / "tests" / "dist_worker.py"), str(out / "spec.json"))
-    assert p.returncode != 0 and "tensor parallel (tp=2) is not available" in p.stderr
+    p = _torchrun(4, str(ROOT / "tests" / "dist_worker.py"), str(out / "spec.json"))
+    assert p.returncode != 0 and "--tp 2 with 4 processes would make 2 tensor-parallel" in p.stderr
 
 
 def _children(pid: int) -> list[int]:

@@ -1,10 +1,11 @@
-"""fused_text: the fused RMSNorm / SiLU-MLP forwards installed on a Qwen2.5-VL text model.
+"""fused_text: the compiled RMSNorm / SiLU-MLP calls of a Qwen2.5-VL text model (nn.Module.compile's
+slot, routed per call), and that nothing of transformers is reassigned to get them.
 
-Off CUDA (the default) they run transformers' own formula: bit-identical logits. The compiled
-kernels (what CUDA runs) are checked on the CPU in float32 when ADAPTTOKEN_TEST_COMPILE=1."""
+Off CUDA (the default) the modules run transformers' own eager forward: bit-identical logits. One
+test compiles for real on the CPU (a 1-layer model, two lengths: one dynamic graph per module type);
+the routing tests replace `_compiled` by a recorder so that they compile nothing."""
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
@@ -34,16 +35,59 @@ def _inputs(model, n=37, dtype=torch.float32, seed=0):
     return x, pos
 
 
+@pytest.fixture
+def recorder(monkeypatch):
+    """`_compiled` replaced by the module's own eager call, recording which modules used it."""
+    used = []
+
+    def fake(module):
+        def call(*a, **k):
+            used.append(module)
+            return module._call_impl(*a, **k)
+        return call
+
+    monkeypatch.setattr(ft, "_STATE", {"failed": False})
+    monkeypatch.setattr(ft, "_compiled", fake)
+    return used
+
+
 def test_install_covers_every_norm_and_mlp_and_uninstall_restores(model):
     lm = model.model.language_model
     f = FusedText(lm).install()
     try:
         assert len(f.norms) == 2 * len(lm.layers) + 1 and len(f.mlps) == len(lm.layers)
-        assert all("forward" in m.__dict__ for m in f.norms + f.mlps)
-        assert not any("forward" in m.__dict__ for m in model.model.visual.modules())
+        assert all(isinstance(m._compiled_call_impl, ft._Route) for m in f.norms + f.mlps)
+        assert all(layer._compiled_call_impl is None and layer.self_attn._compiled_call_impl is None
+                   for layer in lm.layers)           # layers / attention stay eager (docstring)
+        assert not any(m._compiled_call_impl is not None for m in model.model.visual.modules())
     finally:
         f.uninstall()
-    assert not any("forward" in m.__dict__ for m in f.norms + f.mlps)
+    assert all(m._compiled_call_impl is None for m in f.norms + f.mlps)
+
+
+def test_nothing_of_transformers_is_reassigned(tiny_adapter):
+    """No module global of transformers' modeling modules and no method is replaced, and no module
+    instance carries a `forward` of its own, with the adapter loaded and compiling on."""
+    import sys
+
+    import transformers.models.qwen2.modeling_qwen2 as q2
+    import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl as q25
+
+    ad = tiny_adapter
+    assert ad.fused_text.installed
+    for mod in (q25, q2):
+        fn = mod.apply_rotary_pos_emb
+        assert fn.__module__ == mod.__name__ and not hasattr(fn, "__wrapped__")
+        assert fn.__code__.co_filename == mod.__file__
+    for m in ad.model.modules():
+        assert "forward" not in m.__dict__ and "__call__" not in m.__dict__, type(m).__name__
+        assert type(m).forward.__module__.startswith(("transformers.", "torch.")), type(m).__name__
+    # every module global of transformers' modeling modules is still defined by transformers
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("transformers.models.qwen2") and name.split(".")[-1].startswith("modeling"):
+            for attr, val in vars(mod).items():
+                owner = getattr(val, "__module__", None)
+                assert not (isinstance(owner, str) and owner.startswith("adapttoken")), (name, attr)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -57,6 +101,7 @@ def test_eager_path_is_bitwise_transformers(model, dtype):
             assert torch.equal(_logits(model, x, pos), ref)
             f.enabled = False
             assert torch.equal(_logits(model, x, pos), ref)
+            assert f.compiled_calls == 0
         finally:
             f.uninstall()
     finally:
@@ -71,10 +116,37 @@ def test_adapter_installs_it(tiny_adapter):
     ad.fuse_text = None
 
 
+def test_routing_short_inputs_and_hooked_modules_run_eager(model, recorder):
+    lm = model.model.language_model
+    f = FusedText(lm, enabled=None).install()
+    try:
+        f.min_elements = 0
+        x, pos = _inputs(model)
+        ref = _logits(model, x, pos)
+        assert recorder == []                              # None on the CPU: eager
+        f.enabled = True
+        assert torch.equal(_logits(model, x, pos), ref)
+        assert len(recorder) == len(f.norms) + len(f.mlps) == f.compiled_calls
+        f.enabled = None
+        assert not f.use(x)                                 # None: eager off CUDA
+        f.enabled = True
+        recorder.clear()
+        seen = []
+        h = lm.layers[1].mlp.down_proj.register_forward_hook(lambda *a: seen.append(1))
+        try:
+            assert torch.equal(_logits(model, x, pos), ref)
+        finally:
+            h.remove()
+        assert seen == [1]                                  # the hook ran: its module went eager
+        assert lm.layers[1].mlp not in recorder and lm.layers[0].mlp in recorder
+    finally:
+        f.uninstall()
+
+
 def test_failed_compile_warns_once_and_runs_eager(model, monkeypatch):
     monkeypatch.setattr(ft, "_STATE", {"failed": False})
 
-    def broken(fn):
+    def broken(module):
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(ft, "_compiled", broken)
@@ -92,49 +164,62 @@ def test_failed_compile_warns_once_and_runs_eager(model, monkeypatch):
         f.uninstall()
 
 
-@pytest.mark.skipif(not os.environ.get("ADAPTTOKEN_TEST_COMPILE"),
-                    reason="torch.compile takes ~30 s on CPU: set ADAPTTOKEN_TEST_COMPILE=1")
-def test_compiled_kernels_match_eager(model):
+def test_probe_prefix_cache_and_cancel_work_with_compiling_on(tiny_adapter, recorder):
+    """The pipeline's group pass (probe on one layer's self_attn, the prefix key/value store,
+    cancellation hooks on every layer) with the compiled route taken: same result as eager, and a
+    cancel raised from the layers' hooks still stops the pass."""
+    from adapttoken.errors import Cancelled
+    from adapttoken.kv_cache import PrefixKVCache
+    from adapttoken.question import Hooks, Question
+
+    ad = tiny_adapter
+    f = ad.fused_text
+    D = ad.model.config.text_config.hidden_size
+    g = torch.Generator().manual_seed(1)
+    S, rows, cols = 4, 2, 3
+    embeds = 0.02 * torch.randn(S * rows * cols, D, generator=g)
+    s, r, c = torch.meshgrid(torch.arange(S), torch.arange(rows), torch.arange(cols), indexing="ij")
+    coords = torch.stack([2 * s.reshape(-1), r.reshape(-1), c.reshape(-1)])
+    extent = int(coords.max())
+    prompt = ad.build_prompt(Question("What is shown?", ("a dog", "a cat")))
+    layer = ad.default_layer
+    old = f.min_elements
+    try:
+        ad.fuse_text = False
+        ref = ad.forward(prompt, embeds, coords, extent, probe_layer=layer,
+                         prefix_cache=(PrefixKVCache(), 0))
+        assert recorder == []
+        ad.fuse_text, f.min_elements = True, 0
+        calls = []
+        hooks = Hooks(cancelled=lambda: calls.append(1) and False)
+        out = ad.forward(prompt, embeds, coords, extent, probe_layer=layer, hooks=hooks,
+                         prefix_cache=(PrefixKVCache(), 0))
+        assert recorder, "the compiled route was not taken"
+        assert len(calls) == 2 * ad.num_layers              # prefix pass + suffix pass
+        assert torch.equal(out.logits, ref.logits) and torch.equal(out.scores, ref.scores)
+        with pytest.raises(Cancelled):
+            ad.forward(prompt, embeds, coords, extent, probe_layer=layer,
+                       hooks=Hooks(cancelled=lambda: True), prefix_cache=(PrefixKVCache(), 1))
+    finally:
+        ad.fuse_text, f.min_elements = None, old
+
+
+def test_compiled_modules_match_eager_on_the_cpu():
+    """Real torch.compile (inductor, CPU): one decoder layer, two lengths (dynamic: no recompile)."""
+    from adapttoken.training.tiny import build_tiny_model
+    model, _ = build_tiny_model(seed=5, layers=1, vision_depth=1)
+    model = model.eval().requires_grad_(False)
     f = FusedText(model.model.language_model, enabled=True).install()
     try:
-        for n in (37, 5, 64):           # dynamic shapes: one graph for every length
+        for n in (37, 64):
             x, pos = _inputs(model, n=n, seed=n)
             f.enabled = False
             ref = _logits(model, x, pos)
             f.enabled = True
+            before = f.compiled_calls
             out = _logits(model, x, pos)
+            assert not ft._STATE["failed"], "torch.compile failed on the CPU"
+            assert f.compiled_calls - before == len(f.norms) + len(f.mlps)
             assert (out - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
-    finally:
-        f.uninstall()
-
-
-def test_rotary_wrapper_is_inert_outside_this_models_forward(model, monkeypatch):
-    """The module-global rotary wrapper runs the original function unless this text model's forward
-    is running with fusing on (enabled=True here; `_compiled` replaced by a recorder)."""
-    import sys
-
-    lm = model.model.language_model
-    f = FusedText(lm, enabled=True).install()
-    try:
-        assert f.rotary
-        mod = sys.modules[type(f.attns[0]).__module__]
-        orig = mod.apply_rotary_pos_emb.__wrapped__
-        used = []
-        monkeypatch.setattr(ft, "_compiled", lambda fn: used.append(fn) or fn)
-        g = torch.Generator().manual_seed(0)
-        q, k = torch.randn(1, 4, 6, 8, generator=g), torch.randn(1, 2, 6, 8, generator=g)
-        cos, sin = torch.randn(1, 6, 8, generator=g), torch.randn(1, 6, 8, generator=g)
-        a = mod.apply_rotary_pos_emb(q, k, cos, sin)
-        b = orig(q, k, cos, sin)
-        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and used == []
-        x, pos = _inputs(model)
-        ref = None
-        f.enabled = False
-        ref = _logits(model, x, pos)
-        assert used == []
-        f.enabled = True
-        out = _logits(model, x, pos)                  # inside the forward: the wrapper is used
-        assert used.count(orig) == len(lm.layers) and torch.equal(out, ref)
-        assert ft._ACTIVE.get() is None               # reset after the forward
     finally:
         f.uninstall()

@@ -389,6 +389,10 @@ def main(argv=None) -> int:
                     help="run under torchrun with this many processes, one GPU each (started through "
                          "torch.distributed.run when not already under torchrun): the groups of each "
                          "question are divided among them; the floor is N x the matmul rate")
+    ap.add_argument("--tp", type=int, default=None,
+                    help="tensor parallel over this many processes (torchrun; --nproc defaults to it "
+                         "and must equal it): the random model is built sharded in memory, each rank "
+                         "creating only its share")
     ap.add_argument("--from-json", nargs="+", default=None,
                     help="no benchmark: merge these results.json files (later runs win) and write "
                          "the report (README.md, results.json, bench_gpu.png) to --out")
@@ -399,12 +403,16 @@ def main(argv=None) -> int:
         args.out = default_out(args.arch)
     from .. import distributed
     layout = None
+    if args.tp is not None and args.nproc is None:
+        args.nproc = args.tp
     if args.nproc is not None and not args.from_json:
         if args.nproc < 1:
             raise SystemExit(f"--nproc {args.nproc} must be at least 1")
         if not distributed.launched_by_torchrun():
             return _launch(args.nproc, argv if argv is not None else sys.argv[1:])
-        layout = distributed.init(device=args.device)
+        layout = distributed.init(tp=args.tp or 1, device=args.device)
+        if layout.tp > 1 and args.arch not in ("qwen2.5-vl-7b", "qwen2.5-vl-72b"):
+            raise SystemExit(f"--tp builds Qwen2.5-VL architectures only (not {args.arch})")
         if layout.world != args.nproc:
             raise SystemExit(f"--nproc {args.nproc} but torchrun started {layout.world} processes")
         if args.variants is not None or args.disk_cache:
@@ -459,6 +467,7 @@ def main(argv=None) -> int:
     rate = results["matmul"]["flops_per_s"]
     if layout is not None:        # the floor of N GPUs: N x the per-GPU rate measured here
         meta["nproc"] = layout.world
+        meta["tp"] = layout.tp
         results["matmul"]["per_gpu_flops_per_s"] = rate
         rate = rate * layout.world
         results["matmul"]["flops_per_s"] = rate
@@ -491,9 +500,10 @@ def main(argv=None) -> int:
     if args.arch in ("qwen2.5-vl-7b", "qwen2.5-vl-72b"):
         model, build_s = build_model(args.tiny, device, dtype, args.pixels,
                                      size=args.arch.rsplit("-", 1)[1], llm_layers=args.llm_layers,
-                                     quantization=args.quantization)
+                                     layout=layout, quantization=args.quantization)
         model.adapter.compile_vision = args.compile_vision
-        model.adapter.fuse_text = args.fuse_text
+        if layout is None or layout.tp == 1:        # tensor parallel: transformers' own layers
+            model.adapter.fuse_text = args.fuse_text
     else:
         if args.quantization != "none":
             raise SystemExit(f"--quantization applies to the Qwen2.5-VL architectures here, not "

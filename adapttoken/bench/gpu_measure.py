@@ -63,11 +63,15 @@ def build_config(tok, text: dict, vision: dict, attn: str = "sdpa"):
 
 
 def build_model(tiny: bool, device: torch.device, dtype: torch.dtype, pixels: int, seed: int = 0,
-                size: str = "7b", llm_layers: int | None = None, quantization: str | None = None):
+                size: str = "7b", llm_layers: int | None = None, layout=None,
+                quantization: str | None = None):
     """(Model, build seconds): random weights created directly on `device` in `dtype`. size "7b"
-    or "72b" (Qwen2.5-VL's widths); llm_layers: only that many decoder layers (a slice);
-    quantization "nf4"/"int8": then quantized in memory by bitsandbytes (models/quant.py: the
-    same weights as without it, for the same seed)."""
+    or "72b" (Qwen2.5-VL's widths); llm_layers: only that many decoder layers (a slice).
+    layout with tp > 1 (under torchrun): built tensor-parallel in memory, each rank creating only
+    its own shard of the language model (72B in bf16 is 136.7 GiB: it is never whole anywhere,
+    nor written to disk); see _build_sharded. quantization "nf4"/"int8" (one process): then
+    quantized in memory by bitsandbytes (models/quant.py: the same weights as without it, for the
+    same seed)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from ..models.loading import Model
@@ -85,21 +89,30 @@ def build_model(tiny: bool, device: torch.device, dtype: torch.dtype, pixels: in
         text = dict(text, num_hidden_layers=int(llm_layers))
     cfg = build_config(tok, text, vision)
     torch.manual_seed(seed)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = Qwen2_5_VLForConditionalGeneration(cfg)
-    finally:
-        torch.set_default_dtype(prev)
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     from ..models.quant import normalize, quantize_in_memory
     quantization = normalize(quantization)
-    if quantization:
-        model = quantize_in_memory(model, quantization, device)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    if layout is not None and layout.tp > 1:
+        if quantization:
+            from ..errors import InputError
+            raise InputError("--quantization and --tp exclude each other")
+        model = _build_sharded(Qwen2_5_VLForConditionalGeneration, cfg, dtype, layout)
+    else:
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                model = Qwen2_5_VLForConditionalGeneration(cfg)
+        finally:
+            torch.set_default_dtype(prev)
+        model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        if quantization:
+            model = quantize_in_memory(model, quantization, device)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     adapter = Qwen25VLAdapter(model, proc)
+    if layout is not None and layout.tp > 1:
+        adapter.tp_group = layout.tp_group
+        adapter.fuse_text = False
     _sync(device)
     name = "tiny-random" if tiny else f"qwen2.5-vl-{size}-random" + (
         f"-{llm_layers}-layers" if llm_layers else "")
@@ -107,6 +120,25 @@ def build_model(tiny: bool, device: torch.device, dtype: torch.dtype, pixels: in
         name += f"-{quantization}"
     return Model(adapter, name=name), \
         time.perf_counter() - t0
+
+def _build_sharded(cls, cfg, dtype, layout):
+    """A random-weight model loaded tensor-parallel from no checkpoint: transformers' from_pretrained
+    with an empty state dict creates the model on the meta device, shards it by the tp plan and
+    initialises each rank's shard of every missing weight on the rank's device. The weights the
+    plan does not split (the vision tower, norms) are then copied from rank 0, so every rank of the
+    copy holds the same ones (their random values would differ otherwise)."""
+    import torch.distributed as dist
+
+    from ..models.loading import tp_pretrained_kwargs
+    model = cls.from_pretrained(None, config=cfg, state_dict={}, dtype=dtype,
+                                **tp_pretrained_kwargs(layout.tp))
+    model = model.eval().requires_grad_(False)
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if not hasattr(t, "to_local"):                  # not a DTensor: replicated
+                dist.broadcast(t.data, src=0, group=layout.tp_group)
+    return model
+
 
 def _vision_modules(m) -> list:
     """The vision tower and its merger / projector of a transformers VLM (all supported families)."""
@@ -125,8 +157,11 @@ def param_counts(model) -> dict:
     emb = m.get_input_embeddings().weight.numel()
     head = m.lm_head.weight.numel()
     total = sum(p.numel() for p in m.parameters())
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in m.parameters()]
     return {"vision": vis, "decoder_linear": dec_linear, "embedding": emb, "lm_head": head,
-            "total": total, "bytes": sum(p.numel() * p.element_size() for p in m.parameters())}
+            "total": total, "bytes": sum(p.numel() * p.element_size() for p in m.parameters()),
+            # what this process holds (less than `bytes` under tensor parallel)
+            "bytes_this_rank": sum(p.numel() * p.element_size() for p in local)}
 
 
 # ----------------------------------------------------------------------------------------------

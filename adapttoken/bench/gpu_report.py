@@ -37,7 +37,7 @@ def text_path(meta: dict) -> str:
         return "transformers' eager RMSNorm/MLP (runs before fused_text.py)"
     if meta["fuse_text"] is False:
         return "transformers' eager RMSNorm/MLP (--no-fuse-text)"
-    return "fused RMSNorm / SiLU-MLP / rotary kernels, torch.compile (the library's default on CUDA)"
+    return "compiled RMSNorm / SiLU-MLP (torch.compile, the library's default on CUDA; rotary fused only in runs before the no-patching change)"
 
 
 def vision_path(meta: dict) -> str:

@@ -50,6 +50,10 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="number of workers sharing the run (one per GPU)")
     p.add_argument("--retry-errors", action="store_true", help="run the error rows again")
     p.add_argument("--device", default="auto")
+    p.add_argument("--device-map", choices=["auto"], default=None,
+                   help="auto: spread the model's layers over every GPU of this process (accelerate)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="under torchrun: one tensor-parallel copy over all processes (= --nproc-per-node)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--quantization", choices=["none", "nf4", "int8"], default="none",
                    help="language-model weights in 4-bit NF4 or 8-bit (bitsandbytes), computed in "
@@ -105,8 +109,8 @@ def spec_from_args(a):
                    group_size=a.group_size, stop_threshold=a.stop_threshold,
                    native_frames=a.native_frames, native_max_pixels=a.native_max_pixels,
                    native_min_pixels=a.native_min_pixels, subtitles=a.subtitles, model=a.model or "",
-                   device=a.device, dtype=a.dtype, attn=a.attn, quantization=a.quantization,
-                   cache_dir=a.cache_dir,
+                   device=a.device, dtype=a.dtype, attn=a.attn, cache_dir=a.cache_dir,
+                   device_map=a.device_map, quantization=a.quantization,
                    decode_workers=a.decode_workers, worker=a.worker, workers=a.workers, limit=a.limit,
                    seed=a.seed, quiet=a.quiet, retry_errors=a.retry_errors, arch=a.arch,
                    lite_stop_fraction=a.lite_stop_fraction,
@@ -151,11 +155,16 @@ def _torchrun_layout(a):
     from ..distributed import init, launched_by_torchrun
     from ..errors import InputError
     if not launched_by_torchrun():
+        if a.tp != 1:
+            raise InputError(f"--tp {a.tp} runs under torchrun: torchrun --nproc-per-node {a.tp} "
+                             f"-m adapttoken eval ... --tp {a.tp}")
         return None
     if a.worker != 0 or a.workers != 1:
         raise InputError("under torchrun the workers are the ranks' model copies: leave --worker and "
                          "--workers out")
-    layout = init(device=a.device)
+    if a.device_map:
+        raise InputError("--device-map auto is for one process: under torchrun use --tp N")
+    layout = init(tp=a.tp, device=a.device)
     a.worker, a.workers, a.device = layout.replica, layout.replicas, str(layout.device)
     return layout
 

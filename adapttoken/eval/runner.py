@@ -60,7 +60,8 @@ class RunSpec:
     device: str = "auto"
     dtype: str = "auto"
     attn: str = "sdpa"
-    quantization: str = "none"
+    device_map: str | None = None      # "auto": accelerate spreads the layers (one process)
+    quantization: str = "none"         # nf4 / int8: bitsandbytes weights (models/quant.py)
     cache_dir: str | None = None
     decode_workers: int | None = None
     worker: int = 0
@@ -383,6 +384,9 @@ def load(spec: RunSpec, log, layout=None):
     """The run's model: --model (or the bundled one), or --arch with random weights (under
     torchrun --device is the rank's GPU)."""
     if spec.arch:
+        if layout is not None and layout.tp > 1:
+            raise InputError("--arch (random weights) is not built tensor-parallel by eval: time "
+                             "tensor parallel with `bench gpu --tp N`, or evaluate a --model folder")
         from ..bench.eval_aids import build_random_model
         model, secs, dt = build_random_model(spec.arch, spec.device, spec.dtype,
                                              quantization=spec.quantization)
@@ -395,7 +399,9 @@ def load(spec: RunSpec, log, layout=None):
     from ..defaults import default_model_dir
     from ..models.loading import load_model
     return load_model(spec.model or default_model_dir(), dtype=spec.dtype, device=spec.device,
-                      attn_implementation=spec.attn, quantization=spec.quantization)
+                      attn_implementation=spec.attn, device_map=spec.device_map,
+                      layout=layout if layout is not None and layout.tp > 1 else None,
+                      quantization=spec.quantization)
 
 
 def _write_json(path: Path, obj) -> None:

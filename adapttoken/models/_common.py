@@ -169,7 +169,7 @@ class FamilyAdapter(Adapter):
                 logits = self.model(**kw).logits[0, -1]
         q_idx = torch.arange(seq.query_start, x.shape[1], device=x.device)
         attn = probe.attention(q_idx)[..., seq.visual_rows.to(x.device)]
-        return ForwardOut(logits.float(), token_scores(attn, aggregation)[0])
+        return ForwardOut(logits.float(), token_scores(attn, aggregation, self.tp_group)[0])
 
     def eos_token_ids(self) -> list[int]:
         tok = self.tokenizer

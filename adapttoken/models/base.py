@@ -48,6 +48,9 @@ class Adapter(ABC):
     main_dim: int | None = None
     model: torch.nn.Module
     processor: object
+    # tensor parallel (distributed.py): the process group whose ranks each hold a share of the
+    # heads; the probe combines its scores over it. None: this process holds every head.
+    tp_group = None
 
     @property
     def device(self) -> torch.device:

@@ -106,7 +106,7 @@ class LoadOptions:
       copy holding a share of every layer's heads and MLP (distributed.py);
     - `quantization`: how the language model's weights are stored (bitsandbytes), None = as `dtype`.
     """
-    device_map: str | None = None
+    device_map: str | dict | None = None
     layout: object = None
     quantization: str | None = None
 
@@ -125,9 +125,10 @@ class LoadOptions:
         if self.quantization and self.tensor_parallel:
             raise InputError(f"quantization={self.quantization!r} and tensor parallel (--tp) exclude "
                              f"each other: use one of them")
-        if self.device_map not in (None, "auto"):
+        if self.device_map not in (None, "auto") and not isinstance(self.device_map, dict):
             raise InputError(f"device_map={self.device_map!r}: use 'auto' (accelerate places the "
-                             f"layers over the GPUs, then the host) or leave it unset")
+                             f"layers over the GPUs, then the host), a dict of module name -> device "
+                             f"(accelerate's format), or leave it unset")
         if self.device_map and self.tensor_parallel:
             raise InputError("device_map='auto' and tensor parallel (--tp) exclude each other: "
                              "use --tp under torchrun, or device_map='auto' in one process")
@@ -142,12 +143,24 @@ class LoadOptions:
             kw.update(quant.pretrained_kwargs(self.quantization, dtype or torch.bfloat16, device,
                                               self.device_map))
         if self.device_map:
-            _need_accelerate("device_map='auto'")
-            kw["device_map"] = "auto"
+            _need_accelerate("device_map")
+            kw["device_map"] = self.device_map
         if self.tensor_parallel:
-            from ..distributed import tp_pretrained_kwargs
-            kw.update(tp_pretrained_kwargs(self.layout))
+            kw.update(tp_pretrained_kwargs(self.layout.tp))
         return kw
+
+
+def tp_pretrained_kwargs(tp: int) -> dict:
+    """from_pretrained's arguments for tensor parallel over `tp` processes (the whole torchrun
+    world: distributed.init): transformers' own plan (`base_model_tp_plan`) through its
+    DistributedConfig."""
+    try:
+        from transformers.distributed import DistributedConfig
+    except ImportError:
+        import transformers
+        raise InputError(f"tensor parallel needs transformers' DistributedConfig (5.17 or newer); "
+                         f"this is transformers {transformers.__version__}: upgrade it") from None
+    return {"distributed_config": DistributedConfig(tp_size=int(tp))}
 
 
 def _need_accelerate(what: str) -> None:
@@ -168,8 +181,13 @@ def load_adapter(path: str | Path, dtype: str | torch.dtype | None = "auto",
         if options.tensor_parallel:
             device = options.layout.device
     dev = resolve_device(device)
-    return _families()[family].from_folder(Path(path), resolve_dtype(dtype, dev), dev,
-                                           attn_implementation, options)
+    adapter = _families()[family].from_folder(Path(path), resolve_dtype(dtype, dev), dev,
+                                              attn_implementation, options)
+    if options is not None and options.tensor_parallel:
+        adapter.tp_group = options.layout.tp_group
+        if hasattr(adapter, "fuse_text"):       # our compiled kernels assume whole layers
+            adapter.fuse_text = False
+    return adapter
 
 
 def download_model(repo_id: str, dest: str | Path) -> Path:
@@ -219,7 +237,8 @@ class Model:
 
 def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto",
                device: str | torch.device | None = "auto", attn_implementation: str = "sdpa", *,
-               device_map: str | None = None, layout=None, quantization: str | None = None) -> Model:
+               device_map: str | dict | None = None, layout=None,
+               quantization: str | None = None) -> Model:
     """Load a local model folder as a `Model` (see load_adapter). `device_map="auto"`: layers spread
     over the GPUs by accelerate in this process; `layout` (distributed.init(tp=N) under torchrun):
     tensor parallel when its tp > 1; `quantization`: "nf4" or "int8" (bitsandbytes weights for the

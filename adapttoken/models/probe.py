@@ -75,10 +75,24 @@ def probe_attention(attn: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tens
     return p if k_slice is None else p[..., k_slice]
 
 
-def token_scores(attn: torch.Tensor, aggregation: str = "max") -> torch.Tensor:
-    """[B, heads, n_q, n_vis] attention -> one score per visual token [B, n_vis]."""
+def token_scores(attn: torch.Tensor, aggregation: str = "max", group=None) -> torch.Tensor:
+    """[B, heads, n_q, n_vis] attention -> one score per visual token [B, n_vis].
+
+    group: under tensor parallel each rank holds an equal share of the heads (transformers'
+    colwise q/k projections), so the heads of all ranks are combined over this process group:
+    the max of the ranks' maxima, or the mean of their means (equal head counts); every rank gets
+    the same scores, as one process would compute them over all heads."""
     if aggregation == "max":
-        return attn.amax(dim=(1, 2))
-    if aggregation == "mean":
-        return attn.mean(dim=(1, 2))
-    raise ValueError(f"aggregation={aggregation!r}: use one of {', '.join(AGGREGATIONS)}")
+        out = attn.amax(dim=(1, 2))
+    elif aggregation == "mean":
+        out = attn.mean(dim=(1, 2))
+    else:
+        raise ValueError(f"aggregation={aggregation!r}: use one of {', '.join(AGGREGATIONS)}")
+    if group is not None:
+        import torch.distributed as dist
+        out = out.contiguous()
+        dist.all_reduce(out, op=dist.ReduceOp.MAX if aggregation == "max" else dist.ReduceOp.SUM,
+                        group=group)
+        if aggregation == "mean":
+            out = out / dist.get_world_size(group)
+    return out

@@ -250,7 +250,7 @@ class Qwen25VLAdapter(Adapter):
         # query rows: every token after the visual span, <|vision_end|> excluded
         q_idx = torch.arange(n_pre + n_vis + 1, x.shape[1], device=x.device)
         attn = probe.attention(q_idx, slice(n_pre, n_pre + n_vis))
-        return ForwardOut(logits.float(), token_scores(attn, aggregation)[0])
+        return ForwardOut(logits.float(), token_scores(attn, aggregation, self.tp_group)[0])
 
     def _run(self, x, pos, cache):
         """One language-model call on input embeddings `x` at position ids `pos` that extends the
@@ -296,7 +296,7 @@ class Qwen25VLAdapter(Adapter):
         attn = _probe_with_keys(layers[probe_layer].self_attn, probe.hidden[:, local],
                                 probe.cos[:, local], probe.sin[:, local], keys,
                                 local + n0)[..., n_pre:n0]
-        return ForwardOut(logits.float(), token_scores(attn, aggregation)[0])
+        return ForwardOut(logits.float(), token_scores(attn, aggregation, self.tp_group)[0])
 
     @torch.inference_mode()
     def generate(self, prompt, embeds, coords, extent, max_new_tokens=32, do_sample=False,

@@ -58,7 +58,7 @@ def test_compiled_vision_tower_matches_transformers_on_cuda():
     assert err_fast <= 1.5 * err_hf + 0.01, (err_fast, err_hf)
 
 
-# -- fused RMSNorm / SiLU-MLP / rotary kernels -------------------------------------------------
+# -- compiled RMSNorm / SiLU-MLP modules (fused_text.py) ---------------------------------------
 
 def test_fused_text_kernels_match_eager_on_cuda():
     from adapttoken.models import fused_text as ft
@@ -82,6 +82,7 @@ def test_fused_text_kernels_match_eager_on_cuda():
         f.enabled = None
         out = logits()
         assert not ft._STATE.get("failed"), "the fused kernels did not compile"
+        assert f.compiled_calls == len(f.norms) + len(f.mlps), "the compiled route was not taken"
         assert (out - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
         assert not torch.equal(out, ref) or n * D >= 2 ** 20    # the fused path really ran
     finally:
