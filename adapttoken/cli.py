@@ -45,6 +45,10 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                         "own plan; each GPU holds 1/N of every layer); must equal --nproc-per-node. "
                         "1 (default): each process holds a whole copy and the groups are divided")
     p.add_argument("--dtype", default="auto", help="auto, bf16, fp16, fp32")
+    p.add_argument("--quantization", choices=["none", "nf4", "int8"], default="none",
+                   help="language-model weights in 4-bit NF4 or 8-bit (bitsandbytes: pip install "
+                        "\"adapttoken[quant]\"), computed in --dtype; the vision tower and LM head "
+                        "stay in --dtype (default none)")
     p.add_argument("--attn", default="sdpa", help="attention implementation (sdpa default)")
     p.add_argument("--cache-dir", default=None,
                    help="on-disk vision-feature cache folder: a later run on the same video and "
@@ -188,7 +192,8 @@ def cmd_ask_many(args) -> int:
     if args.tp != 1:
         raise InputError("--tp applies to one question under torchrun: leave it out with --questions")
     model = load_model(args.model or default_model_dir(), dtype=args.dtype, device=args.device,
-                       attn_implementation=args.attn, device_map=args.device_map)
+                       attn_implementation=args.attn, device_map=args.device_map,
+                       quantization=args.quantization)
     rows = []
     for v in videos:
         for i, (qid, q) in enumerate(items):
@@ -251,7 +256,8 @@ def cmd_ask(args) -> int:
         model = load_model(args.model or default_model_dir(), dtype=args.dtype,
                            device=layout.device if layout is not None else args.device,
                            attn_implementation=args.attn, device_map=args.device_map,
-                           layout=layout if layout is not None and layout.tp > 1 else None)
+                           layout=layout if layout is not None and layout.tp > 1 else None,
+                           quantization=args.quantization)
         res = ask(model, args.video, q, config=cfg, method=method, layout=layout)
         if layout is None or layout.is_main:        # under torchrun rank 0 alone prints
             _print_result(res, args.json, args.evidence)

@@ -24,11 +24,14 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
-import av
 import numpy as np
 
 from .errors import InputError, VideoError
+
+if TYPE_CHECKING:
+    import av
 
 __all__ = [
     "VideoInfo",
@@ -156,6 +159,7 @@ def check_video_path(path: str | os.PathLike) -> str:
 
 def _open(path: str) -> av.container.InputContainer:
     """Open a file with PyAV, turning its failures into a one-line VideoError."""
+    import av            # here, not at import: frames held in memory need no PyAV
     try:
         return av.open(path, mode="r")
     except av.error.FFmpegError as e:
@@ -172,6 +176,7 @@ def _flag_value(x) -> int:
 
 def _video_stream(container: av.container.InputContainer, path: str) -> av.video.stream.VideoStream:
     """The first real video stream (cover art in audio files does not count)."""
+    import av
     if container.format.name == "tty":  # FFmpeg's ANSI-art demuxer opens plain text files as "video"
         raise VideoError(f"{path} is a text file, not a video: give the path of a video file")
     for stream in container.streams.video:
@@ -245,6 +250,7 @@ def _sequence_header(data: bytes, codec: str, nal_length: int) -> bytes:
 
 def _scan(path: str) -> _Probed:
     """Demux every packet of the video stream (no decoding except the first frame) into a FrameIndex."""
+    import av
     container = _open(path)
     try:
         stream = _video_stream(container, path)

@@ -15,10 +15,13 @@ class LoadMLLM(io.ComfyNode):
                       attention=runtime.attention_options())
 
     @classmethod
-    def validate_inputs(cls, model, attention):
+    def validate_inputs(cls, model, attention, quantization="none"):
         if attention not in runtime.attention_options():
             return (f"attention {attention!r} is not available here: use sdpa or eager "
                     f"(flash_attention_2 needs the flash-attn package)")
+        problem = runtime.quantization_problem(quantization)
+        if problem:
+            return problem
         try:
             at.detect_family(runtime.model_dir(model))
         except at.ModelLoadError as e:
@@ -30,6 +33,6 @@ class LoadMLLM(io.ComfyNode):
         return runtime.weights_fingerprint(model)
 
     @classmethod
-    def execute(cls, model, dtype, attention, keep_loaded) -> io.NodeOutput:
+    def execute(cls, model, dtype, attention, keep_loaded, quantization="none") -> io.NodeOutput:
         with runtime.comfy_errors():
-            return io.NodeOutput(runtime.load(model, dtype, attention, keep_loaded))
+            return io.NodeOutput(runtime.load(model, dtype, attention, keep_loaded, quantization))

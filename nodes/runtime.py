@@ -27,6 +27,8 @@ from comfy.patcher_extension import CallbacksMP
 from .. import adapttoken as at
 from ..adapttoken import memory
 from ..adapttoken.models.loading import resolve_dtype
+from ..adapttoken.models.quant import INSTALL as QUANT_INSTALL
+from ..adapttoken.models.quant import is_quantized, normalize as normalize_quantization
 from .spec import BUNDLED_MODEL_NAME
 
 LLM_FOLDER = "LLM"
@@ -174,9 +176,14 @@ class ComfyModel(at.Model):
     def ensure_loaded(self, memory_required: int = 0) -> None:
         """Weights on the compute device before any pass, with `memory_required` bytes of working
         memory left free besides them (adapttoken.memory's estimate of the step): ComfyUI
-        offloads other models until both fit."""
+        offloads other models until both fit. A quantized model is already there (see load)."""
         mm.load_models_gpu([self.patcher], memory_required=int(memory_required))
-        self.adapter.model.to(self.patcher.load_device)   # buffers the patcher does not move
+        if not self.quantized:
+            self.adapter.model.to(self.patcher.load_device)   # buffers the patcher does not move
+
+    @property
+    def quantized(self) -> bool:
+        return is_quantized(self.adapter.model)
 
     def offload(self) -> None:
         """Weights back to the offload device, video features dropped, cache emptied."""
@@ -228,12 +235,36 @@ def _compute_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load(name: str, dtype: str = "auto", attention: str = "sdpa", keep_loaded: bool = True) -> ComfyModel:
-    """Load a listed model onto the offload device and register it with ComfyUI."""
+def quantization_problem(quantization: str) -> str | None:
+    """Why `quantization` cannot be used here (unknown value, bitsandbytes missing), or None."""
+    try:
+        q = normalize_quantization(quantization)
+    except at.AdaptTokenError as e:
+        return str(e)
+    if q and (importlib.util.find_spec("bitsandbytes") is None
+              or importlib.util.find_spec("accelerate") is None):
+        return f"quantization {q!r} needs the bitsandbytes and accelerate packages: {QUANT_INSTALL}"
+    return None
+
+
+def load(name: str, dtype: str = "auto", attention: str = "sdpa", keep_loaded: bool = True,
+         quantization: str = "none") -> ComfyModel:
+    """Load a listed model onto the offload device and register it with ComfyUI.
+
+    Quantized (bitsandbytes) weights are never moved between devices: such a model is loaded
+    straight onto the compute device and its patcher's offload device is that same device, so
+    ComfyUI's load and unload move nothing; unloading it (or keep_loaded off) drops its video
+    caches, and its weights go when the node's output is released."""
     path = model_dir(name)
+    problem = quantization_problem(quantization)
+    if problem:
+        raise at.InputError(problem)
+    q = normalize_quantization(quantization)
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
+    if q:
+        offload_device = load_device
     lib = at.load_model(path, dtype=_compute_dtype(dtype, load_device), device=offload_device,
-                        attn_implementation=attention)
+                        attn_implementation=attention, quantization=q)
     patcher = WholeModelPatcher(HFHolder(lib.adapter.model), load_device=load_device,
                                 offload_device=offload_device)
     model = ComfyModel(lib.adapter, name=name, patcher=patcher, keep_loaded=keep_loaded, path=path)

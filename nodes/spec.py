@@ -106,7 +106,13 @@ SPECS: tuple[NodeSpec, ...] = (
             tooltip="Attention kernel (flash_attention_2 is listed only when flash-attn is installed)."),
          In("keep_loaded", "BOOLEAN", True,
             tooltip="Keep the model (and its cached video features) on the GPU after MLLM Answer; "
-                    "off: offload it after each answer.")),
+                    "off: offload it after each answer."),
+         In("quantization", "COMBO", "none", options=("none", "nf4", "int8"), optional=True,
+            tooltip="Language-model weights in 4-bit NF4 (about a quarter of bf16: Qwen2.5-VL-7B "
+                    "fits a 16 GB card) or 8-bit, computed in dtype; the vision tower and LM head "
+                    "stay in dtype. Needs bitsandbytes (pip install bitsandbytes accelerate). A "
+                    "quantized model is loaded on the GPU and stays there: ComfyUI's unloading "
+                    "frees its video caches, not its weights.")),
         (Out("model", AT_MODEL),)),
     NodeSpec(
         "AdaptToken_LoadVideo", "Load Video (AdaptToken)",

@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT))
 from nodes import spec  # noqa: E402
 
 FIT = {
-    "AdaptToken_LoadMLLM": "Start of every AdaptToken graph. Its model goes to Attention Rank and Uniform Frames. Put model folders (config.json, .safetensors, tokenizer files) in `models/LLM`; the bundled tiny model answers only the synthetic videos it was trained on.",
+    "AdaptToken_LoadMLLM": "Start of every AdaptToken graph. Its model goes to Attention Rank and Uniform Frames. Put model folders (config.json, .safetensors, tokenizer files) in `models/LLM`; the bundled tiny model answers only the synthetic videos it was trained on. For a card too small for bf16 weights, set `quantization` to nf4 (bitsandbytes 4-bit: Qwen2.5-VL-7B in about 6.5 GiB of weights) or int8; such a model stays on the GPU (ComfyUI cannot move bitsandbytes weights): unloading it frees its video caches, not its weights.",
     "AdaptToken_LoadVideo": "Decodes nothing: it plans which frames to sample. Connect its video to Group Split (AdaptToken) or Uniform Frames (baseline). A connected IMAGE batch or core VIDEO wins over `path`, and `path` over the list. A core VIDEO trimmed in the UI is sampled inside its trim window (start/end count from the clip's start).",
     "AdaptToken_GroupSplit": "Between Load Video and Attention Rank. Groups of 64 two-frame slices are FlexSelect's setting; strided groups each see the whole video, so every group can find the evidence.",
     "AdaptToken_AttentionRank": "Lazy: the group passes run when Budget Allocate asks for them. Options: one per line (letters A, B, C... are added); leave empty for an open question.",

@@ -60,7 +60,7 @@ REAL_MODEL = "Qwen2.5-VL-7B-Instruct"
 REAL_QUESTION = "What happens in this video?"
 
 WIDGETS = {
-    "AdaptToken_LoadMLLM": [BUNDLED_MODEL_NAME, "auto", "sdpa", True],
+    "AdaptToken_LoadMLLM": [BUNDLED_MODEL_NAME, "auto", "sdpa", True, "none"],
     "AdaptToken_LoadVideo": [SAMPLE_VIDEO_NAME, 1024, 0, 0, 0, 308 * 560, "", 24, "image"],
     "AdaptToken_GroupSplit": [64, "strided"],
     "AdaptToken_AttentionRank": [QUESTION, OPTIONS, -1, "max"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from types import SimpleNamespace
 
+import av
 import pytest
 
 from adapttoken import video
@@ -22,7 +23,7 @@ class IntFlagDisposition(enum.IntFlag):    # PyAV 16+
 
 @pytest.mark.parametrize("kind", [FlagDisposition, IntFlagDisposition])
 def test_cover_art_skipped_with_either_flag_kind(monkeypatch, kind):
-    monkeypatch.setattr(video.av.stream, "Disposition", kind, raising=False)
+    monkeypatch.setattr(av.stream, "Disposition", kind, raising=False)
     cover = SimpleNamespace(disposition=kind.attached_pic | kind.default, type="video")
     real = SimpleNamespace(disposition=kind.default, type="video")
     c = SimpleNamespace(format=SimpleNamespace(name="mov,mp4"), streams=SimpleNamespace(video=[cover, real]))

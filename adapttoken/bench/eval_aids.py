@@ -130,9 +130,11 @@ def make_synthetic_main(argv) -> int:
 
 # --- the random-weight model and Lite's fixed stop ----------------------------------------------
 
-def build_random_model(arch: str, device: str = "auto", dtype: str = "auto"):
+def build_random_model(arch: str, device: str = "auto", dtype: str = "auto",
+                       quantization: str | None = None):
     """(Model, build seconds, resolved dtype name): random weights made on the device; bf16 on CUDA
-    unless `dtype` says otherwise, float32 on the CPU."""
+    unless `dtype` says otherwise, float32 on the CPU; `quantization` (nf4/int8): the language
+    model's weights then quantized in memory (models/quant.py)."""
     import torch
 
     from .gpu_measure import build_model
@@ -143,7 +145,7 @@ def build_random_model(arch: str, device: str = "auto", dtype: str = "auto"):
     names = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
              "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
     dt = names.get(dtype) or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    model, secs = build_model(arch == "tiny", dev, dt, QWEN_MAX_PIXELS)
+    model, secs = build_model(arch == "tiny", dev, dt, QWEN_MAX_PIXELS, quantization=quantization)
     # the released processor's per-frame range (build_model pins min = max for bench gpu)
     size = {"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS}
     proc = model.adapter.processor

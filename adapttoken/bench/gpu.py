@@ -74,37 +74,73 @@ def default_out(arch: str) -> str:
 # test video
 
 
+def bench_frames(frames: int, size: tuple[int, int], clip: int = 48, seed: int = 0):
+    """uint8 frames [<=64, H, W, 3] at a time: a rendered synthetic clip
+    (adapttoken.training.synthetic.Scene) looped with a drift of 4 px per loop and a binary frame
+    counter stamped in, so no two frames are equal (rendering 10,000 distinct scenes would cost
+    minutes)."""
+    from ..training.synthetic import Scene
+
+    base = Scene(clip, seed, size).render(0, clip)            # [clip, H, W, 3]
+    bits = 14
+    chunk = []
+    for t in range(frames):
+        f = np.roll(base[t % clip], 4 * (t // clip), axis=1)
+        code = (t >> np.arange(bits)) & 1
+        f = f.copy()
+        for i, bit in enumerate(code):
+            f[2:10, 2 + 8 * i:8 + 8 * i] = 255 if bit else 0
+        chunk.append(f)
+        if len(chunk) == 64:
+            yield np.stack(chunk)
+            chunk = []
+    if chunk:
+        yield np.stack(chunk)
+
+
 def make_video(path: Path, frames: int, size: tuple[int, int], fps: float = 8.0, gop: int = 64,
                crf: int = 18, clip: int = 48, seed: int = 0) -> dict:
-    """A real H.264 file of `frames` frames: a rendered synthetic clip (adapttoken.training.synthetic.Scene)
-    looped with a drift of 4 px per loop and a binary frame counter stamped in, so no two frames
-    are equal. Decoding it is real work; rendering 10,000 distinct scenes would cost minutes."""
-    from ..training.synthetic import Scene, write_video
+    """A real H.264 file of `frames` frames (bench_frames): decoding it is real work."""
+    from ..training.synthetic import write_video
 
     t0 = time.perf_counter()
     H, W = size
-    base = Scene(clip, seed, size).render(0, clip)            # [clip, H, W, 3]
-    bits = 14
-
-    def frames_iter():
-        chunk = []
-        for t in range(frames):
-            f = np.roll(base[t % clip], 4 * (t // clip), axis=1)
-            code = (t >> np.arange(bits)) & 1
-            f = f.copy()
-            for i, bit in enumerate(code):
-                f[2:10, 2 + 8 * i:8 + 8 * i] = 255 if bit else 0
-            chunk.append(f)
-            if len(chunk) == 64:
-                yield np.stack(chunk)
-                chunk = []
-        if chunk:
-            yield np.stack(chunk)
-
-    write_video(path, frames_iter(), fps, crf=crf, gop=gop)
+    write_video(path, bench_frames(frames, size, clip, seed), fps, crf=crf, gop=gop)
     return {"path": str(path), "frames": frames, "height": H, "width": W, "fps": fps, "gop": gop,
             "crf": crf, "codec": "h264 (libx264)", "bytes": path.stat().st_size,
             "seconds_to_make": time.perf_counter() - t0}
+
+
+@dataclass
+class MemoryVideo:
+    """A video held in memory as uint8 frames [N, H, W, 3] (no file, no decoder, no PyAV): what
+    ComfyUI's IMAGE input gives the library. `bench gpu --in-memory` measures from it."""
+    frames: torch.Tensor
+    fps: float = 8.0
+    name: str = "memory"
+
+    def open(self, num_frames: int, max_pixels: int | None, min_pixels: int | None,
+             frames_per_slice: int):
+        """A VideoHandle over the sampled frames (as nodes/video.py's from_images builds it)."""
+        from ..decode import VideoHandle
+        from ..video import VideoInfo, plan_sampling
+        n, h, w = self.frames.shape[:3]
+        info = VideoInfo(f"<{self.name} {n}f {h}x{w}>", n, float(self.fps), n / float(self.fps), w, h, 0)
+        plan = plan_sampling(info, num_frames=num_frames, max_pixels=max_pixels,
+                             min_pixels=min_pixels, multiple_of=frames_per_slice)
+        idx = torch.as_tensor(plan.indices, dtype=torch.long)
+        return VideoHandle(plan, frames_per_slice, frames=self.frames[idx])
+
+
+def make_memory_video(frames: int, size: tuple[int, int], fps: float = 8.0, clip: int = 48,
+                      seed: int = 0) -> tuple[MemoryVideo, dict]:
+    """(MemoryVideo, meta) of the same frames make_video writes, held in memory."""
+    t0 = time.perf_counter()
+    arr = torch.from_numpy(np.concatenate(list(bench_frames(frames, size, clip, seed))))
+    H, W = size
+    return MemoryVideo(arr, fps), {"path": "<in memory>", "frames": frames, "height": H, "width": W,
+                                   "fps": fps, "codec": "none (uint8 frames in memory)",
+                                   "bytes": arr.numel(), "seconds_to_make": time.perf_counter() - t0}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,6 +163,9 @@ class Case:
     kept: int = 0
     features: dict = field(default_factory=dict)
     note: str = ""
+    entropy_norm: list = field(default_factory=list)    # H/H_max of each group run, in order
+    # the kept tokens as (slice, row, col), for comparing two runs (not written to results.json)
+    kept_set: frozenset = field(default_factory=frozenset, repr=False)
 
 
 class StopAfter:
@@ -165,14 +204,18 @@ def run_case(model, video_path, frames: int, method: str, args, counter: LLMCoun
     counter.reset()
     _sync(dev)
     t_start = time.perf_counter()
-    video = open_video(video_path, num_frames=frames, max_pixels=args.pixels, min_pixels=args.pixels,
-                       frames_per_slice=model.adapter.frames_per_slice)
+    if isinstance(video_path, MemoryVideo):
+        video = video_path.open(frames, args.pixels, args.pixels, model.adapter.frames_per_slice)
+    else:
+        video = open_video(video_path, num_frames=frames, max_pixels=args.pixels,
+                           min_pixels=args.pixels, frames_per_slice=model.adapter.frames_per_slice)
     probe_s = time.perf_counter() - t_start
     feats = model.features_for(video)
     feats.configure(feature_device=args.feature_device, decode_workers=args.decode_workers,
                     overlap=not args.no_overlap, cache_dir=cache_dir,
                     pad_chunks=bool(args.compile_vision),
-                    prefix_host_bytes=int(args.kv_host_gib * 2 ** 30))
+                    prefix_host_bytes=int(args.kv_host_gib * 2 ** 30),
+                    prefix_cache=False if getattr(args, "no_prefix_kv", False) else None)
     feats.reset_stats()
     feats.timer.add("probe", probe_s)
     n_groups = 0
@@ -244,6 +287,9 @@ def run_case(model, video_path, frames: int, method: str, args, counter: LLMCoun
         c.features["peak_gib_per_rank"] = [round(x, 3) for x in peaks]
     c.decoded_frames, c.encoded_slices = res.decoded_frames, res.encoded_slices
     c.kept = len(res.kept_tokens)
+    c.kept_set = frozenset((t["slice"], t["row"], t["col"]) for t in res.kept_tokens)
+    c.entropy_norm = [None if g.entropy_norm is None else round(float(g.entropy_norm), 5)
+                      for g in res.groups if g.entropy is not None]
     c.features = dict(res.extra.get("features", {}))
     kv = getattr(feats, "prefix_kv", None)
     if kv is not None:
@@ -296,6 +342,12 @@ def main(argv=None) -> int:
     ap.add_argument("--video-frames", type=int, default=None,
                     help="frames of the generated video (default: the largest --frames)")
     ap.add_argument("--video-dir", default=None, help="where to write the generated video")
+    ap.add_argument("--in-memory", action="store_true",
+                    help="no video file: the same generated frames held in memory as uint8 (no "
+                         "decoder, no PyAV; what ComfyUI's IMAGE input gives); decode = 0")
+    ap.add_argument("--quantization", choices=["none", "nf4", "int8"], default="none",
+                    help="Qwen2.5-VL: the random language-model weights quantized in memory by "
+                         "bitsandbytes (vision tower and LM head kept in bf16; models/quant.py)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--feature-device", default="auto", choices=["auto", "gpu", "cpu"])
     ap.add_argument("--decode-workers", type=int, default=None)
@@ -314,6 +366,9 @@ def main(argv=None) -> int:
                     help="emulate a card of this many GiB (torch.cuda.set_per_process_memory_fraction: "
                          "allocations beyond it fail) for the lengths >= --card-from; 0: off")
     ap.add_argument("--card-from", type=int, default=10000)
+    ap.add_argument("--no-prefix-kv", action="store_true",
+                    help="keep no group-prefix keys/values for later questions (PrefixKVCache off): "
+                         "the peak of one question without that cache")
     ap.add_argument("--kv-host-gib", type=float, default=0.0,
                     help="let group-prefix keys/values that do not fit on the GPU live in this many "
                          "GiB of CPU memory (PrefixKVCache host tier; 0: off)")
@@ -395,7 +450,8 @@ def main(argv=None) -> int:
             "arch": args.arch, "tiny": args.tiny, "pixels": args.pixels, "budget": args.budget,
             "group_size": args.group_size, "lite_stop_fraction": args.lite_stop_fraction,
             "max_new_tokens": args.max_new_tokens, "compile_vision": args.compile_vision,
-            "fuse_text": args.fuse_text,
+            "fuse_text": args.fuse_text, "quantization": args.quantization,
+            "in_memory": args.in_memory,
             "feature_device": args.feature_device, "overlap": not args.no_overlap,
             "card_gib": args.card_gib, "card_from": args.card_from, "kv_host_gib": args.kv_host_gib,
             "command": "python -m adapttoken bench gpu " + " ".join(argv if argv is not None else sys.argv[1:])}
@@ -418,7 +474,12 @@ def main(argv=None) -> int:
     print(f"[bench gpu] bf16 matmul {rate / 1e12:.1f} TFLOP/s", flush=True)
 
     # video
-    if args.video:
+    if args.in_memory:
+        vpath, meta["video"] = make_memory_video(args.video_frames or max(args.frames), (H, W))
+        print(f"[bench gpu] {meta['video']['frames']} frames in memory "
+              f"({meta['video']['bytes'] / 2 ** 30:.2f} GiB) in {meta['video']['seconds_to_make']:.1f} s",
+              flush=True)
+    elif args.video:
         vpath = Path(args.video)
         from ..video import probe_video
         info = probe_video(vpath)
@@ -439,11 +500,14 @@ def main(argv=None) -> int:
     if args.arch in ("qwen2.5-vl-7b", "qwen2.5-vl-72b"):
         model, build_s = build_model(args.tiny, device, dtype, args.pixels,
                                      size=args.arch.rsplit("-", 1)[1], llm_layers=args.llm_layers,
-                                     layout=layout)
+                                     layout=layout, quantization=args.quantization)
         model.adapter.compile_vision = args.compile_vision
         if layout is None or layout.tp == 1:        # tensor parallel: transformers' own layers
             model.adapter.fuse_text = args.fuse_text
     else:
+        if args.quantization != "none":
+            raise SystemExit(f"--quantization applies to the Qwen2.5-VL architectures here, not "
+                             f"--arch {args.arch}")
         from .archs import build_arch_model
         model, build_s = build_arch_model(args.arch, device, dtype, pixels=args.pixels, tiny=args.tiny)
     meta["model"] = model.name
@@ -472,6 +536,7 @@ def main(argv=None) -> int:
 
         def record(c: Case):
             d = c.__dict__.copy()
+            d.pop("kept_set", None)
             d["derived"] = derived(d, rate)
             results["cases"].append(d)
             s = d["seconds"]
@@ -574,6 +639,7 @@ def main(argv=None) -> int:
                 model.clear_cache()
                 if c is not None:
                     d = c.__dict__.copy()
+                    d.pop("kept_set", None)
                     d["variant"] = name
                     d["derived"] = derived(d, rate)
                     results["variants"].append(d)

@@ -63,12 +63,15 @@ def build_config(tok, text: dict, vision: dict, attn: str = "sdpa"):
 
 
 def build_model(tiny: bool, device: torch.device, dtype: torch.dtype, pixels: int, seed: int = 0,
-                size: str = "7b", llm_layers: int | None = None, layout=None):
+                size: str = "7b", llm_layers: int | None = None, layout=None,
+                quantization: str | None = None):
     """(Model, build seconds): random weights created directly on `device` in `dtype`. size "7b"
     or "72b" (Qwen2.5-VL's widths); llm_layers: only that many decoder layers (a slice).
     layout with tp > 1 (under torchrun): built tensor-parallel in memory, each rank creating only
     its own shard of the language model (72B in bf16 is 136.7 GiB: it is never whole anywhere,
-    nor written to disk); see _build_sharded."""
+    nor written to disk); see _build_sharded. quantization "nf4"/"int8" (one process): then
+    quantized in memory by bitsandbytes (models/quant.py: the same weights as without it, for the
+    same seed)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from ..models.loading import Model
@@ -86,7 +89,12 @@ def build_model(tiny: bool, device: torch.device, dtype: torch.dtype, pixels: in
         text = dict(text, num_hidden_layers=int(llm_layers))
     cfg = build_config(tok, text, vision)
     torch.manual_seed(seed)
+    from ..models.quant import normalize, quantize_in_memory
+    quantization = normalize(quantization)
     if layout is not None and layout.tp > 1:
+        if quantization:
+            from ..errors import InputError
+            raise InputError("--quantization and --tp exclude each other")
         model = _build_sharded(Qwen2_5_VLForConditionalGeneration, cfg, dtype, layout)
     else:
         prev = torch.get_default_dtype()
@@ -97,6 +105,10 @@ def build_model(tiny: bool, device: torch.device, dtype: torch.dtype, pixels: in
         finally:
             torch.set_default_dtype(prev)
         model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        if quantization:
+            model = quantize_in_memory(model, quantization, device)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     adapter = Qwen25VLAdapter(model, proc)
     if layout is not None and layout.tp > 1:
         adapter.tp_group = layout.tp_group
@@ -104,6 +116,8 @@ def build_model(tiny: bool, device: torch.device, dtype: torch.dtype, pixels: in
     _sync(device)
     name = "tiny-random" if tiny else f"qwen2.5-vl-{size}-random" + (
         f"-{llm_layers}-layers" if llm_layers else "")
+    if quantization:
+        name += f"-{quantization}"
     return Model(adapter, name=name), \
         time.perf_counter() - t0
 
@@ -138,8 +152,8 @@ def param_counts(model) -> dict:
     m = model.adapter.model
     vis = sum(p.numel() for mod in _vision_modules(m) for p in mod.parameters())
     lm = m.model.language_model
-    dec_linear = sum(mod.weight.numel() for layer in lm.layers for mod in layer.modules()
-                     if isinstance(mod, torch.nn.Linear))
+    dec_linear = sum(mod.in_features * mod.out_features for layer in lm.layers
+                     for mod in layer.modules() if isinstance(mod, torch.nn.Linear))  # quantized too
     emb = m.get_input_embeddings().weight.numel()
     head = m.lm_head.weight.numel()
     total = sum(p.numel() for p in m.parameters())

@@ -173,10 +173,11 @@ def _worker(args):
     model_dir, device, dtype, items, methods, budget, group_size, stop, threads, form = args[:10]
     task = args[10] if len(args) > 10 else None
     ablation_lengths = args[11] if len(args) > 11 else ()
+    quantization = args[12] if len(args) > 12 else None
     import torch
     torch.set_num_threads(threads)
     from adapttoken.models.loading import load_model
-    model = load_model(model_dir, dtype=dtype, device=device)
+    model = load_model(model_dir, dtype=dtype, device=device, quantization=quantization)
     out = []
     for sample, length in items:
         ms = [m for m in methods if m not in ABLATIONS or length in ablation_lengths]
@@ -424,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default=None, help="model folder (default: the bundled tiny model)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--quantization", choices=["none", "nf4", "int8"], default="none",
+                    help="the model's language-model weights in 4-bit NF4 or 8-bit (bitsandbytes)")
     ap.add_argument("--out", default="docs/bench_synthetic", help="folder for the table and plots")
     ap.add_argument("--videos", default=None, help="folder to keep the generated videos "
                                                    "(default: a temporary folder)")
@@ -473,7 +476,7 @@ def main(argv=None) -> int:
     if args.jobs <= 1:
         rows = _worker((model_dir, args.device, args.dtype, items, methods, budget,
                         group_size, args.stop_threshold, max(1, min(2, os.cpu_count() or 1)), args.form,
-                        args.task, abl))
+                        args.task, abl, args.quantization))
     else:
         import multiprocessing as mp
         n = min(args.jobs, len(items))
@@ -481,7 +484,8 @@ def main(argv=None) -> int:
         threads = max(1, (os.cpu_count() or 2) // n)
         with mp.get_context("spawn").Pool(n) as pool:
             res = pool.map(_worker, [(model_dir, args.device, args.dtype, p, methods, budget,
-                                      group_size, args.stop_threshold, threads, args.form, args.task, abl)
+                                      group_size, args.stop_threshold, threads, args.form, args.task, abl,
+                                      args.quantization)
                                      for p in parts])
         rows = [r for part in res for r in part]
     eval_s = time.perf_counter() - t1

@@ -55,6 +55,9 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1,
                    help="under torchrun: one tensor-parallel copy over all processes (= --nproc-per-node)")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--quantization", choices=["none", "nf4", "int8"], default="none",
+                   help="language-model weights in 4-bit NF4 or 8-bit (bitsandbytes), computed in "
+                        "--dtype (with --arch: the random weights quantized in memory)")
     p.add_argument("--attn", default="sdpa")
     p.add_argument("--cache-dir", default=None, help="on-disk vision-feature cache")
     p.add_argument("--decode-workers", type=int, default=None)
@@ -107,7 +110,7 @@ def spec_from_args(a):
                    native_frames=a.native_frames, native_max_pixels=a.native_max_pixels,
                    native_min_pixels=a.native_min_pixels, subtitles=a.subtitles, model=a.model or "",
                    device=a.device, dtype=a.dtype, attn=a.attn, cache_dir=a.cache_dir,
-                   device_map=a.device_map,
+                   device_map=a.device_map, quantization=a.quantization,
                    decode_workers=a.decode_workers, worker=a.worker, workers=a.workers, limit=a.limit,
                    seed=a.seed, quiet=a.quiet, retry_errors=a.retry_errors, arch=a.arch,
                    lite_stop_fraction=a.lite_stop_fraction,

@@ -13,7 +13,7 @@ Model arguments (`--model_args k=v,...`): model (a local model folder; default t
 model), method (adapttoken, lite, uniform, even_split; native = uniform frames at native_frames and
 native_max_pixels, every token), config (paper: 4096 frames, budget 7040), frames, budget,
 max_pixels, min_pixels, group_size, stop_threshold, native_frames, native_max_pixels, device,
-dtype, attn, cache_dir, decode_workers, seed.
+dtype, attn, cache_dir, decode_workers, seed, quantization (none, nf4, int8: bitsandbytes).
 
 Each request is one question: the task's own prompt (`doc_to_text`, after the video in one user
 turn) goes into every group pass and into the answer; option lines "A. ..." or "(A) ..." in it
@@ -89,7 +89,8 @@ def _build_class():
                      frames=None, budget=None, max_pixels=308 * 560, min_pixels=None, group_size=64,
                      stop_threshold=0.2, native_frames=NATIVE_FRAMES, native_max_pixels=NATIVE_MAX_PIXELS,
                      device: str = "auto", dtype: str = "auto", attn: str = "sdpa", cache_dir=None,
-                     decode_workers=None, seed=0, batch_size=1, **unused) -> None:
+                     decode_workers=None, seed=0, batch_size=1, quantization: str = "none",
+                     **unused) -> None:
             super().__init__()
             methods = ("adapttoken", "lite", "uniform", "even_split", "native")
             if method not in methods:
@@ -126,7 +127,7 @@ def _build_class():
             from ..defaults import default_model_dir
             from ..models.loading import load_model
             self.model = load_model(model or default_model_dir(), dtype=dtype, device=device,
-                                    attn_implementation=attn)
+                                    attn_implementation=attn, quantization=quantization)
             self.batch_size_per_gpu = 1
             self.last_result = None
 

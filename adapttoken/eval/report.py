@@ -106,7 +106,8 @@ def summarize(out, profile: str | None = None, expected: int | None = None) -> d
         by_m[r["method"]].append(r)
     methods = [m for m in METHOD_ORDER if m in by_m] + sorted(m for m in by_m if m not in METHOD_ORDER)
     res = {"bench": bench, "profile": profile, "run_profile": run_profile, "fingerprint": fp,
-           "spec": {k: spec.get(k) for k in ("methods", "device", "dtype", "workers", "limit", "model")},
+           "spec": {k: spec.get(k) for k in ("methods", "device", "dtype", "quantization", "workers", "limit",
+                                                     "model")},
            "expected_questions": expected, "cut_lines_skipped": cut, "methods": {},
            "random_weights": bool(fp.get("arch")),
            "warmup": [w for w in (_read_json(p) for p in sorted(out.glob("warmup-worker*.json"))) if w],

@@ -61,6 +61,7 @@ class RunSpec:
     dtype: str = "auto"
     attn: str = "sdpa"
     device_map: str | None = None      # "auto": accelerate spreads the layers (one process)
+    quantization: str = "none"         # nf4 / int8: bitsandbytes weights (models/quant.py)
     cache_dir: str | None = None
     decode_workers: int | None = None
     worker: int = 0
@@ -78,7 +79,7 @@ class RunSpec:
     def fingerprint(self) -> dict:
         keys = ("bench", "profile", "config_name", "num_frames", "budget", "max_pixels", "min_pixels",
                 "group_size", "stop_threshold", "native_frames", "native_max_pixels",
-                "native_min_pixels", "subtitles", "seed", "arch", "lite_stop_fraction")
+                "native_min_pixels", "subtitles", "seed", "arch", "lite_stop_fraction", "quantization")
         d = {k: getattr(self, k) for k in keys}
         d["model"] = (f"{self.arch} (random weights)" if self.arch
                       else Path(self.model).name if self.model else "bundled")
@@ -229,6 +230,7 @@ def check_run_dir(spec: RunSpec) -> None:
         old = json.loads(meta.read_text()).get("fingerprint", {})
         for k in ("arch", "lite_stop_fraction"):        # runs written before these existed
             old.setdefault(k, None)
+        old.setdefault("quantization", "none")
         diff = {k: (old.get(k), v) for k, v in fp.items() if old.get(k) != v}
         if diff:
             raise InputError(f"{out} holds a run with other settings ("
@@ -386,7 +388,8 @@ def load(spec: RunSpec, log, layout=None):
             raise InputError("--arch (random weights) is not built tensor-parallel by eval: time "
                              "tensor parallel with `bench gpu --tp N`, or evaluate a --model folder")
         from ..bench.eval_aids import build_random_model
-        model, secs, dt = build_random_model(spec.arch, spec.device, spec.dtype)
+        model, secs, dt = build_random_model(spec.arch, spec.device, spec.dtype,
+                                             quantization=spec.quantization)
         log(f"model: {spec.arch} with random weights ({dt}, {model.adapter.device}), built in "
             f"{secs:.1f} s: a speed run, its answers are random")
         _write_json(Path(spec.out) / f"model-worker{spec.worker}-of-{spec.workers}.json",
@@ -397,7 +400,8 @@ def load(spec: RunSpec, log, layout=None):
     from ..models.loading import load_model
     return load_model(spec.model or default_model_dir(), dtype=spec.dtype, device=spec.device,
                       attn_implementation=spec.attn, device_map=spec.device_map,
-                      layout=layout if layout is not None and layout.tp > 1 else None)
+                      layout=layout if layout is not None and layout.tp > 1 else None,
+                      quantization=spec.quantization)
 
 
 def _write_json(path: Path, obj) -> None:

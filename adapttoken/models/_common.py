@@ -70,7 +70,7 @@ def load_pretrained(model_cls_name: str, path: Path, dtype, device, attn_impleme
         raise ModelLoadError(f"model folder {str(path)!r}: this transformers "
                              f"({transformers.__version__}) has no {model_cls_name}; upgrade "
                              f"transformers")
-    extra = options.pretrained_kwargs(device) if options is not None else {}
+    extra = options.pretrained_kwargs(device, dtype) if options is not None else {}
     try:
         model = cls.from_pretrained(str(path), dtype=dtype, attn_implementation=attn_implementation,
                                     local_files_only=True, use_safetensors=True,

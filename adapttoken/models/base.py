@@ -67,7 +67,9 @@ class Adapter(ABC):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        """The compute dtype: the first floating-point parameter's (bitsandbytes stores quantized
+        weights as uint8/int8; the layers around them keep the load dtype)."""
+        return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
 
     @property
     @abstractmethod

@@ -120,6 +120,11 @@ class LoadOptions:
         return bool(self.device_map) or self.tensor_parallel or bool(self.quantization)
 
     def check(self) -> None:
+        from . import quant
+        self.quantization = quant.normalize(self.quantization)
+        if self.quantization and self.tensor_parallel:
+            raise InputError(f"quantization={self.quantization!r} and tensor parallel (--tp) exclude "
+                             f"each other: use one of them")
         if self.device_map not in (None, "auto") and not isinstance(self.device_map, dict):
             raise InputError(f"device_map={self.device_map!r}: use 'auto' (accelerate places the "
                              f"layers over the GPUs, then the host), a dict of module name -> device "
@@ -128,10 +133,15 @@ class LoadOptions:
             raise InputError("device_map='auto' and tensor parallel (--tp) exclude each other: "
                              "use --tp under torchrun, or device_map='auto' in one process")
 
-    def pretrained_kwargs(self, device: torch.device) -> dict:
-        """Extra keyword arguments of from_pretrained."""
+    def pretrained_kwargs(self, device: torch.device, dtype: torch.dtype | None = None) -> dict:
+        """Extra keyword arguments of from_pretrained (`dtype`: the compute dtype of quantized
+        weights)."""
         self.check()
         kw: dict = {}
+        if self.quantization:
+            from . import quant
+            kw.update(quant.pretrained_kwargs(self.quantization, dtype or torch.bfloat16, device,
+                                              self.device_map))
         if self.device_map:
             _need_accelerate("device_map")
             kw["device_map"] = self.device_map
@@ -231,7 +241,10 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto",
                quantization: str | None = None) -> Model:
     """Load a local model folder as a `Model` (see load_adapter). `device_map="auto"`: layers spread
     over the GPUs by accelerate in this process; `layout` (distributed.init(tp=N) under torchrun):
-    tensor parallel when its tp > 1; `quantization`: see LoadOptions."""
+    tensor parallel when its tp > 1; `quantization`: "nf4" or "int8" (bitsandbytes weights for the
+    language model, computed in `dtype`; "none"/None: as `dtype`; models/quant.py)."""
+    from .quant import normalize
+    quantization = normalize(quantization)
     opts = None
     if device_map or layout is not None or quantization:
         opts = LoadOptions(device_map=device_map, layout=layout, quantization=quantization)

@@ -46,3 +46,24 @@ def test_caches_in_comfy_memory_manager(comfyui_dir):
     assert r.returncode == 0 and facts["failures"] == [], (facts, r.stderr[-3000:])
     assert facts["comfy_model_memory"] > facts["weights_bytes"]
     assert facts["held_after_unload_all"] == {} and facts["held_after_oom"] == {}
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_quantized_model_stays_put_in_comfy(comfyui_dir, quantization):
+    """inprocess_quant_check.py: Load MLLM with bitsandbytes weights loads them onto ComfyUI's
+    compute device and never moves them (offload device = load device); unloading drops the video
+    caches only, and the model answers again. Needs bitsandbytes (on the CPU: a release that runs
+    4-bit/8-bit there)."""
+    import importlib.util
+    if importlib.util.find_spec("bitsandbytes") is None or importlib.util.find_spec("accelerate") is None:
+        pytest.skip('bitsandbytes/accelerate not installed (pip install -e ".[quant]")')
+    if not (BUNDLED / "model.safetensors").is_file():
+        pytest.skip("bundled model weights missing")
+    r = subprocess.run([sys.executable, str(HERE / "inprocess_quant_check.py"),
+                        "--quantization", quantization],
+                       capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, COMFYUI_DIR=str(comfyui_dir), HF_HUB_OFFLINE="1"))
+    assert r.stdout.strip(), r.stderr[-3000:]
+    facts = json.loads(r.stdout.strip().splitlines()[-1])
+    assert r.returncode == 0 and facts["failures"] == [], (facts, r.stderr[-3000:])
+    assert facts["answer"] and facts["answer_after_unload"]
