@@ -93,17 +93,23 @@ class SliceFeatures:
                   overlap: bool | None = None, cache_dir=None, pad_chunks: bool | None = None,
                   gpu_feature_bytes: int | None = None, prefix_cache: bool | None = None,
                   frame_stash_bytes: int | None = None, prefix_host_bytes: int | None = None,
-                  prefix_cpu_bytes: int | None = None) -> "SliceFeatures":
+                  prefix_cpu_bytes: int | None = None,
+                  prefix_keep: bool | None = None) -> "SliceFeatures":
         """Change options (None leaves one as it is). Features already computed stay valid: they
         move when the storage device changes. prefix_cache: keep each group pass's prefix
         keys/values for later questions (PrefixKVCache); prefix_host_bytes: how much of them may
         live in CPU memory when the device is full (0: none); prefix_cpu_bytes: how much of them
-        are kept with the model off CUDA (0: none, same results; the `ask` command keeps none)."""
+        are kept with the model off CUDA (0: none, same results); prefix_keep False: none kept on
+        any device (same results; the `ask` command, one question per process)."""
         if prefix_cache is not None:
             if not prefix_cache:
                 self.prefix_kv = None
             elif self.prefix_kv is None:
                 self.prefix_kv = PrefixKVCache(host_bytes=self._prefix_host_bytes)
+        if prefix_keep is not None and self.prefix_kv is not None:
+            self.prefix_kv.keep = bool(prefix_keep)
+            if not prefix_keep:
+                self.prefix_kv.drop(None)
         if prefix_cpu_bytes is not None:
             if prefix_cpu_bytes < 0:
                 raise InputError(f"prefix_cpu_bytes={prefix_cpu_bytes} must be >= 0 (0: none kept)")

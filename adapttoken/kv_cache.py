@@ -56,6 +56,9 @@ class PrefixKVCache:
 
     def __init__(self, fraction: float = 0.75, cpu_bytes: int = 2 * 2 ** 30, host_bytes: int = 0):
         self.fraction, self.cpu_bytes, self.host_bytes = fraction, cpu_bytes, int(host_bytes)
+        # False: keep nothing anywhere (one question per process: the `ask` command); the group
+        # passes still run the same calls, so results do not change
+        self.keep = True
         self._store: dict = {}
         self._nbytes: dict = {}          # key -> bytes of its states
         self._host: set = set()          # keys whose states live in the host tier
@@ -155,6 +158,8 @@ class PrefixKVCache:
     def offer(self, key, kv: list, nbytes: int, device: torch.device) -> bool:
         """Keep `kv` on the device if there is room, else in the host tier if it has room; False
         when neither has (counted in `refused`)."""
+        if not self.keep:
+            return False
         if self.room(nbytes, device):
             self.put(key, kv, nbytes)
             return True

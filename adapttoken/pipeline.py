@@ -67,6 +67,8 @@ class AdaptTokenConfig:
     prefix_host_bytes: int = 0      # group-prefix keys/values kept in CPU memory when the GPU is full
     prefix_cpu_bytes: int | None = None  # ... kept for later questions with the model on the CPU
                                          # (None: PrefixKVCache's 2 GiB; 0: none, same results)
+    prefix_keep: bool = True        # False: no prefix keys/values kept anywhere (one question per
+                                    # process; same results, less memory on the GPU)
     video_backend: str = "auto"     # video decoder: auto (decord, else PyAV), decord or pyav
 
 
@@ -230,7 +232,7 @@ def prepare(model: Model, video_path, config: AdaptTokenConfig, fresh_features: 
                     overlap=config.overlap, cache_dir=config.cache_dir,
                     frame_stash_bytes=config.frame_stash_bytes,
                     prefix_host_bytes=config.prefix_host_bytes,
-                    prefix_cpu_bytes=config.prefix_cpu_bytes)
+                    prefix_cpu_bytes=config.prefix_cpu_bytes, prefix_keep=config.prefix_keep)
     feats.reset_stats()
     feats.timer.add("probe", probe_s)
     return video

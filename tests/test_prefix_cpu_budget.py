@@ -56,7 +56,7 @@ def test_cli_ask_keeps_no_prefix_states(monkeypatch):
     args = cli.build_parser().parse_args(["ask", str(SAMPLE), "what?", "--frames", "16"])
     with pytest.raises(Stop):
         cli.cmd_ask(args)
-    assert seen["cfg"].prefix_cpu_bytes == 0
+    assert seen["cfg"].prefix_cpu_bytes == 0 and seen["cfg"].prefix_keep is False
     assert pipeline.AdaptTokenConfig().prefix_cpu_bytes is None     # the library keeps its default
 
 
@@ -79,3 +79,24 @@ def test_no_prefix_states_same_results():
     assert facts[0] == facts[1]
     assert kvs[0][0] == n and kvs[0][2].get("cpu", 0) > 0
     assert kvs[1][:2] == (0, n) and kvs[1][2] == {}
+
+
+@needs_bundled
+def test_prefix_keep_false_keeps_nothing_and_changes_nothing():
+    """`ask` on the command line answers one question per process: nothing is kept, on any device,
+    and the results equal the default's (the same calls run)."""
+    from adapttoken.demo import demo_config
+    q = at.Question("What coloured object appeared in the video?",
+                    ("blue square", "green square", "yellow cross", "blue cross"))
+    facts, held = [], []
+    for keep in (True, False):
+        model = at.load_model(BUNDLED_MODEL, device="cpu")
+        cfg = demo_config(960)
+        cfg.prefix_keep = keep
+        res = at.ask(model, SAMPLE, q, config=cfg)
+        (feats,) = model._features.values()
+        held.append((feats.prefix_kv.stored, feats.prefix_kv.held_bytes()))
+        facts.append({"answer": res.answer, "option_probs": res.option_probs,
+                      "entropies": [g.entropy for g in res.groups], "kept": res.kept_tokens})
+    assert facts[0] == facts[1]
+    assert held[0][0] > 0 and held[1] == (0, {})
