@@ -168,7 +168,8 @@ class FamilyAdapter(Adapter):
             with AttentionProbe(self.text_model.layers[probe_layer].self_attn) as probe:
                 logits = self.model(**kw).logits[0, -1]
         q_idx = torch.arange(seq.query_start, x.shape[1], device=x.device)
-        attn = probe.attention(q_idx)[..., seq.visual_rows.to(x.device)]
+        attn = probe.attention(q_idx)
+        attn = attn[..., seq.visual_rows.to(attn.device)]
         return ForwardOut(logits.float(), token_scores(attn, aggregation, self.tp_group)[0])
 
     def eos_token_ids(self) -> list[int]:

@@ -292,9 +292,10 @@ class Qwen25VLAdapter(Adapter):
             with AttentionProbe(layers[probe_layer].self_attn) as probe:
                 logits = self._run(x, pos, cache)
         keys, _ = _layer_kv(cache, probe_layer)
-        local = torch.arange(1, x.shape[1], device=x.device)    # <|vision_end|> excluded
+        # on the probed layer's device (with a device map it may not be the input's)
+        local = torch.arange(1, x.shape[1], device=probe.hidden.device)   # <|vision_end|> excluded
         attn = _probe_with_keys(layers[probe_layer].self_attn, probe.hidden[:, local],
-                                probe.cos[:, local], probe.sin[:, local], keys,
+                                probe.cos[:, local], probe.sin[:, local], keys.to(local.device),
                                 local + n0)[..., n_pre:n0]
         return ForwardOut(logits.float(), token_scores(attn, aggregation, self.tp_group)[0])
 

@@ -58,7 +58,9 @@ def test_device_map_with_offloaded_layers_answers_as_on_one_device(sample, metho
     _close(one, at.ask(model, path, q, config=cfg, method=method))
 
 
-def test_device_map_auto_on_one_gpu_equals_the_plain_load(sample):
+def test_device_map_auto_equals_the_plain_load(sample):
+    """Over every GPU the machine has (on a 2-GPU machine the probe's layer lands on the second:
+    the probe's indices follow the layer's device)."""
     path, q = sample
     cfg = demo_config(256)
     one = at.ask(at.load_model(BUNDLED_MODEL, device="cuda"), path, q, config=cfg)
