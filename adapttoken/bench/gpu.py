@@ -215,7 +215,8 @@ def run_case(model, video_path, frames: int, method: str, args, counter: LLMCoun
                     overlap=not args.no_overlap, cache_dir=cache_dir,
                     pad_chunks=bool(args.compile_vision),
                     prefix_host_bytes=int(args.kv_host_gib * 2 ** 30),
-                    prefix_cache=False if getattr(args, "no_prefix_kv", False) else None)
+                    prefix_cache=False if getattr(args, "no_prefix_kv", False) else None,
+                    prefix_keep=False if getattr(args, "one_question", False) else None)
     feats.reset_stats()
     feats.timer.add("probe", probe_s)
     n_groups = 0
@@ -369,6 +370,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-prefix-kv", action="store_true",
                     help="keep no group-prefix keys/values for later questions (PrefixKVCache off): "
                          "the peak of one question without that cache")
+    ap.add_argument("--one-question", action="store_true",
+                    help="as the `ask` command: the group passes run as usual but no group-prefix "
+                         "keys/values are kept (AdaptTokenConfig.prefix_keep=False)")
     ap.add_argument("--kv-host-gib", type=float, default=0.0,
                     help="let group-prefix keys/values that do not fit on the GPU live in this many "
                          "GiB of CPU memory (PrefixKVCache host tier; 0: off)")
