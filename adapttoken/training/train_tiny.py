@@ -813,24 +813,35 @@ def rows_attention(attn, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
 # held-out evaluation through the inference code path (adapter.encode + adapter.forward)
 # ----------------------------------------------------------------------------------------------
 
+
+def _forward_example(adapter, ex):
+    """One example through the inference path: its frames encoded, the kept tokens at their
+    positions, the question's prompt, a forward pass with the probe at the reference layer.
+    -> (prompt, ForwardOut, kept token indices)."""
+    from ..question import Question
+    feats = adapter.encode(torch.from_numpy(ex.frames), (FRAME, FRAME)).reshape(
+        -1, adapter.model.config.text_config.hidden_size)
+    keep = torch.from_numpy(ex.keep)
+    coords = torch.stack([torch.from_numpy(ex.t_pos)[keep // TPS], (keep % TPS) // GRID, keep % GRID])
+    q = ex.question
+    pr = adapter.build_prompt(Question(q.text, tuple(q.options)))
+    out = adapter.forward(pr, feats[keep.to(feats.device)], coords, ex.extent,
+                          probe_layer=adapter.default_layer)
+    return pr, out, keep
+
+
 @torch.no_grad()
 def evaluate(adapter, n: int = 200, seed: int = 12345, situation: str = "group") -> dict:
     """Accuracy with the needle in view, entropy with and without, and the probe's ranking of the
     needle's tokens, on held-out examples run exactly as the pipeline runs them."""
     from ..entropy import response_entropy
-    from ..question import Question
     rng = np.random.default_rng([seed, 7])
     tok = adapter.tokenizer
     rows = []
     for i in range(n):
         ex = make_example(rng, situation=situation, present=bool(i % 2 == 0), form="mc" if i % 4 < 2 else "open")
-        feats = adapter.encode(torch.from_numpy(ex.frames), (FRAME, FRAME)).reshape(-1, adapter.model.config.text_config.hidden_size)
-        keep = torch.from_numpy(ex.keep)
-        coords = torch.stack([torch.from_numpy(ex.t_pos)[keep // TPS], (keep % TPS) // GRID, keep % GRID])
         q = ex.question
-        pr = adapter.build_prompt(Question(q.text, tuple(q.options)))
-        out = adapter.forward(pr, feats[keep.to(feats.device)], coords, ex.extent,
-                              probe_layer=adapter.default_layer)
+        pr, out, keep = _forward_example(adapter, ex)
         if q.options:
             h, hmax, probs = response_entropy(out.logits, pr.option_token_ids)
             pred = syn.LETTERS[int(np.argmax(probs))]
@@ -863,7 +874,6 @@ def evaluate_tasks(adapter, n: int = 100, seed: int = 54321, tasks=tuple(TASK_MI
     probe's top-k tokens, k = the number of evidence tokens (group passes, all tokens in view).
     Entropies of multiple-choice questions only (H_max = ln 4)."""
     from ..entropy import response_entropy
-    from ..question import Question
     tok = adapter.tokenizer
     out = {}
     for task in tasks:
@@ -873,14 +883,8 @@ def evaluate_tasks(adapter, n: int = 100, seed: int = 54321, tasks=tuple(TASK_MI
             for i in range(n):
                 ex = make_task_example(rng, task, situation=sit, present=bool(i % 3 != 2),
                                        form="mc" if i % 2 == 0 else "open")
-                feats = adapter.encode(torch.from_numpy(ex.frames), (FRAME, FRAME)).reshape(
-                    -1, adapter.model.config.text_config.hidden_size)
-                keep = torch.from_numpy(ex.keep)
-                coords = torch.stack([torch.from_numpy(ex.t_pos)[keep // TPS], (keep % TPS) // GRID, keep % GRID])
                 q = ex.question
-                pr = adapter.build_prompt(Question(q.text, tuple(q.options)))
-                o = adapter.forward(pr, feats[keep.to(feats.device)], coords, ex.extent,
-                                    probe_layer=adapter.default_layer)
+                pr, o, keep = _forward_example(adapter, ex)
                 if q.options:
                     h, hmax, probs = response_entropy(o.logits, pr.option_token_ids)
                     pred = syn.LETTERS[int(np.argmax(probs))]
