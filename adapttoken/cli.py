@@ -159,8 +159,6 @@ def _print_result(res, as_json: bool, evidence: bool = False) -> None:
 
 def _videos_of(path: str) -> list[str]:
     from pathlib import Path
-
-    from .errors import InputError
     p = Path(path)
     if p.is_dir():
         vids = sorted(str(f) for f in p.iterdir() if f.is_file() and f.suffix.lower() in VIDEO_SUFFIXES)
@@ -179,7 +177,6 @@ def cmd_ask_many(args) -> int:
     from .video import plan_sampling, probe_video
     items = read_questions(args.questions)
     if args.option:
-        from .errors import InputError
         raise InputError("--option applies to one question; with --questions put \"options\" in "
                          "each line of the file")
     cfg = config_from_args(args)
@@ -226,7 +223,6 @@ VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpe
 
 
 def cmd_ask(args) -> int:
-    from .errors import InputError
     if args.questions is not None:
         if args.question is not None:
             raise InputError("give either a question or --questions FILE, not both")
@@ -273,7 +269,6 @@ def cmd_ask(args) -> int:
 def _distributed_layout(args):
     """The rank's Layout when torchrun started this process (None otherwise)."""
     from .distributed import init, launched_by_torchrun
-    from .errors import InputError
     if not launched_by_torchrun():
         if args.tp != 1:
             raise InputError(f"--tp {args.tp} runs under torchrun: torchrun --nproc-per-node "
