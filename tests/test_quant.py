@@ -175,3 +175,41 @@ def test_bundled_model_quantized_on_the_cpu_selects_like_fp32(q, reference):
         if g0.entropy is not None and g1.entropy is not None:
             assert abs(g0.entropy_norm - g1.entropy_norm) <= 0.05, (g0.group, g0.entropy_norm,
                                                                     g1.entropy_norm)
+
+
+def test_random_quantized_build_draws_one_weight_at_a_time():
+    """bench's quantized random model (quant.random_quantized): transformers' quantizing load over
+    weights drawn as it reads them. Every weight is drawn once and at most a couple are alive at
+    a time (the 72B model is never whole in bf16); the decoder's linears come out quantized, the
+    rest as drawn (norms ones, biases zeros); a seed gives the same weights, another seed others."""
+    if not _cpu_runs("nf4"):
+        pytest.skip("the installed bitsandbytes does not run nf4 on the CPU")
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+    from transformers import Qwen2_5_VLForConditionalGeneration as C
+
+    from adapttoken.bench.gpu_measure import TINY_TEXT, TINY_VISION, build_config
+    from adapttoken.training.tiny import build_tokenizer
+    cfg = build_config(build_tokenizer(), TINY_TEXT, TINY_VISION)
+    n_keys = len(C(cfg).state_dict())
+
+    def up(m):
+        w = m.model.language_model.layers[1].mlp.up_proj.weight
+        return F.dequantize_4bit(w.data, w.quant_state).float()
+
+    m, drawn = quant.random_quantized(C, cfg, "nf4", torch.bfloat16, CPU, seed=3)
+    assert drawn.drawn == len(drawn) == n_keys
+    assert drawn.peak_live <= 3, drawn.peak_live
+    layer = m.model.language_model.layers[1]
+    assert isinstance(layer.mlp.up_proj, bnb.nn.Linear4bit) and isinstance(layer.self_attn.k_proj,
+                                                                           bnb.nn.Linear4bit)
+    assert quant.quantization_of(m) == "nf4" and type(m.lm_head) is torch.nn.Linear
+    w = up(m)
+    assert abs(w.std().item() - cfg.text_config.initializer_range) < 0.005
+    assert torch.equal(layer.input_layernorm.weight, torch.ones_like(layer.input_layernorm.weight))
+    assert not layer.self_attn.q_proj.bias.any()
+    assert torch.equal(w, up(quant.random_quantized(C, cfg, "nf4", torch.bfloat16, CPU, seed=3)[0]))
+    assert not torch.equal(w, up(quant.random_quantized(C, cfg, "nf4", torch.bfloat16, CPU, seed=4)[0]))
+    # the model runs: a text forward gives finite logits
+    out = m(input_ids=torch.tensor([[1, 2, 3, 4]]))
+    assert torch.isfinite(out.logits.float()).all()

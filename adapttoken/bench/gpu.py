@@ -347,8 +347,9 @@ def main(argv=None) -> int:
                     help="no video file: the same generated frames held in memory as uint8 (no "
                          "decoder, no PyAV; what ComfyUI's IMAGE input gives); decode = 0")
     ap.add_argument("--quantization", choices=["none", "nf4", "int8"], default="none",
-                    help="Qwen2.5-VL: the random language-model weights quantized in memory by "
-                         "bitsandbytes (vision tower and LM head kept in bf16; models/quant.py)")
+                    help="Qwen2.5-VL: the random language-model weights quantized by bitsandbytes "
+                         "as they are drawn, one at a time (the bf16 model never exists: 72B fits "
+                         "one GPU in nf4); vision tower and LM head kept in bf16; models/quant.py")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--feature-device", default="auto", choices=["auto", "gpu", "cpu"])
     ap.add_argument("--decode-workers", type=int, default=None)

@@ -69,9 +69,10 @@ def build_model(tiny: bool, device: torch.device, dtype: torch.dtype, pixels: in
     or "72b" (Qwen2.5-VL's widths); llm_layers: only that many decoder layers (a slice).
     layout with tp > 1 (under torchrun): built tensor-parallel in memory, each rank creating only
     its own shard of the language model (72B in bf16 is 136.7 GiB: it is never whole anywhere,
-    nor written to disk); see _build_sharded. quantization "nf4"/"int8" (one process): then
-    quantized in memory by bitsandbytes (models/quant.py: the same weights as without it, for the
-    same seed)."""
+    nor written to disk); see _build_sharded. quantization "nf4"/"int8" (one process): built by
+    transformers' quantizing load over weights drawn one at a time (quant.random_quantized), so the
+    bf16 model never exists: the 72B architecture fits one GPU in nf4 (about 44 GiB). Its random
+    weights differ from the bf16 build's for the same seed."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from ..models.loading import Model
@@ -89,13 +90,18 @@ def build_model(tiny: bool, device: torch.device, dtype: torch.dtype, pixels: in
         text = dict(text, num_hidden_layers=int(llm_layers))
     cfg = build_config(tok, text, vision)
     torch.manual_seed(seed)
-    from ..models.quant import normalize, quantize_in_memory
+    from ..models.quant import normalize, random_quantized
     quantization = normalize(quantization)
     if layout is not None and layout.tp > 1:
         if quantization:
             from ..errors import InputError
             raise InputError("--quantization and --tp exclude each other")
         model = _build_sharded(Qwen2_5_VLForConditionalGeneration, cfg, dtype, layout)
+    elif quantization:
+        model, _ = random_quantized(Qwen2_5_VLForConditionalGeneration, cfg, quantization, dtype,
+                                    device, seed)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     else:
         prev = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
@@ -105,10 +111,6 @@ def build_model(tiny: bool, device: torch.device, dtype: torch.dtype, pixels: in
         finally:
             torch.set_default_dtype(prev)
         model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        if quantization:
-            model = quantize_in_memory(model, quantization, device)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
     adapter = Qwen25VLAdapter(model, proc)
     if layout is not None and layout.tp > 1:
         adapter.tp_group = layout.tp_group

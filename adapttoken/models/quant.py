@@ -163,3 +163,76 @@ def quantize_in_memory(model, quantization: str, device: torch.device,
                             device_map=device_map_for(device))
     del sd
     return q.eval().requires_grad_(False)
+
+
+class RandomWeights(dict):
+    """A state dict of random weights drawn only when read, for `random_quantized`: each value is a
+    `_Draw`, which transformers' loading materialises with `value[...]` (the laziness its own
+    safetensors loading relies on), so one weight at a time exists unquantized. Weights of two or
+    more dimensions are N(0, std); one-dimensional ones (norms) ones, biases zeros. Draws are
+    seeded per name: the same seed gives the same weights. `peak_live` / `drawn`: how many drawn
+    tensors were alive at once at most / in all (tests check that the load is one at a time)."""
+
+    def __init__(self, shapes: dict, device: torch.device, dtype: torch.dtype, std: float,
+                 seed: int = 0):
+        super().__init__()
+        self.live = self.peak_live = self.drawn = 0
+        for i, (name, shape) in enumerate(shapes.items()):
+            self[name] = _Draw(self, name, tuple(shape), device, dtype, std, seed * 1_000_003 + i)
+
+    def _born(self, t: torch.Tensor) -> None:
+        import weakref
+        self.live += 1
+        self.drawn += 1
+        self.peak_live = max(self.peak_live, self.live)
+        weakref.finalize(t, self._died)
+
+    def _died(self) -> None:
+        self.live -= 1
+
+
+class _Draw:
+    """One weight of RandomWeights, drawn on `device` when transformers reads it (`value[...]`)."""
+
+    def __init__(self, owner, name, shape, device, dtype, std, seed):
+        self.owner, self.name, self.shape = owner, name, shape
+        self.device, self.dtype, self.std, self.seed = device, dtype, std, seed
+
+    def get_shape(self):                       # the safetensors slice interface
+        return list(self.shape)
+
+    def get_dtype(self):
+        return str(self.dtype).removeprefix("torch.")
+
+    def __getitem__(self, index):
+        if index is not Ellipsis:
+            raise TypeError(f"{self.name}: only value[...] (the whole weight) is drawn")
+        if len(self.shape) >= 2:
+            g = torch.Generator(device=self.device).manual_seed(self.seed)
+            t = torch.empty(self.shape, device=self.device, dtype=self.dtype)
+            t.normal_(0.0, self.std, generator=g)
+        elif self.name.endswith(".bias"):
+            t = torch.zeros(self.shape, device=self.device, dtype=self.dtype)
+        else:
+            t = torch.ones(self.shape, device=self.device, dtype=self.dtype)
+        self.owner._born(t)
+        return t
+
+
+def random_quantized(cls, config, quantization: str, dtype: torch.dtype, device: torch.device,
+                     seed: int = 0, skip_modules=QUANT_SKIP_MODULES):
+    """(bitsandbytes model of random weights, its RandomWeights): transformers' quantizing load
+    (from_pretrained(None, state_dict=...), the path a model folder takes) over weights drawn one at
+    a time as it reads them, so the model is never whole in `dtype`: Qwen2.5-VL-72B's 136.7 GiB of
+    bf16 weights never exist, only its quantized ones (about 44 GiB in nf4). For benchmarks; the
+    weights differ from a model built in `dtype` with the same seed (quantize_in_memory keeps
+    those)."""
+    check_device(quantization, device)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in cls(config).state_dict().items()}
+    std = float(getattr(getattr(config, "text_config", config), "initializer_range", 0.02))
+    weights = RandomWeights(shapes, device, dtype, std, seed)
+    model = cls.from_pretrained(None, config=config, state_dict=weights, dtype=dtype,
+                                quantization_config=bnb_config(quantization, dtype, skip_modules),
+                                device_map=device_map_for(device))
+    return model.eval().requires_grad_(False), weights
