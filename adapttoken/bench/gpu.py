@@ -330,6 +330,10 @@ def main(argv=None) -> int:
                          "architecture at full width, e.g. 4 of 72B's 80 to fit one GPU)")
     ap.add_argument("--frames", type=int, nargs="+", default=[1024, 4096, 10000])
     ap.add_argument("--size", default="308x560", help="frame size HxW (also the pixel cap)")
+    ap.add_argument("--source-size", default=None,
+                    help="the generated video's frame size HxW when it differs from --size (e.g. "
+                         "1080x1920, 2160x3840): frames are decoded at this size and resized to "
+                         "the --size pixel cap by the decoder lanes, as for a real camera file")
     ap.add_argument("--budget", type=int, default=7040)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--lite-stop-fraction", type=float, default=0.25)
@@ -440,6 +444,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     H, W = parse_size(args.size)
     args.pixels = H * W
+    if args.source_size:                        # the file's size; --size stays the pixel cap
+        H, W = parse_size(args.source_size)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -519,7 +525,9 @@ def main(argv=None) -> int:
     meta["frames_per_slice"] = model.adapter.frames_per_slice
     meta["build_seconds"] = build_s
     meta["params"] = param_counts(model)
-    res_hw = model.adapter.resized_size(H, W, args.pixels, args.pixels)
+    res_hw = model.adapter.resized_size(meta["video"]["height"], meta["video"]["width"],
+                                        args.pixels, args.pixels)   # the source's size, capped
+    meta["resized"] = list(res_hw)
     rows, cols = model.adapter.token_grid(res_hw)
     meta["tokens_per_slice"] = rows * cols
     from ..decode import default_decode_workers

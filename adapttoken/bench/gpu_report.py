@@ -7,6 +7,7 @@ from pathlib import Path
 
 STAGES = ("probe", "cache_load", "decode", "preprocess", "vision", "group_pass", "allocate", "answer")
 METHODS = ("uniform", "adapttoken", "second_question", "lite")
+QWEN25_ARCHS = ("qwen2.5-vl-7b", "qwen2.5-vl-72b")
 ARCH_LABELS = {"qwen2.5-vl-7b": "Qwen2.5-VL-7B", "qwen2.5-vl-72b": "Qwen2.5-VL-72B",
                "qwen3-vl-8b": "Qwen3-VL-8B", "internvl3-8b": "InternVL3-8B"}
 
@@ -41,7 +42,7 @@ def text_path(meta: dict) -> str:
 
 
 def vision_path(meta: dict) -> str:
-    if meta.get("arch", "qwen2.5-vl-7b") != "qwen2.5-vl-7b":
+    if meta.get("arch", "qwen2.5-vl-7b") not in QWEN25_ARCHS:
         return "transformers' own tower (sdpa)"
     cv = meta.get("compile_vision")
     if "fuse_text" not in meta and not cv:
@@ -67,7 +68,16 @@ def markdown(results: dict) -> str:
     meta, rate = results["meta"], results["matmul"]["flops_per_s"]
     arch = meta.get("arch", "qwen2.5-vl-7b")
     fps_slice = meta.get("frames_per_slice", 2)
-    lines = [f"# `bench gpu`: {ARCH_LABELS.get(arch, arch)} architecture, random bf16 weights, end to end", "",
+    qwen25 = arch in QWEN25_ARCHS      # one adapter: fast tower, fused text, prefix KV cache
+    quant = meta.get("quantization") or "none"
+    weights = ("random bf16 weights" if quant == "none" else
+               f"random weights in {quant} (bitsandbytes; vision tower and LM head bf16)")
+    video = meta["video"]
+    source = (f"{video['frames']} frames of {video['height']}x{video['width']} held in memory as "
+              f"uint8 (--in-memory: no file, no decoder)" if meta.get("in_memory") else
+              f"{video['frames']} frames of {video['height']}x{video['width']} H.264 (GOP "
+              f"{video.get('gop')}) decoded from local disk with PyAV")
+    lines = [f"# `bench gpu`: {ARCH_LABELS.get(arch, arch)} architecture, {weights}, end to end", "",
              *([f"- language model: {meta['llm_layers']} of the architecture's decoder layers "
                 f"(a slice; full widths)"] if meta.get("llm_layers") else []),
              *([f"- {meta['nproc']} processes under torchrun, groups divided among them; the floor "
@@ -77,22 +87,23 @@ def markdown(results: dict) -> str:
              f"{meta['cpu_count']} CPU cores",
              f"- bf16 {results['matmul']['n']}^3 matmul in this run: {rate / 1e12:.0f} TFLOP/s"
              + (f"; device copy {results['copy_bw'] / 1e9:.0f} GB/s" if results.get("copy_bw") else ""),
-             f"- video: {meta['video']['frames']} frames of {meta['video']['height']}x"
-             f"{meta['video']['width']} H.264 (GOP {meta['video'].get('gop')}) decoded from local "
-             f"disk with PyAV; "
+             f"- video: {source}; "
+             + (f"resized to {meta['resized'][0]}x{meta['resized'][1]} for the model; "
+                if meta.get("resized") and tuple(meta["resized"]) != (video["height"], video["width"])
+                and arch != "internvl3-8b" else "")
              + (f"{meta['pixels']} pixels per frame" if arch != "internvl3-8b"
                 else "each frame squashed to 448x448")
              + f" = {meta['tokens_per_slice']} tokens per {fps_slice}-frame slice",
              f"- budget {meta['budget']} tokens, groups of {meta['group_size']} slices (strided), "
              f"answer: {meta['max_new_tokens']} new tokens; vision path: {vision_path(meta)}; "
-             + (f"language model: {text_path(meta)}; " if arch == "qwen2.5-vl-7b" else "")
+             + (f"language model: {text_path(meta)}; " if qwen25 else "")
              + f"features kept: {meta['feature_device']}; decoder threads: {meta['decode_workers']}",
              f"- Lite: random weights give no confident group, so the stop point is a benchmark "
              f"parameter: Lite stops after round({meta['lite_stop_fraction']} x groups) groups.",
              f"- second question: a new question on the same video and sampling right after "
              f"adapttoken; its vision features are still in memory"
              + (", and so are the keys/values of each group's prefix (system prompt + visual "
-                "tokens) where they fit (PrefixKVCache)." if arch == "qwen2.5-vl-7b" else
+                "tokens) where they fit (PrefixKVCache)." if qwen25 else
                 "; this family has no prefix key/value cache, so every group pass runs again."),
              (f"- lengths >= {meta['card_from']} frames run as on a {meta['card_gib']:g} GiB card: "
               f"torch.cuda.set_per_process_memory_fraction caps the allocator there (allocations "
