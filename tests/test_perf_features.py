@@ -270,6 +270,26 @@ def test_bench_gpu_tiny_smoke(tmp_path):
     assert (out / "bench_gpu.png").stat().st_size > 1000
 
 
+def test_bench_gpu_source_size_decodes_a_larger_file_at_the_pixel_cap(tmp_path):
+    """--source-size: the generated file has that size (a 1080p/4K-like source), the model sees
+    frames resized to the --size pixel cap, and the report says both."""
+    from adapttoken.bench.gpu import main
+    from adapttoken.video import probe_video
+    out = tmp_path / "bench"
+    rc = main(["--tiny", "--frames", "32", "--size", "56x112", "--source-size", "216x384",
+               "--group-size", "8", "--budget", "16", "--out", str(out), "--video-frames", "32",
+               "--methods", "adapttoken"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    info = probe_video(out / "bench_32f_216x384.mp4")
+    assert (info.height, info.width) == (216, 384) == (res["meta"]["video"]["height"],
+                                                       res["meta"]["video"]["width"])
+    rh, rw = res["meta"]["resized"]
+    assert rh * rw <= 56 * 112 and abs(rw / rh - 384 / 216) < 0.3   # capped, aspect kept
+    assert "216x384 H.264" in (out / "README.md").read_text()
+    assert f"resized to {rh}x{rw}" in (out / "README.md").read_text()
+
+
 # -- prefix key/value cache ---------------------------------------------------------------------
 
 def test_second_question_reuses_group_prefix_kv_exactly(tiny_model, clip):

@@ -86,6 +86,8 @@ def markdown(results: dict) -> str:
              f"{meta['transformers']}, PyAV {meta.get('av')}, Python {meta['python']}, "
              f"{meta['cpu_count']} CPU cores",
              f"- bf16 {results['matmul']['n']}^3 matmul in this run: {rate / 1e12:.0f} TFLOP/s"
+             + (" (median of " + " / ".join(f"{r / 1e12:.0f}" for r in results["matmul"]["runs"])
+                + ")" if len(results["matmul"].get("runs") or []) > 1 else "")
              + (f"; device copy {results['copy_bw'] / 1e9:.0f} GB/s" if results.get("copy_bw") else ""),
              f"- video: {source}; "
              + (f"resized to {meta['resized'][0]}x{meta['resized'][1]} for the model; "
