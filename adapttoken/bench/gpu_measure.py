@@ -75,7 +75,7 @@ def build_model(tiny: bool, device: torch.device, dtype: torch.dtype, pixels: in
     weights differ from the bf16 build's for the same seed."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from ..models.loading import Model
+    from ..models.loading import Model, attach_tensor_parallel
     from ..models.qwen2_5_vl import Qwen25VLAdapter
     from ..training.tiny import build_processor, build_tokenizer
 
@@ -113,8 +113,7 @@ def build_model(tiny: bool, device: torch.device, dtype: torch.dtype, pixels: in
         model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     adapter = Qwen25VLAdapter(model, proc)
     if layout is not None and layout.tp > 1:
-        adapter.tp_group = layout.tp_group
-        adapter.fuse_text = False
+        attach_tensor_parallel(adapter, layout)
     _sync(device)
     name = "tiny-random" if tiny else f"qwen2.5-vl-{size}-random" + (
         f"-{llm_layers}-layers" if llm_layers else "")

@@ -184,10 +184,17 @@ def load_adapter(path: str | Path, dtype: str | torch.dtype | None = "auto",
     adapter = _families()[family].from_folder(Path(path), resolve_dtype(dtype, dev), dev,
                                               attn_implementation, options)
     if options is not None and options.tensor_parallel:
-        adapter.tp_group = options.layout.tp_group
-        if hasattr(adapter, "fuse_text"):       # our compiled kernels assume whole layers
-            adapter.fuse_text = False
+        attach_tensor_parallel(adapter, options.layout)
     return adapter
+
+
+def attach_tensor_parallel(adapter: Adapter, layout) -> None:
+    """What an adapter over a tensor-parallel model needs after loading (a model folder here, the
+    benchmark's random build in bench/gpu_measure.py): the probe combines the heads of the ranks in
+    `layout.tp_group`, and our compiled norm/MLP kernels, which assume whole layers, are off."""
+    adapter.tp_group = layout.tp_group
+    if hasattr(adapter, "fuse_text"):
+        adapter.fuse_text = False
 
 
 def download_model(repo_id: str, dest: str | Path) -> Path:
