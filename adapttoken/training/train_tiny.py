@@ -41,6 +41,12 @@ in the answer loss forces that particular layer to look at the evidence, so on e
 needle we add lambda * -log(sum_needle s / sum_all s), s = the probe's score of each visual token,
 computed with the library's own probe math (`models.probe.probe_attention`) and gradients.
 
+Feature heads [ours] (`--feat`, stage 7): training-only linear heads on the vision tower's merged
+output (the visual tokens the language model receives) predict, per token, the colour and the shape
+of the needle that covers it (or none), a class-balanced cross-entropy. They teach the tower to put
+what the needle is into every token it covers; the heads are dropped after training (the saved
+model is the plain architecture) and inference never sees them.
+
 Frames: rendered from `synthetic.Scene` (only the sampled frames of the virtual video); a cheap
 emulation of the video codec (4:2:0 chroma subsampling, a little noise) runs on the device for most
 examples, so training sees roughly what decoding a file gives (checked: mean error to a real
@@ -109,6 +115,24 @@ class Example:
     situation: str              # "group" or "final"
     num_frames: int = 0         # of the virtual video
     soft: tuple = ()            # ((answer, prob), ...): a soft target (partial evidence), else ()
+    tok_cls: np.ndarray | None = None   # int [n_slices * 16, 2]: colour, shape class of every token's
+                                        # needle (1 + index; 0 none, -100 a sliver: ignored)
+
+
+FEAT_MIN_PX = 24                # a token shows a needle's attributes if it holds >= this many of its px
+
+
+def _token_classes(n_tokens: int, covers) -> np.ndarray:
+    """covers: (token ids, their needle pixel counts, needle) per shown needle -> [n_tokens, 2]
+    feature-head labels (colour, shape): 1 + the class index, 0 where no needle, -100 for slivers."""
+    cls = np.zeros((n_tokens, 2), np.int64)
+    names = list(syn.COLOURS)
+    for toks, px, nd in covers:
+        toks, px = np.asarray(toks), np.asarray(px)
+        lab = np.where(px[:, None] >= FEAT_MIN_PX,
+                       np.array([1 + names.index(nd.colour), 1 + syn.SHAPES.index(nd.shape)]), -100)
+        cls[toks] = np.where(cls[toks] > 0, cls[toks], lab)
+    return cls
 
 
 def _cell_cover(needle: syn.Needle) -> dict[int, int]:
@@ -207,10 +231,13 @@ def make_example(rng: np.random.Generator, situation: str | None = None,
 
     cover = _cell_cover(needle)
     needle_tok = np.zeros(n * TPS, bool)
+    covers = []
     if shown:
         for j, s in enumerate(slices):
             if hit[s]:
-                needle_tok[j * TPS + np.array(sorted(cover))] = True
+                cells = np.array(sorted(cover))
+                needle_tok[j * TPS + cells] = True
+                covers.append((j * TPS + cells, [cover[c] for c in cells.tolist()], needle))
     if situation == "group":
         keep = np.arange(n * TPS)
         extent = max(int(t_all[slices].max()), GRID - 1)
@@ -232,7 +259,7 @@ def make_example(rng: np.random.Generator, situation: str | None = None,
         keep = np.nonzero(keep_mask)[0]
         extent = max(int(t_all.max()), GRID - 1)
     return Example(frames, t_all[slices], keep, needle_tok[keep], extent, q, shown, situation,
-                   n_video)
+                   n_video, tok_cls=_token_classes(n * TPS, covers))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,11 +395,14 @@ def make_task_example(rng: np.random.Generator, task: str, situation: str | None
                             slice_frames, slices, stride)
     nv = len(slices)
     owner = np.full(nv * TPS, -1)                    # token -> needle index shown there
+    covers = []
     for j, sl in enumerate(slices):
         for i, nd in enumerate(needles):
             if _overlaps(slice_frames[sl], nd).any():
-                for cell in _cell_cover(nd):
+                cov = _cell_cover(nd)
+                for cell in cov:
                     owner[j * TPS + cell] = i
+                covers.append(([j * TPS + c for c in cov], list(cov.values()), nd))
     if situation == "group":
         keep = np.arange(nv * TPS)
         extent = max(int(t_all[slices].max()), GRID - 1)
@@ -422,7 +452,7 @@ def make_task_example(rng: np.random.Generator, task: str, situation: str | None
     if not present:
         q = dataclasses.replace(q, answer="", answer_text="")
     return Example(frames, t_all[slices], keep, (owner >= 0)[keep], extent, q, present, situation,
-                   n_video, soft)
+                   n_video, soft, tok_cls=_token_classes(nv * TPS, covers))
 
 
 class _PromptBuilder:
@@ -534,10 +564,14 @@ class Packer:
                     letter_ptr[i, n_pre + n_vis + a + 1:n_pre + n_vis + b] = n_pre + n_vis + a
         frames = torch.from_numpy(np.concatenate([ex.frames for ex in examples]))
         codec = torch.cat([torch.full((len(ex.frames),), bool(rng.random() < codec_p)) for ex in examples])
+        tok_cls = torch.from_numpy(np.concatenate([
+            ex.tok_cls if ex.tok_cls is not None else np.full((len(ex.t_pos) * TPS, 2), -100)
+            for ex in examples]))
         return {"frames": frames, "codec": codec, "n_slices": int(slice_off), "ids": ids_b, "vis": vis_b,
                 "pos": pos_b, "mask": mask, "label": label, "soft": soft, "soft_pos": soft_pos,
                 "present": present, "aux": aux, "line": line,
-                "letter_ptr": letter_ptr, "needle_pos": needle_pos, "word_match": word_match}
+                "letter_ptr": letter_ptr, "needle_pos": needle_pos, "word_match": word_match,
+                "tok_cls": tok_cls}
 
     def option_line(self, q: syn.Question, letter: str) -> tuple[int, int]:
         """[start, end) of an option's line ('C', '.', words, newline) in the suffix."""
@@ -685,10 +719,38 @@ def _rotate_half(x):
 # one training step
 # ----------------------------------------------------------------------------------------------
 
+class FeatureHeads(torch.nn.Module):
+    """Training-only linear heads on the merged visual tokens: the colour (none + 4) and the shape
+    (none + 4) of the needle covering each token. Never saved with the model."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.colour = torch.nn.Linear(dim, 1 + len(syn.COLOURS))
+        self.shape = torch.nn.Linear(dim, 1 + len(syn.SHAPES))
+
+    def loss(self, feats: torch.Tensor, cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class-balanced CE (half the weight on needle tokens, half on the rest) summed over the two
+        heads, and the needle tokens' accuracy (both attributes right)."""
+        total, right = feats.new_zeros((), dtype=torch.float32), []
+        x = F.layer_norm(feats.float(), feats.shape[-1:])      # the tokens' scale is the LM's
+        for k, head in enumerate((self.colour, self.shape)):
+            y = cls[:, k]
+            logits = head(x)
+            ce = F.cross_entropy(logits, y.clamp(min=0), reduction="none")
+            for m in (y > 0, y == 0):
+                if bool(m.any()):
+                    total = total + 0.5 * ce[m].mean()
+            right.append((logits.argmax(-1) == y)[y > 0])
+        acc = (right[0] & right[1]).float().mean() if right[0].numel() else feats.new_zeros(())
+        return total, acc.detach()
+
+
 def forward_batch(model, vision, processor, batch: dict, device, probe_layer: int = 3,
-                  aux_weight: float = 0.5, opt_weight: float = 1.0):
+                  aux_weight: float = 0.5, opt_weight: float = 1.0, feat_heads: FeatureHeads | None = None,
+                  feat_weight: float = 0.0):
     """Loss of one packed batch: answer CE (hard targets with the needle in view, the uniform soft
-    target without) + aux_weight * probe loss. Returns (loss, stats as device tensors)."""
+    target without) + aux_weight * probe loss + opt_weight * option pointers + feat_weight *
+    feature heads. Returns (loss, stats as device tensors)."""
     from ..models.probe import probe_attention
     fr = batch["frames"].to(device, non_blocking=True)
     x = fr.permute(0, 3, 1, 2).float()
@@ -786,9 +848,12 @@ def forward_batch(model, vision, processor, batch: dict, device, probe_layer: in
             bi = torch.nonzero(opt_rows)[:, 0]
             p2 = rows_attention(attn_mod, hp, cos, sin, bi, soft_pos[bi], head=0)   # [n, L]
             opt = opt - torch.log((p2 * line[bi]).sum(-1) + 1e-6).mean()
-    st = {"ce": ce.detach(), "aux": aux.detach(), "opt": opt.detach(), "correct": correct,
-          "present": present.sum()}
-    return ce + aux_weight * aux + opt_weight * opt, st
+    feat, feat_acc = ce.new_zeros(()), ce.new_zeros(())
+    if feat_heads is not None and feat_weight > 0:
+        feat, feat_acc = feat_heads.loss(feats, batch["tok_cls"].to(device, non_blocking=True))
+    st = {"ce": ce.detach(), "aux": aux.detach(), "opt": opt.detach(), "feat": feat.detach(),
+          "feat_acc": feat_acc, "correct": correct, "present": present.sum()}
+    return ce + aux_weight * aux + opt_weight * opt + feat_weight * feat, st
 
 
 def rows_attention(attn, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bi: torch.Tensor,
@@ -971,6 +1036,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--aux", type=float, default=0.5, help="weight of the probe loss (0: off)")
+    ap.add_argument("--feat", type=float, default=0.0,
+                    help="weight of the feature heads' loss (colour and shape per visual token; 0: off)")
     ap.add_argument("--opt-aux", type=float, default=1.0,
                     help="weight of the option-pointer loss for multiple choice (0: off)")
     ap.add_argument("--mc-share", type=float, default=0.8, help="share of multiple-choice questions")
@@ -1018,7 +1085,10 @@ def main(argv=None) -> int:
         for prm in model.model.visual.parameters():
             prm.requires_grad_(False)
     bf16 = (dev.type == "cuda") if args.bf16 is None else args.bf16
-    opt = torch.optim.AdamW([prm for prm in model.parameters() if prm.requires_grad], lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    feat_heads = FeatureHeads(vision.dim).to(dev) if args.feat > 0 else None
+    params = [prm for prm in model.parameters() if prm.requires_grad]
+    params += list(feat_heads.parameters()) if feat_heads is not None else []
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     loader = torch.utils.data.DataLoader(
         BatchStream(proc, args.seed, args.batch, args.short_batch, args.short_p, args.mc_share,
                     args.short_slices, tasks), batch_size=None,
@@ -1042,7 +1112,8 @@ def main(argv=None) -> int:
         batch = next(it)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             loss, st = forward_batch(model, vision, proc, batch, dev, probe_layer=adapter.default_layer,
-                                     aux_weight=args.aux, opt_weight=args.opt_aux)
+                                     aux_weight=args.aux, opt_weight=args.opt_aux,
+                                     feat_heads=feat_heads, feat_weight=args.feat)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -1052,7 +1123,8 @@ def main(argv=None) -> int:
         if step % args.log_every == 0 or step == 1:
             w = {k: float(sum(x[k] for x in window)) for k in window[0]}
             line = (f"step {step:5d}  {el * 60:6.1f}s  lr {lr:.2e}  ce {w['ce'] / len(window):.4f}  "
-                    f"aux {w['aux'] / len(window):.4f}  opt {w['opt'] / len(window):.4f}  acc(first token, in view) "
+                    f"aux {w['aux'] / len(window):.4f}  opt {w['opt'] / len(window):.4f}  "
+                    f"feat {w['feat'] / len(window):.4f} ({w['feat_acc'] / len(window):.3f})  acc(first token, in view) "
                     f"{w['correct'] / max(1.0, w['present']):.3f}")
             print(line, flush=True)
             log.append(line)
@@ -1070,7 +1142,7 @@ def main(argv=None) -> int:
     model.to(dev)
     metrics = {"steps": step, "train_seconds": round(train_s, 1), "batch": args.batch,
                "short_batch": args.short_batch, "short_p": args.short_p, "lr": args.lr,
-               "aux": args.aux, "opt_aux": args.opt_aux, "mc_share": args.mc_share, "freeze_vision": args.freeze_vision,
+               "aux": args.aux, "opt_aux": args.opt_aux, "feat": args.feat, "mc_share": args.mc_share, "freeze_vision": args.freeze_vision,
                "short_slices": args.short_slices, "init": args.init, "tasks": tasks, "device": dev_name, "params": n_params,
                "transformers": __import__("transformers").__version__, "torch": torch.__version__}
     if args.eval:
