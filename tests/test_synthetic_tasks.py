@@ -196,6 +196,54 @@ def test_training_targets_follow_the_view():
             ("count", "none")} <= seen
 
 
+def test_feature_head_labels_name_the_covering_needle():
+    """train_tiny's feature-head labels: every token a needle covers with >= FEAT_MIN_PX pixels is
+    labelled with that needle's colour and shape, uncovered tokens 0, slivers ignored."""
+    from adapttoken.training import train_tiny as T
+    colours = list(T.syn.COLOURS)
+    rng = np.random.default_rng(5)
+    for attr in ("colour", "shape"):
+        for _ in range(6):
+            ex = T.make_example(rng, situation="group", present=True, attribute=attr)
+            cls = ex.tok_cls
+            assert cls.shape == (len(ex.t_pos) * T.TPS, 2)
+            lab = cls[:, 0] > 0
+            assert lab.any() and not (lab & ~ex.needle).any()       # only the needle's own cells
+            assert ((cls[:, 0] > 0) == (cls[:, 1] > 0)).all()
+            k = 0 if attr == "colour" else 1
+            names = colours if attr == "colour" else list(T.syn.SHAPES)
+            assert set(cls[lab, k].tolist()) == {1 + names.index(ex.question.answer_text)}
+            assert set(cls[~ex.needle, 0].tolist()) == {0}
+            # no needle rendered: nothing labelled
+            ex = T.make_example(rng, situation="group", present=False, attribute=attr)
+            assert (ex.tok_cls == 0).all()
+    for _ in range(8):                                  # large: one 24 px tile per cell, all squares
+        ex = T.make_task_example(rng, "large", situation="group", present=True)
+        if ex.present:
+            lab = ex.tok_cls[:, 0] > 0
+            assert int(lab.sum()) == int(ex.question.answer_text)
+            assert set(ex.tok_cls[lab, 1].tolist()) == {1 + T.syn.SHAPES.index("square")}
+
+
+def test_feature_heads_loss_is_class_balanced_and_ignores_slivers():
+    import torch
+    import torch.nn.functional as F
+    from adapttoken.training.train_tiny import FeatureHeads
+    torch.manual_seed(0)
+    heads = FeatureHeads(8)
+    feats = torch.randn(10, 8)
+    cls = torch.tensor([[0, 0]] * 6 + [[2, 3], [2, 3], [-100, -100], [1, 4]])
+    loss, acc = heads.loss(feats, cls)
+    x = F.layer_norm(feats, (8,))
+    want = 0.0
+    for k, head in enumerate((heads.colour, heads.shape)):
+        y = cls[:, k]
+        ce = F.cross_entropy(head(x), y.clamp(min=0), reduction="none")
+        want = want + 0.5 * ce[y > 0].mean() + 0.5 * ce[y == 0].mean()
+    assert torch.allclose(loss, want)
+    assert 0.0 <= float(acc) <= 1.0
+
+
 def test_evidence_kept_counts_the_needles_own_tokens():
     from adapttoken.bench.synthetic import evidence_kept
     nd = {"frame_start": 10, "frame_end": 12, "colour": "red", "shape": "square", "x": 42, "y": 14,

@@ -3,6 +3,9 @@
 - Frames -> resized to multiples of 32 (patch 16, 2x2 merge) with the per-frame pixel range, then the
   family's video processor with `do_resize=False` (its own resize bounds the pixels of the whole
   call, not of a frame) -> vision tower -> (H/32)*(W/32) tokens per 2-frame slice, raster order.
+  The tower runs through `qwen3_vision_fast` (the module's own weights, one batched attention call
+  per block instead of transformers' per-frame loop, compiled on CUDA); `use_fast_vision = False`
+  gives transformers' `get_video_features`.
   The tower never attends across slices. Its deepstack features (one [N, D] per level, row-aligned
   with the main tokens) are cached with them: `encode` returns [S, tokens, D * (1 + levels)], so
   SliceFeatures caches and prunes every level with the same index; `forward` splits them again.
@@ -55,6 +58,10 @@ class Qwen3VLAdapter(FamilyAdapter):
         self.outer_wrapper = outer_wrapper
         self._vp_kwargs = video_processor_kwargs(processor.video_processor)
         self._stamp_cache: dict[str, list[int]] = {}
+        # the batched tower (qwen3_vision_fast): one sdpa call per block instead of one per frame;
+        # compile_vision as for Qwen2.5-VL: None = compiled on CUDA, True = compile, False = eager
+        self.use_fast_vision = True
+        self.compile_vision: bool | None = None
 
     # -- shape facts ---------------------------------------------------------------------------
     def resized_size(self, height, width, min_pixels=None, max_pixels=None):
@@ -101,9 +108,28 @@ class Qwen3VLAdapter(FamilyAdapter):
         each deepstack level, concatenated along the feature dim."""
         pv, grid = pixels
         rows, cols = self.token_grid(resized)
-        out = self.model.model.get_video_features(pv, grid)
-        cat = lambda x: torch.cat(list(x)) if isinstance(x, (tuple, list)) else x  # noqa: E731
-        parts = [cat(out.pooler_output)] + [cat(d) for d in (out.deepstack_features or [])]
+        visual = self.model.model.visual
+        parts = None
+        if self.use_fast_vision:
+            from .qwen3_vision_fast import fast_video_features, is_supported
+            if is_supported(visual):
+                try:
+                    main, deep = fast_video_features(visual, pv, grid, compile=self.compile_vision)
+                    parts = [main] + list(deep)
+                except Exception as e:  # noqa: BLE001 - a forced compile failed: eager is the product
+                    if not self.compile_vision:
+                        raise
+                    import logging
+                    logging.getLogger(__name__).warning(
+                        "torch.compile of the vision tower failed (%s: %s); running it eagerly",
+                        type(e).__name__, str(e)[:300])
+                    self.compile_vision = False
+                    main, deep = fast_video_features(visual, pv, grid, compile=False)
+                    parts = [main] + list(deep)
+        if parts is None:
+            out = self.model.model.get_video_features(pv, grid)
+            cat = lambda x: torch.cat(list(x)) if isinstance(x, (tuple, list)) else x  # noqa: E731
+            parts = [cat(out.pooler_output)] + [cat(d) for d in (out.deepstack_features or [])]
         return torch.cat(parts, dim=-1).view(int(grid[0, 0]), rows * cols, -1)
 
     def encode(self, frames: torch.Tensor, resized: tuple[int, int]) -> torch.Tensor:

@@ -58,6 +58,35 @@ def test_compiled_vision_tower_matches_transformers_on_cuda():
     assert err_fast <= 1.5 * err_hf + 0.01, (err_fast, err_hf)
 
 
+def test_compiled_qwen3_vl_tower_matches_transformers_on_cuda():
+    """qwen3_vision_fast compiled on CUDA (its default) against transformers' Qwen3-VL tower: float32
+    (TF32 off) within 1e-4 of scale, main features and deepstack levels; bf16 within 1.5x (+0.01)
+    of transformers' own bf16 error against float64."""
+    import test_fast_vision_qwen3 as t3
+
+    from adapttoken.models import qwen3_vision_fast as q3f
+    from adapttoken.models import qwen_vision_fast as qvf
+    model = t3.tiny_tower_model().to(CUDA)
+    for grid in t3.GRIDS.values():
+        g = torch.tensor(grid, device=CUDA)
+        pv = t3._pixels(grid, torch.float32).to(CUDA)
+        ref, ref_deep = t3._reference(model, pv, g)
+        out, deep = q3f.fast_video_features(model.model.visual, pv, g)       # CUDA default: compiled
+        assert "q3_attn_in" in qvf._COMPILED and not qvf._COMPILED.get("q3_failed"), "did not compile"
+        for a, b in zip([out] + deep, [ref] + ref_deep):
+            assert (a - b).abs().max().item() <= 1e-4 * max(1.0, b.abs().max().item())
+    grid = t3.GRIDS["mixed"]
+    g = torch.tensor(grid, device=CUDA)
+    pv = t3._pixels(grid, torch.float32)
+    ref64, _ = t3._reference(model.double(), pv.double().to(CUDA), g)
+    model.to(torch.bfloat16)
+    out, _ = q3f.fast_video_features(model.model.visual, pv.to(CUDA, torch.bfloat16), g)
+    hf, _ = t3._reference(model, pv.to(CUDA, torch.bfloat16), g)
+    err_fast = (out.double() - ref64).abs().max().item()
+    err_hf = (hf.double() - ref64).abs().max().item()
+    assert err_fast <= 1.5 * err_hf + 0.01, (err_fast, err_hf)
+
+
 # -- compiled RMSNorm / SiLU-MLP modules (fused_text.py) ---------------------------------------
 
 def test_fused_text_kernels_match_eager_on_cuda():
