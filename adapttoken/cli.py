@@ -54,7 +54,7 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    help="on-disk vision-feature cache folder: a later run on the same video and "
                         "sampling skips decoding and the vision tower")
     p.add_argument("--feature-device", choices=["auto", "gpu", "cpu"], default="auto",
-                   help="where vision features are kept (auto: GPU up to 4 GiB, else CPU memory)")
+                   help="where vision features are kept (auto: GPU up to 20%% of its memory, else CPU memory)")
     p.add_argument("--decode-workers", type=int, default=None,
                    help="video decoding threads (default: half the cores, 1-8; 0: no threads)")
     p.add_argument("--backend", choices=["auto", "decord", "pyav"], default="auto",

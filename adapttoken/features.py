@@ -21,7 +21,8 @@ from .timing import Timer
 
 
 FEATURE_DEVICES = ("auto", "gpu", "cpu")
-DEFAULT_GPU_FEATURE_BYTES = 4 * 2 ** 30
+DEFAULT_GPU_FEATURE_BYTES = None     # None: 20% of the device's memory budget (no fixed cap)
+GPU_FEATURE_SHARE = 0.2
 
 # Host bytes of decoded frames at the file's size that chunks may hold at once where frames are not
 # resized at decode time (a model on a GPU resizes on the device): the chunks in flight on the
@@ -36,8 +37,8 @@ class SliceFeatures:
 
     Options (see `configure`):
     - feature_device: where the computed features live. "auto" (default) keeps them on the model's
-      device while all slices of the video would take at most `gpu_feature_bytes` (4 GiB, and at
-      most 20% of the card), else in CPU memory, copied to the device per group pass through a
+      device while all slices of the video would take at most 20% of the device's memory budget
+      (and at most `gpu_feature_bytes` when it is set), else in CPU memory, copied to the device per group pass through a
       pinned buffer; "gpu" / "cpu" force one. 10,000 frames at 308x560 for Qwen2.5-VL-7B are
       5000 slices * 220 tokens * 3584 * 2 bytes = 7.9 GB: CPU memory under "auto".
     - decode_workers: decoder threads, each with its own FrameReader (0: decode in the calling
@@ -57,7 +58,7 @@ class SliceFeatures:
     def __init__(self, adapter, video: VideoHandle, chunk_slices: int = 32, *,
                  feature_device: str = "auto", decode_workers: int | None = None,
                  overlap: bool = True, cache_dir=None, lookahead_chunks: int = 4,
-                 gpu_feature_bytes: int = DEFAULT_GPU_FEATURE_BYTES, pad_chunks: bool = False):
+                 gpu_feature_bytes: int | None = DEFAULT_GPU_FEATURE_BYTES, pad_chunks: bool = False):
         self.adapter, self.video = adapter, video
         info, plan = video.info, video.plan
         self.resized = adapter.resized_size(info.height, info.width, plan.min_pixels, plan.max_pixels)
@@ -280,12 +281,21 @@ class SliceFeatures:
         if self.feature_device == "gpu" or dev.type != "cuda":
             return dev
         total = slice_bytes * self.num_slices
-        limit = self.gpu_feature_bytes
+        return dev if total <= self.gpu_feature_limit(dev) else torch.device("cpu")
+
+    def gpu_feature_limit(self, dev: torch.device) -> int:
+        """Bytes of features "auto" keeps on CUDA device `dev`: 20% of its memory budget, and at most
+        `gpu_feature_bytes` when that is set (4096 frames of Qwen3-VL-8B, 10.3 GB with deepstack,
+        stay on an 80 GB or larger card; 10,000 frames of Qwen2.5-VL-7B, 7.9 GB, go to the host on
+        a 24 GB card)."""
+        limit = None
         try:
-            limit = min(limit, int(0.2 * device_memory_budget(dev)))
-        except Exception:  # noqa: BLE001
+            limit = int(GPU_FEATURE_SHARE * device_memory_budget(dev))
+        except Exception:  # noqa: BLE001 - no budget known: the fixed cap, else 4 GiB
             pass
-        return dev if total <= limit else torch.device("cpu")
+        if self.gpu_feature_bytes is not None:
+            limit = self.gpu_feature_bytes if limit is None else min(limit, self.gpu_feature_bytes)
+        return 4 * 2 ** 30 if limit is None else limit
 
     def _move_storage(self, dev: torch.device) -> None:
         if dev == self._store_device:

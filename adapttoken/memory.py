@@ -108,18 +108,13 @@ def _feature_bytes_per_slice(adapter, resized: tuple[int, int]) -> int:
 def stored_features_bytes(features, device: torch.device | None = None) -> int:
     """Bytes the video's features take on the compute device `device` (default: where the model
     is now; 0 where they go to CPU memory off a CPU device), following SliceFeatures' own rule."""
-    from .kv_cache import device_memory_budget
     dev = torch.device(device) if device is not None else features.adapter.device
     if features.feature_device == "cpu":
         return 0
     total = features.num_slices * _feature_bytes_per_slice(features.adapter, features.resized)
     if features.feature_device == "gpu" or dev.type != "cuda":
         return total
-    limit = features.gpu_feature_bytes
-    budget = device_memory_budget(dev)
-    if budget is not None:
-        limit = min(limit, int(0.2 * budget))
-    return total if total <= limit else 0
+    return total if total <= features.gpu_feature_limit(dev) else 0
 
 
 def _prompt_tokens(prompt) -> tuple[int, int]:

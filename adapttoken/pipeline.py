@@ -59,7 +59,7 @@ class AdaptTokenConfig:
     top_p: float = 1.0
     seed: int = 0
     # performance [ours]: where features live, decoding threads, on-disk feature cache
-    feature_device: str = "auto"    # auto: on the GPU up to 4 GiB of features, else CPU memory
+    feature_device: str = "auto"    # auto: on the GPU up to 20% of its memory, else CPU memory
     decode_workers: int | None = None   # decoder threads (None: half the cores, 1..8; 0: none)
     overlap: bool = True            # decode the next chunk / group while the GPU works
     cache_dir: str | None = None    # on-disk vision-feature cache (safetensors); None: memory only
