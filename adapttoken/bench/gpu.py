@@ -521,6 +521,9 @@ def main(argv=None) -> int:
                              f"--arch {args.arch}")
         from .archs import build_arch_model
         model, build_s = build_arch_model(args.arch, device, dtype, pixels=args.pixels, tiny=args.tiny)
+        if hasattr(model.adapter, "compile_vision"):     # Qwen3-VL's fast tower
+            model.adapter.compile_vision = args.compile_vision
+    meta["fast_vision"] = bool(getattr(model.adapter, "use_fast_vision", False))
     meta["model"] = model.name
     meta["frames_per_slice"] = model.adapter.frames_per_slice
     meta["build_seconds"] = build_s

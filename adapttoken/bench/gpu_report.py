@@ -42,9 +42,13 @@ def text_path(meta: dict) -> str:
 
 
 def vision_path(meta: dict) -> str:
-    if meta.get("arch", "qwen2.5-vl-7b") not in QWEN25_ARCHS:
-        return "transformers' own tower (sdpa)"
     cv = meta.get("compile_vision")
+    if meta.get("arch", "qwen2.5-vl-7b") not in QWEN25_ARCHS:
+        if meta.get("arch", "").startswith("qwen3") and meta.get("fast_vision"):
+            how = {True: "torch.compile (forced)", False: "eager (compile off)"}.get(
+                cv, "torch.compile on CUDA (the library's default)")
+            return f"fast batched (one attention call per block, qwen3_vision_fast), {how}"
+        return "transformers' own tower (sdpa)"
     if "fuse_text" not in meta and not cv:
         # runs before the tri-state flag: False meant "not forced", i.e. qwen_vision_fast's
         # default, which compiles on CUDA (the report then called it "eager")
@@ -170,7 +174,7 @@ def markdown(results: dict) -> str:
               ("    python -m adapttoken bench gpu --frames 4096 10000 1024 --out docs/bench_gpu "
                "--disk-cache --variants" if arch == "qwen2.5-vl-7b" else
                f"    python -m adapttoken bench gpu --arch {arch} --frames 1024 4096"), "",
-              "`--eager-vision` / `--compile-vision` force the Qwen2.5-VL tower eager / compiled (the "
+              "`--eager-vision` / `--compile-vision` force the Qwen2.5-VL / Qwen3-VL fast tower eager / compiled (the "
               "default compiles it on CUDA), `--card-gib 0` lifts the "
               "24 GiB cap of the 10,000-frame cases, `--tiny --device cpu` runs a smoke test. "
               "`--from-json A.json B.json` rebuilds this page from saved runs.",
