@@ -96,3 +96,7 @@ def test_bench_gpu_arch_tiny_smoke(arch, tmp_path):
     md = (out / "README.md").read_text()
     assert md.startswith("# `bench gpu`: " + {"qwen3-vl-8b": "Qwen3-VL-8B",
                                              "internvl3-8b": "InternVL3-8B"}[arch])
+    # the report names the tower that ran: Qwen3-VL's batched one, InternVL's transformers' own
+    assert res["meta"]["fast_vision"] is (arch == "qwen3-vl-8b")
+    assert ("qwen3_vision_fast" in md) is (arch == "qwen3-vl-8b")
+    assert ("transformers' own tower" in md) is (arch == "internvl3-8b")
