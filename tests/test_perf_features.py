@@ -89,6 +89,34 @@ def test_auto_storage_stays_on_the_model_device_on_cpu(tiny_adapter, clip):
     assert f.storage_device == tiny_adapter.device
 
 
+def test_auto_gpu_feature_limit_is_a_share_of_the_card(tiny_adapter, clip, monkeypatch):
+    """"auto" keeps features on a CUDA device up to 20% of its memory budget (no fixed 4 GiB cap);
+    an explicit gpu_feature_bytes still caps it; no known budget falls back to 4 GiB. The budget of
+    a CUDA device is stood in for (this machine has none); the rule is plain arithmetic on it."""
+    from adapttoken import features as feats_mod
+    from adapttoken import memory
+    gib = 2 ** 30
+    cuda = torch.device("cuda", 0)
+    f = SliceFeatures(tiny_adapter, _video(clip))
+    monkeypatch.setattr(feats_mod, "device_memory_budget", lambda dev: 140 * gib)
+    assert f.gpu_feature_limit(cuda) == int(0.2 * 140 * gib)         # an H200: 28 GiB
+    monkeypatch.setattr(feats_mod, "device_memory_budget", lambda dev: 24 * gib)
+    assert f.gpu_feature_limit(cuda) == int(0.2 * 24 * gib)          # a 24 GiB card: 4.8 GiB
+    f.configure(gpu_feature_bytes=gib)
+    assert f.gpu_feature_limit(cuda) == gib
+    monkeypatch.setattr(feats_mod, "device_memory_budget", lambda dev: None)
+    assert f.gpu_feature_limit(cuda) == gib
+    g = SliceFeatures(tiny_adapter, _video(clip))
+    assert g.gpu_feature_limit(cuda) == 4 * gib
+    # the memory estimate follows the same rule
+    monkeypatch.setattr(feats_mod, "device_memory_budget", lambda dev: 140 * gib)
+    assert memory.stored_features_bytes(g, cuda) > 0
+    monkeypatch.setattr(feats_mod, "device_memory_budget", lambda dev: 1)
+    assert memory.stored_features_bytes(g, cuda) == 0
+    f.release()
+    g.release()
+
+
 def test_decoder_error_reaches_the_caller_and_threads_stop(tiny_adapter, clip, monkeypatch):
     f = SliceFeatures(tiny_adapter, _video(clip), chunk_slices=4, decode_workers=2)
     calls = []
