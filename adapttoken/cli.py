@@ -45,10 +45,12 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                         "own plan; each GPU holds 1/N of every layer); must equal --nproc-per-node. "
                         "1 (default): each process holds a whole copy and the groups are divided")
     p.add_argument("--dtype", default="auto", help="auto, bf16, fp16, fp32")
-    p.add_argument("--quantization", choices=["none", "nf4", "int8"], default="none",
+    p.add_argument("--quantization", choices=["none", "nf4", "int8", "fp8"], default="none",
                    help="language-model weights in 4-bit NF4 or 8-bit (bitsandbytes: pip install "
                         "\"adapttoken[quant]\"), computed in --dtype; the vision tower and LM head "
-                        "stay in --dtype (default none)")
+                        "stay in --dtype. fp8: float8 weights and matmuls for the language model "
+                        "and the vision tower (GPUs with FP8: H100/H200, L4/L40, RTX 40xx; "
+                        "torch only). Default none")
     p.add_argument("--attn", default="sdpa", help="attention implementation (sdpa default)")
     p.add_argument("--cache-dir", default=None,
                    help="on-disk vision-feature cache folder: a later run on the same video and "

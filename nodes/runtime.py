@@ -241,7 +241,7 @@ def quantization_problem(quantization: str) -> str | None:
         q = normalize_quantization(quantization)
     except at.AdaptTokenError as e:
         return str(e)
-    if q and (importlib.util.find_spec("bitsandbytes") is None
+    if q in ("nf4", "int8") and (importlib.util.find_spec("bitsandbytes") is None
               or importlib.util.find_spec("accelerate") is None):
         return f"quantization {q!r} needs the bitsandbytes and accelerate packages: {QUANT_INSTALL}"
     return None

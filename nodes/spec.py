@@ -107,10 +107,12 @@ SPECS: tuple[NodeSpec, ...] = (
          In("keep_loaded", "BOOLEAN", True,
             tooltip="Keep the model (and its cached video features) on the GPU after MLLM Answer; "
                     "off: offload it after each answer."),
-         In("quantization", "COMBO", "none", options=("none", "nf4", "int8"), optional=True,
+         In("quantization", "COMBO", "none", options=("none", "nf4", "int8", "fp8"), optional=True,
             tooltip="Language-model weights in 4-bit NF4 (about a quarter of bf16: Qwen2.5-VL-7B "
                     "fits a 16 GB card) or 8-bit, computed in dtype; the vision tower and LM head "
-                    "stay in dtype. Needs bitsandbytes (pip install bitsandbytes accelerate). A "
+                    "stay in dtype. Needs bitsandbytes (pip install bitsandbytes accelerate). "
+                    "fp8: float8 weights and matmuls for the language model and the vision tower, "
+                    "for speed on GPUs with FP8 (H100/H200, L4/L40, RTX 40xx); no extra package. A "
                     "quantized model is loaded on the GPU and stays there: ComfyUI's unloading "
                     "frees its video caches, not its weights.")),
         (Out("model", AT_MODEL),)),

@@ -177,7 +177,8 @@ def test_default_compile_falls_back_to_eager(model, monkeypatch):
     """Where compile is the default (CUDA) and fails, warn once and run eager; compile=True raises."""
     _set_dtype(model, torch.float32)
     monkeypatch.setattr(qvf, "_COMPILED", {})
-    monkeypatch.setattr(qvf, "_compile_by_default", lambda device: not qvf._COMPILED.get("failed"))
+    monkeypatch.setattr(qvf, "_compile_by_default",
+                        lambda device, key="failed": not qvf._COMPILED.get(key))
 
     def broken(*a, **k):
         raise RuntimeError("no compiler here")

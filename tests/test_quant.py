@@ -26,8 +26,9 @@ def test_values_accepted_and_refused():
     assert quant.normalize(None) is None and quant.normalize("none") is None
     assert quant.normalize("") is None and quant.normalize("NF4") == "nf4"
     assert quant.normalize(" int8 ") == "int8"
-    with pytest.raises(InputError, match="none, nf4 .*int8"):
-        quant.normalize("fp8")
+    assert quant.normalize("FP8") == "fp8"
+    with pytest.raises(InputError, match="none, nf4 .*int8.*fp8"):
+        quant.normalize("fp4")
     with pytest.raises(InputError, match="quantization='4bit'"):
         LoadOptions(quantization="4bit").check()
     with pytest.raises(InputError, match="quantization='int4'"):
@@ -103,8 +104,9 @@ def test_cli_flag(capsys):
     a = build_parser().parse_args(["ask", "v.mp4", "q?", "--quantization", "nf4"])
     assert a.quantization == "nf4"
     assert build_parser().parse_args(["ask", "v.mp4", "q?"]).quantization == "none"
+    assert build_parser().parse_args(["ask", "v.mp4", "q?", "--quantization", "fp8"]).quantization == "fp8"
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["ask", "v.mp4", "q?", "--quantization", "fp8"])
+        build_parser().parse_args(["ask", "v.mp4", "q?", "--quantization", "fp4"])
     from adapttoken.eval.command import run_parser
     assert run_parser().parse_args(["jsonl", "--data", "x.jsonl",
                                     "--quantization", "int8"]).quantization == "int8"

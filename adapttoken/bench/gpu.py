@@ -350,10 +350,12 @@ def main(argv=None) -> int:
     ap.add_argument("--in-memory", action="store_true",
                     help="no video file: the same generated frames held in memory as uint8 (no "
                          "decoder, no PyAV; what ComfyUI's IMAGE input gives); decode = 0")
-    ap.add_argument("--quantization", choices=["none", "nf4", "int8"], default="none",
+    ap.add_argument("--quantization", choices=["none", "nf4", "int8", "fp8"], default="none",
                     help="Qwen2.5-VL: the random language-model weights quantized by bitsandbytes "
                          "as they are drawn, one at a time (the bf16 model never exists: 72B fits "
-                         "one GPU in nf4); vision tower and LM head kept in bf16; models/quant.py")
+                         "one GPU in nf4); vision tower and LM head kept in bf16; models/quant.py. "
+                         "fp8 (any --arch): built in bf16, then the language model's and the "
+                         "vision tower's linear layers converted to float8 (models/fp8.py)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--feature-device", default="auto", choices=["auto", "gpu", "cpu"])
     ap.add_argument("--decode-workers", type=int, default=None)
@@ -516,11 +518,15 @@ def main(argv=None) -> int:
         if layout is None or layout.tp == 1:        # tensor parallel: transformers' own layers
             model.adapter.fuse_text = args.fuse_text
     else:
-        if args.quantization != "none":
-            raise SystemExit(f"--quantization applies to the Qwen2.5-VL architectures here, not "
-                             f"--arch {args.arch}")
+        if args.quantization not in ("none", "fp8"):
+            raise SystemExit(f"--quantization {args.quantization} applies to the Qwen2.5-VL "
+                             f"architectures here, not --arch {args.arch}")
         from .archs import build_arch_model
         model, build_s = build_arch_model(args.arch, device, dtype, pixels=args.pixels, tiny=args.tiny)
+        if args.quantization == "fp8":
+            from ..models.quant import quantize_in_memory
+            quantize_in_memory(model.adapter.model, "fp8", device)
+            model.name += "-fp8"
         if hasattr(model.adapter, "compile_vision"):     # Qwen3-VL's fast tower
             model.adapter.compile_vision = args.compile_vision
     meta["fast_vision"] = bool(getattr(model.adapter, "use_fast_vision", False))

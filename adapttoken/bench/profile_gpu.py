@@ -189,9 +189,11 @@ def group_pass_bench(model, dev, dtype, tiny, iters, out: Path) -> dict:
     return res
 
 
-def accuracy_check(model, dev, tiny) -> dict:
+def accuracy_check(model, dev, tiny, fp8: bool = False) -> dict:
     """Group-pass logits and probe scores of eager bf16 and fused bf16 against a float32 eager
-    reference (TF32 off) on the same inputs: is the fused path further from the truth than eager?"""
+    reference (TF32 off) on the same inputs: is the fused path further from the truth than eager?
+    fp8: then the model's linear layers are converted to float8 in place (models/fp8.py; the model
+    stays so) and the fused fp8 pass is compared with the same reference."""
     from ..question import Question
     from .gpu import Q1
 
@@ -224,6 +226,11 @@ def accuracy_check(model, dev, tiny) -> dict:
         ad.model.to(torch.bfloat16 if dev.type == "cuda" else torch.float32)
         torch.backends.cuda.matmul.allow_tf32 = tf32
         ad.fuse_text = None
+    if fp8:
+        from ..models.fp8 import convert
+        convert(ad.model)
+        o = ad.forward(prompt, embeds, coords, extent, probe_layer=layer)
+        runs["fused_fp8"] = (o.logits.float().cpu(), o.scores.float().cpu())
     rel = lambda x, y: float((x - y).norm() / y.norm())  # noqa: E731
     k = min(220, ref[1].numel())
     top_ref = set(ref[1].topk(k).indices.tolist())

@@ -425,8 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default=None, help="model folder (default: the bundled tiny model)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--quantization", choices=["none", "nf4", "int8"], default="none",
-                    help="the model's language-model weights in 4-bit NF4 or 8-bit (bitsandbytes)")
+    ap.add_argument("--quantization", choices=["none", "nf4", "int8", "fp8"], default="none",
+                    help="the model's language-model weights in 4-bit NF4 or 8-bit (bitsandbytes), "
+                         "or fp8 (float8 matmuls, language model and vision tower)")
     ap.add_argument("--out", default="docs/bench_synthetic", help="folder for the table and plots")
     ap.add_argument("--videos", default=None, help="folder to keep the generated videos "
                                                    "(default: a temporary folder)")

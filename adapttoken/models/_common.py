@@ -80,6 +80,9 @@ def load_pretrained(model_cls_name: str, path: Path, dtype, device, attn_impleme
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"model folder {str(path)!r}: weights could not be loaded "
                              f"({type(e).__name__}: {e})") from None
+    if options is not None and options.quantization == "fp8":
+        from .quant import after_load
+        after_load(model, "fp8")       # placed on the device by from_pretrained, converted there
     if options is not None and options.places_itself:
         return model, processor
     return model.to(device), processor
@@ -286,6 +289,23 @@ def generate_from_embeds(model, tok, layers, x, pos, *, pad_token_id, eos_token_
     ids = out.sequences[0].tolist()
     logits = [lg[0].float() for lg in out.logits] if return_logits else []
     return Generation(tok.decode(ids, skip_special_tokens=True).strip(), ids, logits)
+
+
+def run_fast_tower(adapter, forward):
+    """``forward(compile)`` for a family's fast vision tower, honouring ``adapter.compile_vision``
+    (None: the tower's default, compiled on CUDA; True: compile; False: eager). When a forced compile
+    fails it logs a warning, sets ``compile_vision = False`` and runs eagerly: compiling is an option,
+    the eager tower is the product."""
+    if adapter.compile_vision:
+        try:
+            return forward(True)
+        except Exception as e:  # noqa: BLE001
+            import logging
+            logging.getLogger(__name__).warning(
+                "torch.compile of the vision tower failed (%s: %s); running it eagerly",
+                type(e).__name__, str(e)[:300])
+            adapter.compile_vision = False
+    return forward(None if adapter.compile_vision is None else False)
 
 
 def resize_exact(frames: torch.Tensor, device, size: tuple[int, int]) -> torch.Tensor:

@@ -68,8 +68,9 @@ class Adapter(ABC):
     @property
     def dtype(self) -> torch.dtype:
         """The compute dtype: the first floating-point parameter's (bitsandbytes stores quantized
-        weights as uint8/int8; the layers around them keep the load dtype)."""
-        return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+        weights as uint8/int8, fp8 as float8; the layers around them keep the load dtype)."""
+        return next(p.dtype for p in self.model.parameters()
+                    if p.is_floating_point() and p.dtype.itemsize > 1)   # not float8 weights
 
     @property
     @abstractmethod

@@ -5,6 +5,9 @@ model's linear layers in 4-bit NF4 or 8-bit (LLM.int8), for cards too small for 
   bits/param saved), computed in the load dtype (bf16 on a recent GPU): Qwen2.5-VL-7B's weights
   take 6.5 GiB on the GPU instead of 15.5 GiB (docs/bench_gpu_quant);
 - "int8": LLM.int8 (8-bit weights, outlier columns in 16-bit);
+- "fp8": float8 weights AND float8 matmuls for the language model's and the vision tower's linear
+  layers (models/fp8.py: torch's FP8 GEMM, no bitsandbytes), for speed on GPUs with FP8 (H100/H200):
+  the model is loaded in `dtype`, then its linear layers are converted in place;
 - None / "none": the weights as `dtype`.
 
 Kept in the load dtype (QUANT_SKIP_MODULES): the vision tower and its merger/projector (every
@@ -25,7 +28,8 @@ import torch
 
 from ..errors import InputError
 
-QUANTIZATIONS = ("nf4", "int8")
+QUANTIZATIONS = ("nf4", "int8", "fp8")
+BNB = ("nf4", "int8")                      # the ones bitsandbytes stores
 CHOICES = ("none",) + QUANTIZATIONS          # what the CLI and the ComfyUI node offer
 INSTALL = 'pip install "adapttoken[quant]"  (or: pip install bitsandbytes accelerate)'
 
@@ -43,7 +47,8 @@ def normalize(quantization) -> str | None:
         return None
     if q not in QUANTIZATIONS:
         raise InputError(f"quantization={quantization!r} is not known: use none, nf4 (4-bit) or "
-                         f"int8 (8-bit), bitsandbytes weights")
+                         f"int8 (8-bit), bitsandbytes weights, or fp8 (float8 matmuls on an "
+                         f"H100/H200-class GPU)")
     return q
 
 
@@ -82,6 +87,10 @@ def _runs_on_cpu(quantization: str) -> str | None:
 def check_device(quantization: str, device: torch.device) -> None:
     """bitsandbytes installed, and able to run `quantization` on `device` (a CUDA GPU, or the CPU
     where the installed release supports it); InputError saying what to do otherwise."""
+    if quantization == "fp8":
+        from . import fp8
+        fp8.check_device(device)
+        return
     bnb = require_bitsandbytes(quantization)
     version = getattr(bnb, "__version__", "?")
     if device.type == "cuda":
@@ -129,14 +138,27 @@ def pretrained_kwargs(quantization: str, dtype: torch.dtype, device: torch.devic
     """Keyword arguments of from_pretrained for a quantized load on `device` (or spread by
     accelerate when device_map="auto")."""
     check_device(quantization, device)
-    kw = {"quantization_config": bnb_config(quantization, dtype)}
+    kw = {} if quantization == "fp8" else {"quantization_config": bnb_config(quantization, dtype)}
     if not device_map:
         kw["device_map"] = device_map_for(device)
     return kw
 
 
+def after_load(model, quantization: str | None):
+    """What a quantization does once from_pretrained has placed the model: "fp8" converts the
+    linear layers in place (fp8.convert); bitsandbytes has already quantized while loading."""
+    if quantization == "fp8":
+        from . import fp8
+        fp8.convert(model)
+    return model
+
+
 def quantization_of(model) -> str | None:
-    """"nf4" / "int8" for a model whose weights bitsandbytes holds, None otherwise."""
+    """"nf4" / "int8" for a model whose weights bitsandbytes holds, "fp8" for one with float8 linear
+    layers (models/fp8.py), None otherwise."""
+    from .fp8 import is_fp8
+    if is_fp8(model):
+        return "fp8"
     if getattr(model, "is_loaded_in_4bit", False):
         return "nf4"
     if getattr(model, "is_loaded_in_8bit", False):
@@ -145,7 +167,8 @@ def quantization_of(model) -> str | None:
 
 
 def is_quantized(model) -> bool:
-    """True for a bitsandbytes model: it stays where it was loaded (never moved with .to())."""
+    """True for a quantized model: it stays where it was loaded (never moved with .to(); float8
+    weights could move, but are kept on the GPU they were converted on, like bitsandbytes ones)."""
     return quantization_of(model) is not None
 
 
@@ -156,6 +179,8 @@ def quantize_in_memory(model, quantization: str, device: torch.device,
     path a folder takes. The caller drops the original."""
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     check_device(quantization, device)
+    if quantization == "fp8":                 # in place: the same weights, linear layers in float8
+        return after_load(model.to(device), "fp8").eval().requires_grad_(False)
     cls = type(model)
     sd = model.state_dict()
     q = cls.from_pretrained(None, config=model.config, state_dict=sd, dtype=dtype,
@@ -228,6 +253,16 @@ def random_quantized(cls, config, quantization: str, dtype: torch.dtype, device:
     weights differ from a model built in `dtype` with the same seed (quantize_in_memory keeps
     those)."""
     check_device(quantization, device)
+    if quantization == "fp8":                 # built in `dtype` on the device, then converted
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            torch.manual_seed(seed)
+            with torch.device(device):
+                model = cls(config)
+        finally:
+            torch.set_default_dtype(prev)
+        return after_load(model.eval().requires_grad_(False), "fp8"), None
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in cls(config).state_dict().items()}
     std = float(getattr(getattr(config, "text_config", config), "initializer_range", 0.02))

@@ -23,7 +23,7 @@ import torch
 from ..positions import build_position_ids
 from ..question import NO_HOOKS, Hooks, Question
 from ._common import (_LayerCancel, generate_from_embeds, load_pretrained, option_token_ids,
-                      resize_exact)
+                      resize_exact, run_fast_tower)
 from .base import Adapter, ForwardOut, Generation, Prompt
 from .compat import cache_kwargs
 from .probe import AttentionProbe, token_scores
@@ -179,19 +179,8 @@ class Qwen25VLAdapter(Adapter):
             except ImportError:
                 fast_video_features = None
             if fast_video_features is not None and is_supported(visual):
-                feats = None
-                if self.compile_vision:
-                    try:
-                        feats = fast_video_features(visual, pv.to(visual.dtype), grid, compile=True)
-                    except Exception as e:  # noqa: BLE001 - compiling is an option, eager is the product
-                        import logging
-                        logging.getLogger(__name__).warning(
-                            "torch.compile of the vision tower failed (%s: %s); running it eagerly",
-                            type(e).__name__, str(e)[:300])
-                        self.compile_vision = False
-                if feats is None:
-                    feats = fast_video_features(visual, pv.to(visual.dtype), grid,
-                                                compile=None if self.compile_vision is None else False)
+                feats = run_fast_tower(self, lambda c: fast_video_features(
+                    visual, pv.to(visual.dtype), grid, compile=c))
                 return feats.view(int(grid[0, 0]), rows * cols, -1)
         feats = self.model.model.get_video_features(pv, grid).pooler_output
         feats = torch.cat(list(feats)) if isinstance(feats, (tuple, list)) else feats

@@ -19,12 +19,11 @@ the patch embedding (a Conv3d whose kernel equals its stride) is one matmul plus
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 
-from .qwen_vision_fast import _COMPILED, _rotary, _segment_attention
+from .qwen_vision_fast import (_attn_in, _attn_out_mlp, _compiled, _rotary, _segment_attention,
+                               run_compiled_or_eager)
 
 __all__ = ["fast_video_features", "is_supported"]
 
@@ -103,35 +102,14 @@ def _groups(cu_seqlens: torch.Tensor) -> list[tuple[int, int, int]]:
     return out
 
 
-def _attn_in(blk, x, cos, sin):
-    attn = blk.attn
-    qkv = attn.qkv(blk.norm1(x)).view(x.shape[0], 3, attn.num_heads, attn.head_dim)
-    qk = qkv[:, :2].transpose(0, 1).float()                  # transformers: float32 rotary
-    d = qk.shape[-1] // 2
-    rot = torch.cat((-qk[..., d:], qk[..., :d]), dim=-1)
-    return (qk * cos + rot * sin).to(qkv.dtype), qkv[:, 2]
-
-
-def _attn_out_mlp(blk, x, o):
-    x = x + blk.attn.proj(o)
-    return x + blk.mlp(blk.norm2(x))
-
-
 def _block(blk, x, cos, sin, groups, compile):
+    """One block: the same per-block functions as the Qwen2.5-VL tower (norm1, qkv, rotary; then
+    proj, norm2, MLP), compiled under their own names (this tower's modules differ)."""
     attn = blk.attn
-    if compile:
-        qk, v = _fn("q3_attn_in", _attn_in)(blk, x, cos, sin)
-    else:
-        qk, v = _attn_in(blk, x, cos, sin)
+    attn_in = _compiled("q3_attn_in", _attn_in) if compile else _attn_in
+    qk, v = attn_in(blk, x, cos, sin)
     o = _segment_attention(qk, v, groups, attn.num_heads, attn.head_dim, attn.scaling)
-    return (_fn("q3_attn_out_mlp", _attn_out_mlp) if compile else _attn_out_mlp)(blk, x, o)
-
-
-def _fn(name, fn):
-    c = _COMPILED.get(name)
-    if c is None:
-        c = _COMPILED[name] = torch.compile(fn)
-    return c
+    return (_compiled("q3_attn_out_mlp", _attn_out_mlp) if compile else _attn_out_mlp)(blk, x, o)
 
 
 def _forward(visual, pixel_values, grid_thw, compile, patch_matmul):
@@ -169,18 +147,6 @@ def fast_video_features(visual: torch.nn.Module, pixel_values: torch.Tensor, gri
     if not is_supported(visual):
         raise ValueError(f"{type(visual).__name__} is not a Qwen3-VL vision tower that "
                          "fast_video_features supports; use model.model.get_video_features instead")
-    use_compile = compile
-    if compile is None:
-        use_compile = (visual.patch_embed.proj.weight.device.type == "cuda"
-                       and not _COMPILED.get("q3_failed"))
-    with torch.no_grad():
-        if use_compile:
-            try:
-                return _forward(visual, pixel_values, grid_thw, True, patch_matmul)
-            except Exception as e:
-                if compile:
-                    raise
-                _COMPILED["q3_failed"] = True
-                warnings.warn(f"qwen3 fast_video_features: torch.compile failed ({type(e).__name__}: "
-                              f"{str(e)[:200]}); using the eager path from now on", RuntimeWarning)
-        return _forward(visual, pixel_values, grid_thw, False, patch_matmul)
+    return run_compiled_or_eager(lambda c: _forward(visual, pixel_values, grid_thw, c, patch_matmul),
+                                 compile, visual.patch_embed.proj.weight.device, "q3_failed",
+                                 "qwen3 fast_video_features")

@@ -32,7 +32,8 @@ import contextlib
 
 import torch
 
-from ._common import FamilyAdapter, Sequence, resize_exact, slice_runs, video_processor_kwargs
+from ._common import (FamilyAdapter, Sequence, resize_exact, run_fast_tower, slice_runs,
+                      video_processor_kwargs)
 
 # No measured reference layer for Qwen3-VL: ~0.7 of the depth (25 of 36 for the 8B) is a guess.
 REFERENCE_LAYER_FRACTION = 0.7
@@ -113,19 +114,9 @@ class Qwen3VLAdapter(FamilyAdapter):
         if self.use_fast_vision:
             from .qwen3_vision_fast import fast_video_features, is_supported
             if is_supported(visual):
-                try:
-                    main, deep = fast_video_features(visual, pv, grid, compile=self.compile_vision)
-                    parts = [main] + list(deep)
-                except Exception as e:  # noqa: BLE001 - a forced compile failed: eager is the product
-                    if not self.compile_vision:
-                        raise
-                    import logging
-                    logging.getLogger(__name__).warning(
-                        "torch.compile of the vision tower failed (%s: %s); running it eagerly",
-                        type(e).__name__, str(e)[:300])
-                    self.compile_vision = False
-                    main, deep = fast_video_features(visual, pv, grid, compile=False)
-                    parts = [main] + list(deep)
+                main, deep = run_fast_tower(
+                    self, lambda c: fast_video_features(visual, pv, grid, compile=c))
+                parts = [main] + list(deep)
         if parts is None:
             out = self.model.model.get_video_features(pv, grid)
             cat = lambda x: torch.cat(list(x)) if isinstance(x, (tuple, list)) else x  # noqa: E731

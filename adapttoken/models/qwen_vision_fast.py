@@ -329,10 +329,6 @@ def _compiled(name, fn):
     return c
 
 
-def _compile_by_default(device) -> bool:
-    return device.type == "cuda" and not _COMPILED.get("failed")
-
-
 def _block_compiled(blk, x, rot, groups):
     attn = blk.attn
     qk, v = _compiled("attn_in", _attn_in)(blk, x, rot[0], rot[1])
@@ -367,20 +363,34 @@ def fast_video_features(visual: torch.nn.Module, pixel_values: torch.Tensor, gri
     if not is_supported(visual):
         raise ValueError(f"{type(visual).__name__} is not a Qwen2.5-VL vision tower that "
                          "fast_video_features supports; use model.model.get_video_features instead")
+    return run_compiled_or_eager(lambda c: _forward(visual, pixel_values, grid_thw, c, patch_matmul),
+                                 compile, visual.patch_embed.proj.weight.device, "failed",
+                                 "fast_video_features")
+
+
+def _compile_by_default(device, failed_key: str = "failed") -> bool:
+    return device.type == "cuda" and not _COMPILED.get(failed_key)
+
+
+def run_compiled_or_eager(forward, compile, device, failed_key: str, label: str):
+    """``forward(compiled: bool)`` under no_grad. ``compile`` None: compiled on CUDA unless an earlier
+    default compile failed (``_COMPILED[failed_key]``); a failure then warns once and runs eager from
+    then on. True: compiled, a failure raises. False: eager. Shared by the Qwen2.5-VL and Qwen3-VL
+    towers."""
     use_compile = compile
     if compile is None:
-        use_compile = _compile_by_default(visual.patch_embed.proj.weight.device)
+        use_compile = _compile_by_default(device, failed_key)
     with torch.no_grad():
         if use_compile:
             try:
-                return _forward(visual, pixel_values, grid_thw, True, patch_matmul)
+                return forward(True)
             except Exception as e:
                 if compile:
                     raise
-                _COMPILED["failed"] = True
-                warnings.warn(f"fast_video_features: torch.compile failed ({type(e).__name__}: "
+                _COMPILED[failed_key] = True
+                warnings.warn(f"{label}: torch.compile failed ({type(e).__name__}: "
                               f"{str(e)[:200]}); using the eager path from now on", RuntimeWarning)
-        return _forward(visual, pixel_values, grid_thw, False, patch_matmul)
+        return forward(False)
 
 
 def _patch_embed(visual, pixel_values, matmul):

@@ -1,0 +1,89 @@
+"""FP8 weights and matmuls on CUDA (`python tests/gpu/run.py`; a GPU with FP8: compute capability
+8.9+): the layer through CUDA's row-wise FP8 GEMM against a float64 product of the same quantized
+numbers (padded shapes too, the activation quantization compiled), and the bundled model loaded with
+quantization="fp8" agreeing with bf16 on the demo's needle video: the same answer, >= 90% of the
+kept tokens, every group's H/H_max within 0.02. docs/bench_gpu_fp8 has the 20-video and 7B
+measurements."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA (run on a GPU machine: python tests/gpu/run.py)", allow_module_level=True)
+if torch.cuda.get_device_capability() < (8, 9):
+    pytest.skip("needs a GPU with FP8 matmuls (compute capability 8.9+)", allow_module_level=True)
+
+import adapttoken as at                                              # noqa: E402
+from adapttoken.defaults import BUNDLED_MODEL                        # noqa: E402
+from adapttoken.models import fp8                                    # noqa: E402
+
+CUDA = torch.device("cuda")
+FRAMES = 2048
+
+
+@pytest.mark.parametrize("k,n", [(3584, 512), (3420, 1280), (1280, 3420), (40, 24)])
+def test_cuda_layer_equals_the_product_of_its_quantized_numbers(k, n):
+    g = torch.Generator(device="cpu").manual_seed(k + n)
+    lin = torch.nn.Linear(k, n).to(CUDA, torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_((0.03 * torch.randn(n, k, generator=g)).to(CUDA))
+        lin.bias.copy_(torch.randn(n, generator=g).to(CUDA))
+    f8 = fp8.Float8Linear.from_linear(lin)
+    x = torch.randn(2, 333, k, generator=g).to(CUDA, torch.bfloat16)
+    y = f8(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 333, n)
+    assert fp8._STATE["quantize"] is not None and not fp8._STATE["failed"]   # compiled on CUDA
+    q, sa = fp8._quantize_rows(x.reshape(-1, k), f8.weight.shape[1] - k)
+    ref = (q.double()[:, :k] * sa.double()) @ f8.dequantized_weight().double().t() + lin.bias.double()
+    err = (y.reshape(-1, n).double() - ref).abs().max().item()
+    assert err <= 2 ** -7 * ref.abs().max().item(), err        # bf16 rounding of the output
+    rel = ((y.float() - lin(x).float()).norm() / lin(x).float().norm()).item()
+    assert rel < 0.06, rel                                     # float8 rounding of both operands
+
+
+@pytest.fixture(scope="module")
+def needle_video():
+    from adapttoken.bench.gpu import MemoryVideo
+    from adapttoken.demo import DEMO_ATTRIBUTE
+    from adapttoken.training import synthetic as syn
+    needles, qs = syn.plan(FRAMES, 0, "what", "mc", attribute=DEMO_ATTRIBUTE)
+    frames = torch.from_numpy(syn.make_frames(FRAMES, 0, syn.DEFAULT_SIZE, needles))
+    return MemoryVideo(frames, syn.DEFAULT_FPS, name="needle"), qs[0]
+
+
+def _run(model, video, q, redundancy):
+    from adapttoken.demo import demo_config
+    from adapttoken.pipeline import answer, select
+    cfg = demo_config(FRAMES)
+    cfg.redundancy_threshold = redundancy
+    handle = video.open(FRAMES, cfg.max_pixels, cfg.min_pixels, model.adapter.frames_per_slice)
+    model.clear_cache()
+    sel = select(model, handle, at.Question(q.text, tuple(q.options)), cfg, "adapttoken")
+    res = answer(sel, cfg.max_new_tokens)
+    kept = {(t["slice"], t["row"], t["col"]) for t in res.kept_tokens}
+    return res, kept, [g.entropy_norm for g in res.groups if g.entropy is not None]
+
+
+def test_bundled_model_in_fp8_selects_like_bf16_on_cuda(needle_video):
+    video, q = needle_video
+    ref_model = at.load_model(BUNDLED_MODEL, dtype="bf16", device=CUDA)
+    refs = {r: _run(ref_model, video, q, r) for r in (0.9, None)}
+    del ref_model
+    torch.cuda.empty_cache()
+    model = at.load_model(BUNDLED_MODEL, dtype="bf16", device=CUDA, quantization="fp8")
+    hf = model.adapter.model
+    layer = hf.model.language_model.layers[model.adapter.default_layer]
+    assert isinstance(layer.self_attn.q_proj, fp8.Float8Linear)
+    assert isinstance(hf.model.visual.blocks[0].attn.qkv, fp8.Float8Linear)
+    assert type(hf.lm_head) is torch.nn.Linear
+    assert model.adapter.dtype == torch.bfloat16 and model.adapter.device.type == "cuda"
+    for redundancy in (0.9, None):
+        ref, ref_kept, ref_h = refs[redundancy]
+        res, kept, h = _run(model, video, q, redundancy)
+        assert res.answer == ref.answer == q.answer, (res.answer, ref.answer, q.answer)
+        overlap = len(kept & ref_kept) / len(ref_kept)
+        dh = [abs(a - b) for a, b in zip(h, ref_h)]
+        print(f"fp8 redundancy={redundancy}: kept {len(kept)} vs {len(ref_kept)}, overlap "
+              f"{overlap:.3f}, |dH/Hmax| mean {sum(dh) / len(dh):.4f} max {max(dh):.4f}")
+        assert len(h) == len(ref_h) and overlap >= 0.9 and max(dh) <= 0.02, (overlap, dh)
