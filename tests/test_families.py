@@ -395,3 +395,37 @@ def test_redundancy_compares_the_main_embedding_only():
     Feats.adapter = SimpleNamespace(main_dim=None)          # whole vector: not similar
     kept, dropped = remove_redundancy([torch.tensor([0, 1, 2])], [2], Feats(), 0.9)
     assert dropped == 0 and kept[0].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_norm_mlp_on_every_family(family):
+    """Each family's adapter installs the compiled RMSNorm / SiLU-MLP calls (fused_text.py) over its
+    own language model (Qwen3-VL's q/k norms included); compiled on the CPU (fuse_text=True), a
+    group pass with the probe gives eager's logits and scores; fuse_text=False routes back."""
+    a = _adapter(family, seed=1, layers=2)
+    f = a.fused_text
+    assert f is not None and f.installed and a.fuse_text is None
+    layers = a.text_model.layers
+    assert len(f.mlps) == len(layers) and len(f.norms) >= 2 * len(layers) + 1
+    prompt = a.build_prompt(Q)
+    frames = _frames(a)
+    feats = a.encode(frames, tuple(frames.shape[1:3]))
+    n, t, d = feats.shape
+    embeds = feats.reshape(n * t, d)
+    rows, cols = a.token_grid(tuple(frames.shape[1:3]))
+    s, r, c = torch.meshgrid(torch.arange(n), torch.arange(rows), torch.arange(cols), indexing="ij")
+    coords = torch.stack([s.reshape(-1), r.reshape(-1), c.reshape(-1)])
+    extent = max(n - 1, rows - 1, cols - 1)
+    a.fuse_text = False
+    ref = a.forward(prompt, embeds, coords, extent, probe_layer=a.default_layer)
+    a.fuse_text, old = True, f.min_elements
+    f.min_elements = 0
+    try:
+        before = f.compiled_calls
+        out = a.forward(prompt, embeds, coords, extent, probe_layer=a.default_layer)
+        assert f.compiled_calls - before >= len(f.mlps)
+    finally:
+        a.fuse_text, f.min_elements = None, old
+    tol = 1e-5 * max(1.0, ref.logits.abs().max().item())
+    assert (out.logits - ref.logits).abs().max().item() <= tol
+    torch.testing.assert_close(out.scores, ref.scores, rtol=1e-5, atol=1e-6)

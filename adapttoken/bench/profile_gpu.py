@@ -189,11 +189,12 @@ def group_pass_bench(model, dev, dtype, tiny, iters, out: Path) -> dict:
     return res
 
 
-def accuracy_check(model, dev, tiny, fp8: bool = False) -> dict:
+def accuracy_check(model, dev, tiny, fp8: bool = False, fp8_skip=None) -> dict:
     """Group-pass logits and probe scores of eager bf16 and fused bf16 against a float32 eager
     reference (TF32 off) on the same inputs: is the fused path further from the truth than eager?
     fp8: then the model's linear layers are converted to float8 in place (models/fp8.py; the model
-    stays so) and the fused fp8 pass is compared with the same reference."""
+    stays so; `fp8_skip`: the name parts kept, default fp8.FP8_SKIP) and the fused fp8 pass is
+    compared with the same reference."""
     from ..question import Question
     from .gpu import Q1
 
@@ -227,8 +228,8 @@ def accuracy_check(model, dev, tiny, fp8: bool = False) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = tf32
         ad.fuse_text = None
     if fp8:
-        from ..models.fp8 import convert
-        convert(ad.model)
+        from ..models.fp8 import FP8_SKIP, convert
+        convert(ad.model, skip=FP8_SKIP if fp8_skip is None else fp8_skip)
         o = ad.forward(prompt, embeds, coords, extent, probe_layer=layer)
         runs["fused_fp8"] = (o.logits.float().cpu(), o.scores.float().cpu())
     rel = lambda x, y: float((x - y).norm() / y.norm())  # noqa: E731

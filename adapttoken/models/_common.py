@@ -18,6 +18,7 @@ import torch
 from ..errors import AdaptTokenError, Cancelled, InputError, ModelLoadError
 from ..question import NO_HOOKS, Hooks, Question
 from .base import Adapter, ForwardOut, Generation, Prompt
+from .fused_text import FusedTextAdapter
 from .probe import AttentionProbe, token_scores
 
 
@@ -92,7 +93,7 @@ def reference_layer(num_layers: int, fraction: float) -> int:
     return min(num_layers - 1, round(num_layers * fraction))
 
 
-class FamilyAdapter(Adapter):
+class FamilyAdapter(FusedTextAdapter, Adapter):
     """Shared forward / generate / prompt logic; subclasses build the sequence and the features."""
     model_class_name = ""
     reference_layer_fraction = 0.7       # ~0.7 of the depth: a guess unless the family says otherwise
@@ -101,6 +102,7 @@ class FamilyAdapter(Adapter):
         self.model = model.eval()
         self.processor = processor
         self.config = model.config
+        self.install_fused_text()        # compiled RMSNorm / SiLU-MLP calls on CUDA (fused_text.py)
 
     @classmethod
     def from_folder(cls, path: Path, dtype: torch.dtype, device: torch.device,

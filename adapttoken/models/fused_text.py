@@ -53,7 +53,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FusedText", "rms_norm", "silu_mul"]
+__all__ = ["FusedText", "FusedTextAdapter", "rms_norm", "silu_mul"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -167,3 +167,25 @@ class FusedText:
             if isinstance(route, _Route) and route.owner is self:
                 m._compiled_call_impl = None
         self.installed = False
+
+
+class FusedTextAdapter:
+    """The adapter side, shared by every family (Qwen2.5-VL, and through FamilyAdapter Qwen3-VL,
+    InternVL, LLaVA-OneVision): `install_fused_text()` once the model is set, then
+    `adapter.fuse_text` reads and sets FusedText.enabled (None: compiled on CUDA; False: eager
+    everywhere, which tensor parallel sets; True: compiled on any device)."""
+    fused_text: FusedText | None = None
+
+    def install_fused_text(self) -> None:
+        self.fused_text = FusedText(self.text_model).install()
+
+    @property
+    def fuse_text(self) -> bool | None:
+        """None (default): fused norm/MLP kernels on CUDA, transformers' eager formula elsewhere;
+        False: eager everywhere; True: fused on any device (see fused_text.py)."""
+        return self.fused_text.enabled if self.fused_text is not None else False
+
+    @fuse_text.setter
+    def fuse_text(self, value: bool | None) -> None:
+        if self.fused_text is not None:
+            self.fused_text.enabled = value

@@ -26,6 +26,7 @@ from ._common import (_LayerCancel, generate_from_embeds, load_pretrained, optio
                       resize_exact, run_fast_tower)
 from .base import Adapter, ForwardOut, Generation, Prompt
 from .compat import cache_kwargs
+from .fused_text import FusedTextAdapter
 from .probe import AttentionProbe, token_scores
 
 # FlexSelect's measured best reference layer for Qwen2.5-VL-7B: 20 of 28 (ALGORITHM.md step 4).
@@ -68,7 +69,7 @@ def _probe_with_keys(attn, hidden_q, cos_q, sin_q, keys, q_pos) -> torch.Tensor:
     return s.softmax(-1).reshape(B, hkv * g, nq, L)
 
 
-class Qwen25VLAdapter(Adapter):
+class Qwen25VLAdapter(FusedTextAdapter, Adapter):
     family = "qwen2_5_vl"
     frames_per_slice = 2
 
@@ -88,23 +89,12 @@ class Qwen25VLAdapter(Adapter):
         # runs eager if it fails); False = eager
         self.compile_vision: bool | None = None
         # fused RMSNorm / SiLU-MLP kernels in the language model (fused_text.py): compiled on CUDA
-        from .fused_text import FusedText
-        self.fused_text = FusedText(self.text_model).install()
+        self.install_fused_text()
         vp = processor.video_processor
         self._vp_kwargs = {}
         params = inspect.signature(vp._preprocess).parameters
         if "cap_pixels_per_frame" in params:
             self._vp_kwargs["cap_pixels_per_frame"] = False
-
-    @property
-    def fuse_text(self) -> bool | None:
-        """None (default): fused norm/MLP kernels on CUDA, transformers' eager formula elsewhere;
-        False: eager everywhere; True: fused on any device (see fused_text.py)."""
-        return self.fused_text.enabled
-
-    @fuse_text.setter
-    def fuse_text(self, value: bool | None) -> None:
-        self.fused_text.enabled = value
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod

@@ -41,8 +41,13 @@ def part_bundled(args, dev) -> dict:
     videos = [bundled_video(args.frames, s) for s in seeds]
     runs = {}
     for name in ("reference", "fp8"):
-        m = at.load_model(BUNDLED_MODEL, dtype=dtype, device=dev,
-                          quantization="fp8" if name == "fp8" else None)
+        if name == "fp8" and args.bundled_variant != "all":
+            from adapttoken.models.fp8 import FP8_SKIP, convert
+            m = at.load_model(BUNDLED_MODEL, dtype=dtype, device=dev)
+            convert(m.adapter.model, skip=FP8_SKIP + VARIANTS[args.bundled_variant])
+        else:
+            m = at.load_model(BUNDLED_MODEL, dtype=dtype, device=dev,
+                              quantization="fp8" if name == "fp8" else None)
         run_bundled(m, videos[0][0], videos[0][1], args.frames, dev)          # warm-up
         runs[name] = [run_bundled(m, v, q, args.frames, dev) for v, q, _ in videos]
         del m
@@ -58,6 +63,7 @@ def part_bundled(args, dev) -> dict:
               f"overlap {ag['overlap']:.3f}  dH max {ag['dH_max']:.4f}", flush=True)
     n = len(per)
     return {"frames": args.frames, "videos": n, "reference_dtype": dtype, "per_video": per,
+            "variant": args.bundled_variant,
             "same_answers": sum(p["same_answer"] for p in per),
             "correct_ref": sum(p["answer_ref"].strip()[:1] == p["correct_answer"] for p in per),
             "correct_fp8": sum(p["answer_fp8"].strip()[:1] == p["correct_answer"] for p in per),
@@ -67,16 +73,59 @@ def part_bundled(args, dev) -> dict:
             "dH_mean": sum(p["dH_mean"] for p in per) / n}
 
 
+# which linear layers stay in bf16, beyond fp8.FP8_SKIP (LM head, mergers/projectors)
+VARIANTS = {
+    "all": (),
+    "down_proj kept": ("down_proj",),
+    "attention projections kept": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "MLP kept (attention projections in fp8)": ("gate_proj", "up_proj", "down_proj"),
+}
+
+
+def _group_pass_timer(model, dev, tiny):
+    """Seconds of one group pass as the product runs it (64 slices of 11x20 tokens + the prompt,
+    the probe on), median of 3 after 2 warm-ups (the first compiles)."""
+    from adapttoken.bench.gpu import Q1
+    from adapttoken.bench.profile_gpu import timed
+    from adapttoken.question import Question
+    ad = model.adapter
+    rows, cols = (11, 20) if not tiny else (2, 4)
+    S = 64 if not tiny else 8
+    D = ad.model.config.text_config.hidden_size
+    g = torch.Generator(device="cpu").manual_seed(1)
+    embeds = (0.02 * torch.randn(S * rows * cols, D, generator=g)).to(dev, ad.dtype)
+    s, r, c = torch.meshgrid(torch.arange(S), torch.arange(rows), torch.arange(cols), indexing="ij")
+    coords = torch.stack([4 * s.reshape(-1), r.reshape(-1), c.reshape(-1)])
+    extent = max(int(coords[0].max()), rows - 1, cols - 1)
+    prompt = ad.build_prompt(Question(Q1[0], Q1[1]))
+    ad.fuse_text = None
+    t = timed(lambda: ad.forward(prompt, embeds, coords, extent, probe_layer=ad.default_layer),
+              dev, iters=3, warmup=2)
+    return round(t["median_s"], 4)
+
+
 def part_7b(args, dev) -> dict:
     from adapttoken.bench.gpu_measure import build_model
     from adapttoken.bench.profile_gpu import accuracy_check
-    model, secs = build_model(args.tiny, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32,
-                              308 * 560)
-    res = accuracy_check(model, dev, args.tiny, fp8=True)
-    res["build_s"] = round(secs, 1)
+    from adapttoken.models.fp8 import FP8_SKIP
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    out: dict = {"variants": {}}
     k = "top220_overlap_vs_fp32"
-    res["fp8_minus_bf16_top220"] = res["fused_fp8"][k] - res["fused_bf16"][k]
-    return res
+    for i, name in enumerate(args.variants):
+        model, secs = build_model(args.tiny, dev, dt, 308 * 560)        # the same weights (seed 0)
+        if i == 0:
+            out["group_pass_s_bf16"] = _group_pass_timer(model, dev, args.tiny)
+        res = accuracy_check(model, dev, args.tiny, fp8=True, fp8_skip=FP8_SKIP + VARIANTS[name])
+        res["group_pass_s_fp8"] = _group_pass_timer(model, dev, args.tiny)
+        res["fp8_minus_bf16_top220"] = res["fused_fp8"][k] - res["fused_bf16"][k]
+        out["variants"][name] = res
+        print(f"[7b] {name}: fp8 top220 {res['fused_fp8'][k]:.3f} (bf16 {res['fused_bf16'][k]:.3f}), "
+              f"group pass {res['group_pass_s_fp8']:.3f} s (bf16 {out['group_pass_s_bf16']:.3f} s)",
+              flush=True)
+        del model
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
 
 
 def main(argv=None) -> int:
@@ -87,6 +136,10 @@ def main(argv=None) -> int:
     ap.add_argument("--frames", type=int, default=2048)
     ap.add_argument("--tiny", action="store_true", help="part 2 on the tiny random config")
     ap.add_argument("--skip-bundled", action="store_true")
+    ap.add_argument("--bundled-variant", default="all", choices=list(VARIANTS),
+                    help="part 1: which linear layers stay in the load dtype (default: the library's)")
+    ap.add_argument("--variants", nargs="+", default=["all"], choices=list(VARIANTS),
+                    help="part 2: which linear layers stay in bf16 (each variant rebuilt from the same weights)")
     ap.add_argument("--skip-7b", action="store_true")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
@@ -106,7 +159,6 @@ def main(argv=None) -> int:
         (out / "compare_fp8.json").write_text(json.dumps(res, indent=1, default=str))
     if not args.skip_7b:
         res["qwen2_5_vl_7b_random"] = part_7b(args, dev)
-        print(f"[7b] " + json.dumps(res["qwen2_5_vl_7b_random"]), flush=True)
     res["meta"]["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "compare_fp8.json").write_text(json.dumps(res, indent=1, default=str))
     return 0
