@@ -114,22 +114,27 @@ def kernel_table(prof, n=25) -> str:
                                      else "self_cpu_time_total", row_limit=n, max_name_column_width=90)
 
 
-def group_pass_bench(model, dev, dtype, tiny, iters, out: Path) -> dict:
-    from ..kv_cache import PrefixKVCache
+def group_inputs(ad, dev, dtype, slices: int, tiny: bool):
+    """(prompt, embeds, coords, extent) of one synthetic group pass: `slices` slices of 11x20 visual
+    tokens (2x4 with `tiny`), small random embeddings (seed 1), the benchmark's first question."""
     from ..question import Question
     from .gpu import Q1
+    rows, cols = (11, 20) if not tiny else (2, 4)
+    D = ad.model.config.text_config.hidden_size
+    g = torch.Generator(device="cpu").manual_seed(1)
+    embeds = (0.02 * torch.randn(slices * rows * cols, D, generator=g)).to(dev, dtype)
+    s, r, c = torch.meshgrid(torch.arange(slices), torch.arange(rows), torch.arange(cols), indexing="ij")
+    coords = torch.stack([4 * s.reshape(-1), r.reshape(-1), c.reshape(-1)])
+    extent = max(int(coords[0].max()), rows - 1, cols - 1)
+    return ad.build_prompt(Question(Q1[0], Q1[1])), embeds, coords, extent
+
+
+def group_pass_bench(model, dev, dtype, tiny, iters, out: Path) -> dict:
+    from ..kv_cache import PrefixKVCache
     from .gpu_measure import LLMCounter
 
     ad = model.adapter
-    rows, cols = (11, 20) if not tiny else (2, 4)
-    S = 64 if not tiny else 8
-    D = ad.model.config.text_config.hidden_size
-    g = torch.Generator(device="cpu").manual_seed(1)
-    embeds = (0.02 * torch.randn(S * rows * cols, D, generator=g)).to(dev, dtype)
-    s, r, c = torch.meshgrid(torch.arange(S), torch.arange(rows), torch.arange(cols), indexing="ij")
-    coords = torch.stack([4 * s.reshape(-1), r.reshape(-1), c.reshape(-1)])
-    extent = max(int(coords[0].max()), rows - 1, cols - 1)
-    prompt = ad.build_prompt(Question(Q1[0], Q1[1]))
+    prompt, embeds, coords, extent = group_inputs(ad, dev, dtype, 64 if not tiny else 8, tiny)
     layer = ad.default_layer
     n_tok = len(prompt.prefix_ids) + embeds.shape[0] + len(prompt.suffix_ids)
     res = {"tokens": n_tok, "probe_layer": layer}
@@ -195,19 +200,9 @@ def accuracy_check(model, dev, tiny, fp8: bool = False, fp8_skip=None) -> dict:
     fp8: then the model's linear layers are converted to float8 in place (models/fp8.py; the model
     stays so; `fp8_skip`: the name parts kept, default fp8.FP8_SKIP) and the fused fp8 pass is
     compared with the same reference."""
-    from ..question import Question
-    from .gpu import Q1
-
     ad = model.adapter
-    rows, cols = (11, 20) if not tiny else (2, 4)
-    S = 16 if not tiny else 8           # 3,520 visual tokens: float32 attention fits the card
-    D = ad.model.config.text_config.hidden_size
-    g = torch.Generator(device="cpu").manual_seed(1)
-    embeds = (0.02 * torch.randn(S * rows * cols, D, generator=g)).to(dev, torch.bfloat16)
-    s, r, c = torch.meshgrid(torch.arange(S), torch.arange(rows), torch.arange(cols), indexing="ij")
-    coords = torch.stack([4 * s.reshape(-1), r.reshape(-1), c.reshape(-1)])
-    extent = max(int(coords[0].max()), rows - 1, cols - 1)
-    prompt = ad.build_prompt(Question(Q1[0], Q1[1]))
+    # 16 slices = 3,520 visual tokens: float32 attention fits the card
+    prompt, embeds, coords, extent = group_inputs(ad, dev, torch.bfloat16, 16 if not tiny else 8, tiny)
     layer = ad.default_layer
     runs = {}
     for name, fuse in (("eager_bf16", False), ("fused_bf16", None)):

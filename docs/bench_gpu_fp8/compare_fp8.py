@@ -85,19 +85,9 @@ VARIANTS = {
 def _group_pass_timer(model, dev, tiny):
     """Seconds of one group pass as the product runs it (64 slices of 11x20 tokens + the prompt,
     the probe on), median of 3 after 2 warm-ups (the first compiles)."""
-    from adapttoken.bench.gpu import Q1
-    from adapttoken.bench.profile_gpu import timed
-    from adapttoken.question import Question
+    from adapttoken.bench.profile_gpu import group_inputs, timed
     ad = model.adapter
-    rows, cols = (11, 20) if not tiny else (2, 4)
-    S = 64 if not tiny else 8
-    D = ad.model.config.text_config.hidden_size
-    g = torch.Generator(device="cpu").manual_seed(1)
-    embeds = (0.02 * torch.randn(S * rows * cols, D, generator=g)).to(dev, ad.dtype)
-    s, r, c = torch.meshgrid(torch.arange(S), torch.arange(rows), torch.arange(cols), indexing="ij")
-    coords = torch.stack([4 * s.reshape(-1), r.reshape(-1), c.reshape(-1)])
-    extent = max(int(coords[0].max()), rows - 1, cols - 1)
-    prompt = ad.build_prompt(Question(Q1[0], Q1[1]))
+    prompt, embeds, coords, extent = group_inputs(ad, dev, ad.dtype, 64 if not tiny else 8, tiny)
     ad.fuse_text = None
     t = timed(lambda: ad.forward(prompt, embeds, coords, extent, probe_layer=ad.default_layer),
               dev, iters=3, warmup=2)

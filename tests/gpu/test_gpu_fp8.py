@@ -17,9 +17,10 @@ if torch.cuda.get_device_capability() < (8, 9):
 import adapttoken as at                                              # noqa: E402
 from adapttoken.defaults import BUNDLED_MODEL                        # noqa: E402
 from adapttoken.models import fp8                                    # noqa: E402
+# the demo's needle video and one pipeline run, as the nf4/int8 test uses them
+from test_gpu_quant import _run, needle_video                        # noqa: E402,F401
 
 CUDA = torch.device("cuda")
-FRAMES = 2048
 
 
 @pytest.mark.parametrize("k,n", [(3584, 512), (3420, 1280), (1280, 3420), (40, 24)])
@@ -40,29 +41,6 @@ def test_cuda_layer_equals_the_product_of_its_quantized_numbers(k, n):
     assert err <= 2 ** -7 * ref.abs().max().item(), err        # bf16 rounding of the output
     rel = ((y.float() - lin(x).float()).norm() / lin(x).float().norm()).item()
     assert rel < 0.06, rel                                     # float8 rounding of both operands
-
-
-@pytest.fixture(scope="module")
-def needle_video():
-    from adapttoken.bench.gpu import MemoryVideo
-    from adapttoken.demo import DEMO_ATTRIBUTE
-    from adapttoken.training import synthetic as syn
-    needles, qs = syn.plan(FRAMES, 0, "what", "mc", attribute=DEMO_ATTRIBUTE)
-    frames = torch.from_numpy(syn.make_frames(FRAMES, 0, syn.DEFAULT_SIZE, needles))
-    return MemoryVideo(frames, syn.DEFAULT_FPS, name="needle"), qs[0]
-
-
-def _run(model, video, q, redundancy):
-    from adapttoken.demo import demo_config
-    from adapttoken.pipeline import answer, select
-    cfg = demo_config(FRAMES)
-    cfg.redundancy_threshold = redundancy
-    handle = video.open(FRAMES, cfg.max_pixels, cfg.min_pixels, model.adapter.frames_per_slice)
-    model.clear_cache()
-    sel = select(model, handle, at.Question(q.text, tuple(q.options)), cfg, "adapttoken")
-    res = answer(sel, cfg.max_new_tokens)
-    kept = {(t["slice"], t["row"], t["col"]) for t in res.kept_tokens}
-    return res, kept, [g.entropy_norm for g in res.groups if g.entropy is not None]
 
 
 def test_bundled_model_in_fp8_selects_like_bf16_on_cuda(needle_video):
