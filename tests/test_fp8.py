@@ -155,3 +155,38 @@ def test_bundled_model_in_fp8_selects_and_answers_like_fp32():
             assert abs(g0.entropy_norm - g1.entropy_norm) <= 0.02, (g0.group, g0.entropy_norm,
                                                                     g1.entropy_norm)
     assert n >= 1
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "internvl", "llava_onevision"])
+def test_every_family_runs_in_fp8(family):
+    """The other families' tiny models converted in place (bench gpu --arch ... --quantization fp8
+    does this): their language model and vision tower linears in float8, a group pass with the probe
+    runs and stays close to the float one (same top option)."""
+    from adapttoken.models.loading import _families
+    from adapttoken.question import Question
+    from adapttoken.training.tiny_families import build_tiny_family
+    model, proc = build_tiny_family(family, seed=0, layers=2)
+    a = _families()[family](model, proc)
+    h, w = (64, 96) if family == "qwen3_vl" else a.resized_size(0, 0)
+    frames = torch.randint(0, 256, (4 * a.frames_per_slice, h, w, 3), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+
+    def group_pass():
+        feats = a.encode(frames, (h, w))
+        n, t, d = feats.shape
+        rows, cols = a.token_grid((h, w))
+        s, r, c = torch.meshgrid(torch.arange(n), torch.arange(rows), torch.arange(cols), indexing="ij")
+        coords = torch.stack([s.reshape(-1), r.reshape(-1), c.reshape(-1)])
+        prompt = a.build_prompt(Question("What happens?", ("a dog runs", "a cat sleeps")))
+        return a.forward(prompt, feats.reshape(n * t, d), coords, max(n - 1, rows - 1, cols - 1),
+                         probe_layer=a.default_layer)
+
+    ref = group_pass()
+    quant.quantize_in_memory(model, "fp8", CPU)                # converts in place
+    assert fp8.convert(model)["layers"] == 0                   # nothing plain left to convert
+    assert quant.quantization_of(model) == "fp8"
+    assert not any(type(m) is torch.nn.Linear and ".layers." in n for n, m in model.named_modules())
+    out = group_pass()
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out.scores).all()
+    rel = ((out.logits - ref.logits).norm() / ref.logits.norm()).item()
+    assert rel < 0.1, rel
