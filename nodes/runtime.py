@@ -236,7 +236,8 @@ def _compute_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def quantization_problem(quantization: str) -> str | None:
-    """Why `quantization` cannot be used here (unknown value, bitsandbytes missing), or None."""
+    """Why `quantization` cannot be used here (unknown value, bitsandbytes missing, fp8 on a GPU
+    without FP8 matmuls), or None."""
     try:
         q = normalize_quantization(quantization)
     except at.AdaptTokenError as e:
@@ -244,6 +245,12 @@ def quantization_problem(quantization: str) -> str | None:
     if q in ("nf4", "int8") and (importlib.util.find_spec("bitsandbytes") is None
               or importlib.util.find_spec("accelerate") is None):
         return f"quantization {q!r} needs the bitsandbytes and accelerate packages: {QUANT_INSTALL}"
+    if q == "fp8":
+        from ..adapttoken.models.fp8 import check_device
+        try:
+            check_device(mm.get_torch_device())
+        except at.AdaptTokenError as e:
+            return str(e)
     return None
 
 

@@ -1,5 +1,5 @@
 """Load MLLM with quantized weights inside ComfyUI's memory manager, in-process (on the GPU when
-there is one, else on the CPU where bitsandbytes runs there): the model is loaded straight onto
+there is one, else on the CPU where bitsandbytes, or torch's FP8 matmul, runs there): the model is loaded straight onto
 ComfyUI's compute device, its patcher's offload device is that same device, a question runs, and
 ComfyUI's unloading (/free, "Unload models", keep_loaded off) moves nothing and drops the video
 caches; the model answers again afterwards.
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quantization", default="nf4", choices=["nf4", "int8"])
+    ap.add_argument("--quantization", default="nf4", choices=["nf4", "int8", "fp8"])
     a = ap.parse_args()
     model_dir = REPO / "adapttoken" / "assets" / "adapttoken-tiny-synth"
     video_path = str(REPO / "adapttoken" / "assets" / "sample.mp4")
@@ -49,17 +49,21 @@ def main() -> int:
     facts, fail = {"device": str(dev), "quantization": a.quantization}, []
     load_cls = classes["AdaptToken_LoadMLLM"]
     facts["validate_unknown"] = load_cls.validate_inputs(model="x", attention="sdpa",
-                                                         quantization="fp8")
-    if "fp8" not in str(facts["validate_unknown"]):
+                                                         quantization="fp4")
+    if "fp4" not in str(facts["validate_unknown"]):
         fail.append(f"an unknown quantization passed validation: {facts['validate_unknown']}")
     name = "adapttoken-tiny-synth (bundled)"
+    facts["validate"] = load_cls.validate_inputs(model=name, attention="sdpa",
+                                                 quantization=a.quantization)
+    if facts["validate"] is not True:
+        fail.append(f"quantization={a.quantization} did not validate here: {facts['validate']}")
     with torch.inference_mode():
         (model,) = run("AdaptToken_LoadMLLM", model=name, dtype="auto", attention="sdpa",
                        keep_loaded=True, quantization=a.quantization)
         hf = model.adapter.model
         layer = hf.model.language_model.layers[0]
         facts["linear"] = type(layer.mlp.down_proj).__name__
-        if facts["linear"] not in ("Linear4bit", "Linear8bitLt"):
+        if facts["linear"] not in ("Linear4bit", "Linear8bitLt", "Float8Linear"):
             fail.append(f"the language model is not quantized: {facts['linear']}")
         p = model.patcher
         facts["load_device"], facts["offload_device"] = str(p.load_device), str(p.offload_device)

@@ -48,14 +48,16 @@ def test_caches_in_comfy_memory_manager(comfyui_dir):
     assert facts["held_after_unload_all"] == {} and facts["held_after_oom"] == {}
 
 
-@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+@pytest.mark.parametrize("quantization", ["nf4", "int8", "fp8"])
 def test_quantized_model_stays_put_in_comfy(comfyui_dir, quantization):
-    """inprocess_quant_check.py: Load MLLM with bitsandbytes weights loads them onto ComfyUI's
-    compute device and never moves them (offload device = load device); unloading drops the video
-    caches only, and the model answers again. Needs bitsandbytes (on the CPU: a release that runs
-    4-bit/8-bit there)."""
+    """inprocess_quant_check.py: Load MLLM with quantized weights (bitsandbytes nf4/int8, or fp8)
+    loads them onto ComfyUI's compute device and never moves them (offload device = load device);
+    unloading drops the video caches only, and the model answers again. nf4/int8 need bitsandbytes
+    (on the CPU: a release that runs 4-bit/8-bit there); fp8 needs only torch (FP8 matmuls on the
+    CPU, or a GPU of compute capability 8.9+)."""
     import importlib.util
-    if importlib.util.find_spec("bitsandbytes") is None or importlib.util.find_spec("accelerate") is None:
+    if quantization != "fp8" and (importlib.util.find_spec("bitsandbytes") is None
+                                  or importlib.util.find_spec("accelerate") is None):
         pytest.skip('bitsandbytes/accelerate not installed (pip install -e ".[quant]")')
     if not (BUNDLED / "model.safetensors").is_file():
         pytest.skip("bundled model weights missing")
