@@ -190,3 +190,11 @@ def test_every_family_runs_in_fp8(family):
     assert torch.isfinite(out.logits).all() and torch.isfinite(out.scores).all()
     rel = ((out.logits - ref.logits).norm() / ref.logits.norm()).item()
     assert rel < 0.1, rel
+
+
+def test_casting_a_converted_model_fails_clearly():
+    m = torch.nn.Sequential(_linear(32, 16))
+    fp8.convert(m)
+    m.float()                                   # casts the float8 weight too (a user mistake)
+    with pytest.raises(RuntimeError, match="load it again with quantization='fp8'"):
+        m(torch.randn(2, 32))

@@ -125,6 +125,11 @@ class Float8Linear(torch.nn.Linear):
         return w[:self.out_features, :self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype != FP8:
+            raise RuntimeError(f"Float8Linear({self.in_features}, {self.out_features}): its weight is "
+                               f"{self.weight.dtype}, not float8 (the model was cast with .to(dtype), "
+                               f".half() or .float() after the fp8 conversion): load it again with "
+                               f"quantization='fp8' instead of casting it")
         k, n = self.in_features, self.out_features
         lead = x.shape[:-1]
         x2 = x.reshape(-1, k)

@@ -262,6 +262,7 @@ def random_quantized(cls, config, quantization: str, dtype: torch.dtype, device:
                 model = cls(config)
         finally:
             torch.set_default_dtype(prev)
+        model = model.to(device=device, dtype=dtype)      # as bench's bf16 build (buffers too)
         return after_load(model.eval().requires_grad_(False), "fp8"), None
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in cls(config).state_dict().items()}
