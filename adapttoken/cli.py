@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from .defaults import default_model_dir
+from .defaults import QUANTIZATION_CHOICES, default_model_dir
 from .errors import InputError
 
 
@@ -45,7 +45,7 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                         "own plan; each GPU holds 1/N of every layer); must equal --nproc-per-node. "
                         "1 (default): each process holds a whole copy and the groups are divided")
     p.add_argument("--dtype", default="auto", help="auto, bf16, fp16, fp32")
-    p.add_argument("--quantization", choices=["none", "nf4", "int8", "fp8"], default="none",
+    p.add_argument("--quantization", choices=QUANTIZATION_CHOICES, default="none",
                    help="language-model weights in 4-bit NF4 or 8-bit (bitsandbytes: pip install "
                         "\"adapttoken[quant]\"), computed in --dtype; the vision tower and LM head "
                         "stay in --dtype. fp8: float8 weights and matmuls for the language model "

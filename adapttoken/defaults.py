@@ -11,3 +11,7 @@ BUNDLED_MODEL = ASSETS / "adapttoken-tiny-synth"
 
 def default_model_dir() -> str:
     return os.environ.get("ADAPTTOKEN_MODEL") or str(BUNDLED_MODEL)
+
+# How a model's weights are stored (models/quant.py): what the CLI, the benchmarks and Load MLLM offer.
+# Appending is safe; the order and the names are a promise to saved workflows.
+QUANTIZATION_CHOICES = ("none", "nf4", "int8", "fp8")

@@ -215,3 +215,29 @@ def test_random_quantized_build_draws_one_weight_at_a_time():
     # the model runs: a text forward gives finite logits
     out = m(input_ids=torch.tensor([[1, 2, 3, 4]]))
     assert torch.isfinite(out.logits.float()).all()
+
+
+def test_one_list_of_choices_everywhere(capsys):
+    """The CLI commands, the benchmarks and Load MLLM offer the same quantizations, in the same
+    order (the node's list is a promise to saved workflows: values are only ever appended)."""
+    from pathlib import Path
+
+    from adapttoken.cli import build_parser
+    from adapttoken.defaults import QUANTIZATION_CHOICES
+    from adapttoken.eval.command import run_parser
+    assert quant.CHOICES == QUANTIZATION_CHOICES
+    for parser, argv in ((build_parser(), ["ask", "v.mp4", "q?"]),
+                         (run_parser(), ["jsonl", "--data", "x.jsonl"])):
+        for q in QUANTIZATION_CHOICES:
+            assert parser.parse_args(argv + ["--quantization", q]).quantization == q
+    root = Path(__file__).resolve().parents[1]
+    from adapttoken.bench import gpu, synthetic
+    for main in (gpu.main, synthetic.main):          # their parsers live inside main()
+        with pytest.raises(SystemExit) as e:
+            main(["--quantization", "fp4"])          # refused by argparse, before any work
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "choose from " + ", ".join(repr(q) for q in QUANTIZATION_CHOICES) in err, err
+    sys.path.insert(0, str(root))
+    from nodes import spec
+    assert tuple(spec.BY_ID["AdaptToken_LoadMLLM"].input("quantization").options) == QUANTIZATION_CHOICES

@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..defaults import QUANTIZATION_CHOICES
 from .gpu_measure import (LLMCounter, _sync, build_model, copy_bandwidth, matmul_rate, param_counts,
                           vision_flops_per_slice)
 from .gpu_report import METHODS, STAGES, derived, markdown, merge_results, plot, targets
@@ -350,7 +351,7 @@ def main(argv=None) -> int:
     ap.add_argument("--in-memory", action="store_true",
                     help="no video file: the same generated frames held in memory as uint8 (no "
                          "decoder, no PyAV; what ComfyUI's IMAGE input gives); decode = 0")
-    ap.add_argument("--quantization", choices=["none", "nf4", "int8", "fp8"], default="none",
+    ap.add_argument("--quantization", choices=QUANTIZATION_CHOICES, default="none",
                     help="Qwen2.5-VL: the random language-model weights quantized by bitsandbytes "
                          "as they are drawn, one at a time (the bf16 model never exists: 72B fits "
                          "one GPU in nf4); vision tower and LM head kept in bf16; models/quant.py. "

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..defaults import QUANTIZATION_CHOICES
 from ..eval.metrics import wilson
 
 METHODS = ("adapttoken", "lite", "uniform", "even_split")
@@ -425,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default=None, help="model folder (default: the bundled tiny model)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--quantization", choices=["none", "nf4", "int8", "fp8"], default="none",
+    ap.add_argument("--quantization", choices=QUANTIZATION_CHOICES, default="none",
                     help="the model's language-model weights in 4-bit NF4 or 8-bit (bitsandbytes), "
                          "or fp8 (float8 matmuls, language model and vision tower)")
     ap.add_argument("--out", default="docs/bench_synthetic", help="folder for the table and plots")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..defaults import QUANTIZATION_CHOICES
 from . import BENCHES
 from .profiles import PROFILES
 from .runner import ALL_METHODS, ARCHS, NATIVE_FRAMES, NATIVE_MAX_PIXELS, PAPER_CONFIG
@@ -55,9 +56,10 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1,
                    help="under torchrun: one tensor-parallel copy over all processes (= --nproc-per-node)")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--quantization", choices=["none", "nf4", "int8"], default="none",
+    p.add_argument("--quantization", choices=QUANTIZATION_CHOICES, default="none",
                    help="language-model weights in 4-bit NF4 or 8-bit (bitsandbytes), computed in "
-                        "--dtype (with --arch: the random weights quantized in memory)")
+                        "--dtype (with --arch: the random weights quantized in memory); fp8: float8 "
+                        "matmuls for the language model and vision tower (GPUs with FP8)")
     p.add_argument("--attn", default="sdpa")
     p.add_argument("--cache-dir", default=None, help="on-disk vision-feature cache")
     p.add_argument("--decode-workers", type=int, default=None)
