@@ -13,7 +13,7 @@ Model arguments (`--model_args k=v,...`): model (a local model folder; default t
 model), method (adapttoken, lite, uniform, even_split; native = uniform frames at native_frames and
 native_max_pixels, every token), config (paper: 4096 frames, budget 7040), frames, budget,
 max_pixels, min_pixels, group_size, stop_threshold, native_frames, native_max_pixels, device,
-dtype, attn, cache_dir, decode_workers, seed, quantization (none, nf4, int8: bitsandbytes).
+dtype, attn, cache_dir, decode_workers, seed, quantization (none, nf4, int8: bitsandbytes; fp8: float8 matmuls).
 
 Each request is one question: the task's own prompt (`doc_to_text`, after the video in one user
 turn) goes into every group pass and into the answer; option lines "A. ..." or "(A) ..." in it
