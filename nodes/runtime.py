@@ -28,6 +28,7 @@ from .. import adapttoken as at
 from ..adapttoken import memory
 from ..adapttoken.models.loading import resolve_dtype
 from ..adapttoken.models.quant import INSTALL as QUANT_INSTALL
+from ..adapttoken.models.quant import BNB as BNB_QUANTIZATIONS
 from ..adapttoken.models.quant import is_quantized, normalize as normalize_quantization
 from .spec import BUNDLED_MODEL_NAME
 
@@ -242,8 +243,8 @@ def quantization_problem(quantization: str) -> str | None:
         q = normalize_quantization(quantization)
     except at.AdaptTokenError as e:
         return str(e)
-    if q in ("nf4", "int8") and (importlib.util.find_spec("bitsandbytes") is None
-              or importlib.util.find_spec("accelerate") is None):
+    if q in BNB_QUANTIZATIONS and (importlib.util.find_spec("bitsandbytes") is None
+                                   or importlib.util.find_spec("accelerate") is None):
         return f"quantization {q!r} needs the bitsandbytes and accelerate packages: {QUANT_INSTALL}"
     if q == "fp8":
         from ..adapttoken.models.fp8 import check_device
