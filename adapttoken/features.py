@@ -14,10 +14,11 @@ import numpy as np
 import torch
 
 from .decode import (DEFAULT_FRAME_STASH_BYTES, FrameDecoder, FrameStash, Prescale, VideoHandle,
-                     _ReadyJob, _SyncJob, default_decode_workers)
+                     _ReadyJob, _SyncJob, default_decode_workers, frame_shape)
 from .errors import InputError
-from .kv_cache import PrefixKVCache, device_memory_budget, tensor_bytes
+from .kv_cache import HOST_FORMATS, PrefixKVCache, device_memory_budget, tensor_bytes
 from .timing import Timer
+from .yuv import Yuv420, yuv420_to_rgb
 
 
 FEATURE_DEVICES = ("auto", "gpu", "cpu")
@@ -53,6 +54,12 @@ class SliceFeatures:
       current one (`ride_along`, FrameStash; 0: off). Strided groups put the next groups' frames
       right after the current group's, so a read that seeks to each of the current group's slices
       can take theirs for a few more decoded frames instead of seeking again later.
+    - yuv_handover: None (default): where frames go to a CUDA device at the file's size, PyAV's
+      lanes hand over the decoded 4:2:0 planes and the device turns them into RGB (yuv.py: the
+      RGB swscale gives, within a level) before the model's preprocessing; half the bytes, and no
+      colour conversion on the CPU. Only for files yuv.probe_yuv420 accepts, else RGB as before.
+      False: off (RGB from the lanes); True: wherever the file allows, also for a model on the CPU
+      (then without decode-time resizing; for tests).
     """
 
     def __init__(self, adapter, video: VideoHandle, chunk_slices: int = 32, *,
@@ -76,7 +83,7 @@ class SliceFeatures:
         self.stash = FrameStash(DEFAULT_FRAME_STASH_BYTES)
         self._disk = None
         self._cache_dir = None
-        self._prefix_host_bytes = 0
+        self._prefix_host = {"host_bytes": "auto", "host_format": "fp8"}
         self.prefix_kv: PrefixKVCache | None = PrefixKVCache()
         self.feature_device = "auto"
         self.decode_workers = default_decode_workers()
@@ -85,6 +92,7 @@ class SliceFeatures:
         self.gpu_feature_bytes = gpu_feature_bytes
         self.pad_chunks = pad_chunks
         self.decode_resize = True          # resize frames at decode time where possible (Prescale)
+        self.yuv_handover: bool | None = None
         self.configure(feature_device=feature_device, decode_workers=decode_workers,
                        overlap=overlap, cache_dir=cache_dir)
         self.reset_stats()
@@ -93,20 +101,24 @@ class SliceFeatures:
     def configure(self, *, feature_device: str | None = None, decode_workers: int | None = None,
                   overlap: bool | None = None, cache_dir=None, pad_chunks: bool | None = None,
                   gpu_feature_bytes: int | None = None, prefix_cache: bool | None = None,
-                  frame_stash_bytes: int | None = None, prefix_host_bytes: int | None = None,
-                  prefix_cpu_bytes: int | None = None,
-                  prefix_keep: bool | None = None) -> "SliceFeatures":
+                  frame_stash_bytes: int | None = None, prefix_host_bytes: int | str | None = None,
+                  prefix_host_format: str | None = None, prefix_cpu_bytes: int | None = None,
+                  prefix_keep: bool | None = None,
+                  yuv_handover: bool | None = None) -> "SliceFeatures":
         """Change options (None leaves one as it is). Features already computed stay valid: they
         move when the storage device changes. prefix_cache: keep each group pass's prefix
         keys/values for later questions (PrefixKVCache); prefix_host_bytes: how much of them may
-        live in CPU memory when the device is full (0: none); prefix_cpu_bytes: how much of them
+        live in CPU memory when the device is full (0: none; "auto": min(16 GB, a quarter of the
+        machine's memory) with the model on CUDA); prefix_host_format: "fp8" (half the bytes, not
+        exact) or "exact" for that host tier; prefix_cpu_bytes: how much of them
         are kept with the model off CUDA (0: none, same results); prefix_keep False: none kept on
-        any device (same results; the `ask` command, one question per process)."""
+        any device (same results; the `ask` command, one question per process). yuv_handover:
+        True / False (see the class doc; None leaves it as it is)."""
         if prefix_cache is not None:
             if not prefix_cache:
                 self.prefix_kv = None
             elif self.prefix_kv is None:
-                self.prefix_kv = PrefixKVCache(host_bytes=self._prefix_host_bytes)
+                self.prefix_kv = PrefixKVCache(**self._prefix_host)
         if prefix_keep is not None and self.prefix_kv is not None:
             self.prefix_kv.keep = bool(prefix_keep)
             if not prefix_keep:
@@ -117,11 +129,19 @@ class SliceFeatures:
             if self.prefix_kv is not None:
                 self.prefix_kv.set_cpu_bytes(prefix_cpu_bytes)
         if prefix_host_bytes is not None:
-            if prefix_host_bytes < 0:
-                raise InputError(f"prefix_host_bytes={prefix_host_bytes} must be >= 0 (0: off)")
-            self._prefix_host_bytes = int(prefix_host_bytes)
-            if self.prefix_kv is not None:
-                self.prefix_kv.host_bytes = int(prefix_host_bytes)
+            if prefix_host_bytes != "auto" and (isinstance(prefix_host_bytes, str) or prefix_host_bytes < 0):
+                raise InputError(f"prefix_host_bytes={prefix_host_bytes!r} must be a number of bytes >= 0 "
+                                 "(0: off) or \"auto\"")
+            self._prefix_host["host_bytes"] = (prefix_host_bytes if prefix_host_bytes == "auto"
+                                               else int(prefix_host_bytes))
+        if prefix_host_format is not None:
+            if prefix_host_format not in HOST_FORMATS:
+                raise InputError(f"prefix_host_format={prefix_host_format!r} is not known: use one of "
+                                 f"{', '.join(HOST_FORMATS)}")
+            self._prefix_host["host_format"] = prefix_host_format
+        if self.prefix_kv is not None:
+            self.prefix_kv.host_bytes = self._prefix_host["host_bytes"]
+            self.prefix_kv.set_host_format(self._prefix_host["host_format"])
         if feature_device is not None:
             if feature_device not in FEATURE_DEVICES:
                 raise InputError(f"feature_device={feature_device!r} is not known: use one of "
@@ -137,13 +157,14 @@ class SliceFeatures:
                 raise InputError(f"frame_stash_bytes={frame_stash_bytes} must be >= 0 (0: off)")
             self.stash.clear()
             self.stash.limit = int(frame_stash_bytes)
+        if yuv_handover is not None and yuv_handover != self.yuv_handover:
+            self.yuv_handover = bool(yuv_handover)
+            self._drop_decoder()                  # its lanes and the stash hold the other layout
         if decode_workers is not None:
             if decode_workers < 0:
                 raise InputError(f"decode_workers={decode_workers} must be >= 0 (0: no threads)")
-            if decode_workers != self.decode_workers and self._decoder is not None:
-                self.drop_lookahead()
-                self._decoder.close()
-                self._decoder = None
+            if decode_workers != self.decode_workers:
+                self._drop_decoder()
             self.decode_workers = int(decode_workers)
         if overlap is not None:
             self.overlap = bool(overlap)
@@ -250,11 +271,15 @@ class SliceFeatures:
         return sum(n for d, n in before.items() if here(d)) - sum(n for d, n in after.items()
                                                                    if here(d))
 
-    def release(self) -> None:
+    def _drop_decoder(self) -> None:
+        """Close the decoder lanes (a new decoder starts on the next request)."""
         self.drop_lookahead()                    # also empties the frame stash
         if self._decoder is not None:
             self._decoder.close()
             self._decoder = None
+
+    def release(self) -> None:
+        self._drop_decoder()
         if self._disk is not None:
             self._disk.close()
         if self.prefix_kv is not None:
@@ -393,8 +418,8 @@ class SliceFeatures:
         cs = max(1, int(self.chunk_slices))
         if self.video.frames is not None or self._prescale() is not None:
             return cs
-        info = self.video.info
-        slice_bytes = max(1, info.height * info.width * 3 * self.video.frames_per_slice)
+        frame_bytes = int(np.prod(frame_shape(self.video.info, None, self._yuv())))
+        slice_bytes = max(1, frame_bytes * self.video.frames_per_slice)
         return max(1, min(cs, PENDING_FRAME_BYTES // (self.held_chunks() * slice_bytes)))
 
     def _chunks(self, need: list[int]) -> list[np.ndarray]:
@@ -415,9 +440,17 @@ class SliceFeatures:
         fn = getattr(self.adapter, "decode_resize", None)
         info = self.video.info
         if (fn is None or not self.decode_resize or self.video.frames is not None
-                or self._compute_device().type != "cpu" or (info.height, info.width) == tuple(self.resized)):
+                or self._compute_device().type != "cpu" or (info.height, info.width) == tuple(self.resized)
+                or self._yuv() is not None):
             return None
         return Prescale(fn, self.resized)
+
+    def _yuv(self) -> Yuv420 | None:
+        """The file's layout when the decoder hands over 4:2:0 planes (see yuv_handover), else None."""
+        if self.yuv_handover is False or (self.yuv_handover is None
+                                          and self._compute_device().type != "cuda"):
+            return None
+        return self.video.yuv420
 
     def _get_decoder(self) -> FrameDecoder | None:
         if self.decode_workers <= 0:
@@ -425,7 +458,7 @@ class SliceFeatures:
         if self._decoder is None:
             pin = self._compute_device().type == "cuda" and torch.cuda.is_available()
             self._decoder = FrameDecoder(self.video, self.decode_workers, pin=pin, stash=self.stash,
-                                         resize=self._prescale())
+                                         resize=self._prescale(), yuv=self._yuv())
         return self._decoder
 
     def lookahead(self, slices) -> None:
@@ -492,6 +525,9 @@ class SliceFeatures:
             frames = torch.cat([frames, pad])
         if frames.device != dev:
             frames = frames.to(dev, non_blocking=frames.is_pinned())
+        yuv = self._yuv()
+        if yuv is not None:
+            frames = yuv420_to_rgb(frames, yuv)
         if hasattr(self.adapter, "preprocess") and hasattr(self.adapter, "encode_pixels"):
             pixels = self.adapter.preprocess(frames, self.resized)
             self.timer.add("preprocess", time.perf_counter() - t0, sync=dev)
@@ -536,7 +572,7 @@ class SliceFeatures:
         job = None
         if len(rest):
             dec = self._get_decoder()
-            job = (_SyncJob(self.video, rest, self.stash, self._prescale()) if dec is None
+            job = (_SyncJob(self.video, rest, self.stash, self._prescale(), self._yuv()) if dec is None
                    else dec.submit(rest, lane))
         if not have:
             return job

@@ -64,7 +64,9 @@ class AdaptTokenConfig:
     overlap: bool = True            # decode the next chunk / group while the GPU works
     cache_dir: str | None = None    # on-disk vision-feature cache (safetensors); None: memory only
     frame_stash_bytes: int = 2 ** 30    # Lite: decoded frames of later groups taken on the way (0: off)
-    prefix_host_bytes: int = 0      # group-prefix keys/values kept in CPU memory when the GPU is full
+    prefix_host_bytes: int | str = "auto"   # group-prefix keys/values kept in CPU memory when the
+                                    # GPU is full (auto: min(16 GB, RAM / 4) on CUDA, 0 on the CPU)
+    prefix_host_format: str = "fp8"  # ... as float8 with per-token scales (half the bytes) or "exact"
     prefix_cpu_bytes: int | None = None  # ... kept for later questions with the model on the CPU
                                          # (None: PrefixKVCache's 2 GiB; 0: none, same results)
     prefix_keep: bool = True        # False: no prefix keys/values kept anywhere (one question per
@@ -232,6 +234,7 @@ def prepare(model: Model, video_path, config: AdaptTokenConfig, fresh_features: 
                     overlap=config.overlap, cache_dir=config.cache_dir,
                     frame_stash_bytes=config.frame_stash_bytes,
                     prefix_host_bytes=config.prefix_host_bytes,
+                    prefix_host_format=config.prefix_host_format,
                     prefix_cpu_bytes=config.prefix_cpu_bytes, prefix_keep=config.prefix_keep)
     feats.reset_stats()
     feats.timer.add("probe", probe_s)

@@ -50,7 +50,7 @@ def test_held_bytes_and_free_memory(tiny_model, clip):
 
 
 def test_prefix_kv_drop_by_tier():
-    c = PrefixKVCache(cpu_bytes=0, host_bytes=2 ** 20)
+    c = PrefixKVCache(cpu_bytes=0, host_bytes=2 ** 20, host_format="exact")
     kv = [(torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 4))]
     assert c.offer("a", kv, 192, torch.device("cpu")) and c.host_used == 192
     c.cpu_bytes = 2 ** 20

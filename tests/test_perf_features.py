@@ -350,7 +350,8 @@ def test_second_question_reuses_group_prefix_kv_exactly(tiny_model, clip):
 def test_prefix_kv_host_tier_when_the_device_tier_is_full(tiny_model, clip):
     """No room in the device tier (cpu_bytes 0 here): the states go to the host tier, a second
     question uses them and gets exactly the fresh result; with the host tier off they are refused."""
-    cfg = at.AdaptTokenConfig(num_frames=96, group_size=8, budget=24, prefix_host_bytes=2 ** 30, **PX)
+    cfg = at.AdaptTokenConfig(num_frames=96, group_size=8, budget=24, prefix_host_bytes=2 ** 30,
+                              prefix_host_format="exact", **PX)
     q1 = at.Question("What is shown?", ("a", "b", "c"))
     q2 = at.Question("Which colour came first in the video?", ("red", "blue"))
     tiny_model.clear_cache()

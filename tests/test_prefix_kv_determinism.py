@@ -126,7 +126,7 @@ def test_group_pass_cold_warm_host_tier_bitwise(hidden, heads, question):
     assert store.stored == 1 and store.hits == 0
     warm = run(store)
     assert store.hits == 1
-    host = PrefixKVCache(cpu_bytes=0, host_bytes=2 ** 30)     # the host tier's copies
+    host = PrefixKVCache(cpu_bytes=0, host_bytes=2 ** 30, host_format="exact")   # the host tier's copies
     cold_h, warm_h = run(host), run(host)
     assert host.host_stored == 1 and host.hits == 1
     for other in (warm, cold_h, warm_h):

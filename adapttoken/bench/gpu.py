@@ -215,7 +215,9 @@ def run_case(model, video_path, frames: int, method: str, args, counter: LLMCoun
     feats.configure(feature_device=args.feature_device, decode_workers=args.decode_workers,
                     overlap=not args.no_overlap, cache_dir=cache_dir,
                     pad_chunks=bool(args.compile_vision),
-                    prefix_host_bytes=int(args.kv_host_gib * 2 ** 30),
+                    prefix_host_bytes=("auto" if args.kv_host_gib is None
+                                       else int(args.kv_host_gib * 2 ** 30)),
+                    prefix_host_format=args.kv_host_format,
                     prefix_cache=False if getattr(args, "no_prefix_kv", False) else None,
                     prefix_keep=False if getattr(args, "one_question", False) else None)
     feats.reset_stats()
@@ -299,7 +301,8 @@ def run_case(model, video_path, frames: int, method: str, args, counter: LLMCoun
                           prefix_kv_refused=kv.refused, prefix_kv_gib=kv.bytes / 2 ** 30,
                           prefix_kv_host_stored=kv.host_stored,
                           prefix_kv_host_gib=kv.host_used / 2 ** 30,
-                          prefix_kv_host_s=round(kv.host_seconds, 4))
+                          prefix_kv_host_s=round(kv.host_seconds, 4),
+                          prefix_kv_ahead_hits=kv.ahead_hits)
     if dev.type == "cuda":
         from ..kv_cache import device_memory_budget
         c.features["device_budget_gib"] = device_memory_budget(dev) / 2 ** 30
@@ -381,9 +384,13 @@ def main(argv=None) -> int:
     ap.add_argument("--one-question", action="store_true",
                     help="as the `ask` command: the group passes run as usual but no group-prefix "
                          "keys/values are kept (AdaptTokenConfig.prefix_keep=False)")
-    ap.add_argument("--kv-host-gib", type=float, default=0.0,
+    ap.add_argument("--kv-host-gib", type=float, default=None,
                     help="let group-prefix keys/values that do not fit on the GPU live in this many "
-                         "GiB of CPU memory (PrefixKVCache host tier; 0: off)")
+                         "GiB of CPU memory (PrefixKVCache host tier; 0: off; default: the library's "
+                         "'auto', min(16 GB, a quarter of the RAM))")
+    ap.add_argument("--kv-host-format", choices=["fp8", "exact"], default="fp8",
+                    help="the host tier's keys/values as float8 with per-token scales (the library's "
+                         "default) or exact")
     ap.add_argument("--variants", nargs="*", default=None,
                     choices=["threads", "hf_vision", "cpu_features", "one_thread", "eager_vision",
                              "compiled_vision", "unfused_text", "repeat"],
@@ -468,6 +475,7 @@ def main(argv=None) -> int:
             "in_memory": args.in_memory,
             "feature_device": args.feature_device, "overlap": not args.no_overlap,
             "card_gib": args.card_gib, "card_from": args.card_from, "kv_host_gib": args.kv_host_gib,
+            "kv_host_format": args.kv_host_format,
             "command": "python -m adapttoken bench gpu " + " ".join(argv if argv is not None else sys.argv[1:])}
     if device.type == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(device)
