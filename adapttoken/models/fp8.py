@@ -158,7 +158,7 @@ class Float8Linear(torch.nn.Linear):
 
 def _skipped(name: str, skip) -> bool:
     parts = name.split(".")
-    return any(s in parts or any(p.startswith(s) for p in parts) for s in skip)
+    return any(p.startswith(s) for s in skip for p in parts)
 
 
 def convert(model: torch.nn.Module, skip=FP8_SKIP) -> dict:

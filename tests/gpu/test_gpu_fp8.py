@@ -18,7 +18,7 @@ import adapttoken as at                                              # noqa: E40
 from adapttoken.defaults import BUNDLED_MODEL                        # noqa: E402
 from adapttoken.models import fp8                                    # noqa: E402
 # the demo's needle video and one pipeline run, as the nf4/int8 test uses them
-from test_gpu_quant import _run, needle_video                        # noqa: E402,F401
+from test_gpu_quant import _run, assert_agrees, needle_video         # noqa: E402,F401
 
 CUDA = torch.device("cuda")
 
@@ -57,11 +57,5 @@ def test_bundled_model_in_fp8_selects_like_bf16_on_cuda(needle_video):
     assert type(hf.lm_head) is torch.nn.Linear
     assert model.adapter.dtype == torch.bfloat16 and model.adapter.device.type == "cuda"
     for redundancy in (0.9, None):
-        ref, ref_kept, ref_h = refs[redundancy]
-        res, kept, h = _run(model, video, q, redundancy)
-        assert res.answer == ref.answer == q.answer, (res.answer, ref.answer, q.answer)
-        overlap = len(kept & ref_kept) / len(ref_kept)
-        dh = [abs(a - b) for a, b in zip(h, ref_h)]
-        print(f"fp8 redundancy={redundancy}: kept {len(kept)} vs {len(ref_kept)}, overlap "
-              f"{overlap:.3f}, |dH/Hmax| mean {sum(dh) / len(dh):.4f} max {max(dh):.4f}")
-        assert len(h) == len(ref_h) and overlap >= 0.9 and max(dh) <= 0.02, (overlap, dh)
+        assert_agrees(f"fp8 redundancy={redundancy}", refs[redundancy], _run(model, video, q, redundancy),
+                      q.answer, 0.02)

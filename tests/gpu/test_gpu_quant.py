@@ -50,6 +50,20 @@ def _run(model, video, q, redundancy=0.9):
     return res, kept, [g.entropy_norm for g in res.groups if g.entropy is not None]
 
 
+def assert_agrees(label, ref, got, answer, max_dh):
+    """`got` (a _run result) against `ref`: both give `answer`, >= MIN_OVERLAP of ref's kept
+    tokens kept, every group's H/H_max within max_dh."""
+    (ref_res, ref_kept, ref_h), (res, kept, h) = ref, got
+    assert res.answer == ref_res.answer == answer, (res.answer, ref_res.answer, answer)
+    overlap = len(kept & ref_kept) / len(ref_kept)
+    dh = [abs(a - b) for a, b in zip(h, ref_h)]
+    print(f"{label}: kept {len(kept)} vs {len(ref_kept)}, overlap {overlap:.3f}, "
+          f"|dH/Hmax| mean {sum(dh) / len(dh):.4f} max {max(dh):.4f}")
+    assert len(h) == len(ref_h)
+    assert overlap >= MIN_OVERLAP, overlap
+    assert max(dh) <= max_dh, dh
+
+
 @pytest.fixture(scope="module")
 def bf16(needle_video):
     model = at.load_model(BUNDLED_MODEL, dtype="bf16", device=CUDA)
@@ -73,13 +87,5 @@ def test_quantized_bundled_model_selects_like_bf16_on_cuda(quantization, needle_
     assert model.adapter.dtype == torch.bfloat16 and model.adapter.device.type == "cuda"
     assert all(p.device.type == "cuda" for p in hf.parameters())
     for redundancy in (0.9, None):           # the demo's setting, and every token a candidate
-        ref, ref_kept, ref_h = bf16[redundancy]
-        res, kept, h = _run(model, video, q, redundancy)
-        assert res.answer == ref.answer == q.answer, (res.answer, ref.answer, q.answer)
-        overlap = len(kept & ref_kept) / len(ref_kept)
-        dh = [abs(a - b) for a, b in zip(h, ref_h)]
-        print(f"{quantization} redundancy={redundancy}: kept {len(kept)} vs {len(ref_kept)}, overlap "
-              f"{overlap:.3f}, |dH/Hmax| mean {sum(dh) / len(dh):.4f} max {max(dh):.4f}")
-        assert len(h) == len(ref_h)
-        assert overlap >= MIN_OVERLAP, overlap
-        assert max(dh) <= MAX_DH, dh
+        assert_agrees(f"{quantization} redundancy={redundancy}", bf16[redundancy],
+                      _run(model, video, q, redundancy), q.answer, MAX_DH)
