@@ -93,10 +93,27 @@ def reference_layer(num_layers: int, fraction: float) -> int:
     return min(num_layers - 1, round(num_layers * fraction))
 
 
-class FamilyAdapter(FusedTextAdapter, Adapter):
+class TextModelFacts:
+    """The language model inside `self.model` (transformers' `model.model.language_model` in every
+    family here), its depth and the default probe layer at `reference_layer_fraction` of it."""
+    reference_layer_fraction = 0.7       # ~0.7 of the depth: a guess unless the family says otherwise
+
+    @property
+    def text_model(self):
+        return self.model.model.language_model
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.text_model.layers)
+
+    @property
+    def default_layer(self) -> int:
+        return reference_layer(self.num_layers, self.reference_layer_fraction)
+
+
+class FamilyAdapter(TextModelFacts, FusedTextAdapter, Adapter):
     """Shared forward / generate / prompt logic; subclasses build the sequence and the features."""
     model_class_name = ""
-    reference_layer_fraction = 0.7       # ~0.7 of the depth: a guess unless the family says otherwise
 
     def __init__(self, model, processor):
         self.model = model.eval()
@@ -111,18 +128,6 @@ class FamilyAdapter(FusedTextAdapter, Adapter):
                                     options))
 
     # -- shape facts ---------------------------------------------------------------------------
-    @property
-    def text_model(self):
-        return self.model.model.language_model
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.text_model.layers)
-
-    @property
-    def default_layer(self) -> int:
-        return reference_layer(self.num_layers, self.reference_layer_fraction)
-
     @property
     def video_token(self) -> str:
         return self.processor.video_token

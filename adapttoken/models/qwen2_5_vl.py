@@ -22,8 +22,8 @@ import torch
 
 from ..positions import build_position_ids
 from ..question import NO_HOOKS, Hooks, Question
-from ._common import (_LayerCancel, generate_from_embeds, load_pretrained, option_token_ids,
-                      resize_exact, run_fast_tower)
+from ._common import (TextModelFacts, _LayerCancel, generate_from_embeds, load_pretrained,
+                      option_token_ids, resize_exact, run_fast_tower)
 from .base import Adapter, ForwardOut, Generation, Prompt
 from .compat import cache_kwargs
 from .fused_text import FusedTextAdapter
@@ -69,9 +69,10 @@ def _probe_with_keys(attn, hidden_q, cos_q, sin_q, keys, q_pos) -> torch.Tensor:
     return s.softmax(-1).reshape(B, hkv * g, nq, L)
 
 
-class Qwen25VLAdapter(FusedTextAdapter, Adapter):
+class Qwen25VLAdapter(TextModelFacts, FusedTextAdapter, Adapter):
     family = "qwen2_5_vl"
     frames_per_slice = 2
+    reference_layer_fraction = REFERENCE_LAYER_FRACTION
 
     def __init__(self, model, processor):
         self.model = model.eval()
@@ -104,18 +105,6 @@ class Qwen25VLAdapter(FusedTextAdapter, Adapter):
                                     attn_implementation, options))
 
     # -- shape facts ---------------------------------------------------------------------------
-    @property
-    def text_model(self):
-        return self.model.model.language_model
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.text_model.layers)
-
-    @property
-    def default_layer(self) -> int:
-        return min(self.num_layers - 1, round(self.num_layers * REFERENCE_LAYER_FRACTION))
-
     def resized_size(self, height, width, min_pixels=None, max_pixels=None):
         from transformers.models.qwen2_vl.video_processing_qwen2_vl import smart_resize
         size = self.processor.video_processor.size
