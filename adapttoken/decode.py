@@ -10,6 +10,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,6 +21,7 @@ from .errors import InputError
 if TYPE_CHECKING:
     from .frame_reader import FrameReader
     from .video import SamplingPlan
+    from .yuv import Yuv420
 
 # Decoded frames Lite may hold for the next groups (FrameStash): 1 GiB is ~2,000 frames of 308x560,
 # or ~170 of 1080p where frames are held at the file's size (no Prescale: a model on a GPU).
@@ -43,6 +45,14 @@ class Prescale:
     def __call__(self, frames: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(frames.is_inference()):
             return self.fn(frames, self.resized)
+
+
+def frame_shape(info, resize: "Prescale | None" = None, yuv: "Yuv420 | None" = None) -> tuple[int, ...]:
+    """Shape of one frame as the decoder hands it over: resized RGB, 4:2:0 planes, or RGB at the
+    file's size (uint8: its element count is its bytes)."""
+    if resize is not None:
+        return resize.shape
+    return yuv.shape if yuv is not None else (info.height, info.width, 3)
 
 
 def decode_step(info, resize: "Prescale | None", read_frames: int = 16) -> int:
@@ -77,6 +87,16 @@ class VideoHandle:
     def num_slices(self) -> int:
         return self.num_frames // self.frames_per_slice
 
+    @cached_property
+    def yuv420(self) -> "Yuv420 | None":
+        """How the file's frames are stored, where the decoder can hand them over as 4:2:0 planes
+        (PyAV decodes them, yuv.probe_yuv420 accepts the stream); None otherwise."""
+        from .frame_reader import uses_pyav
+        from .yuv import probe_yuv420
+        if self.frames is not None or not uses_pyav(self.backend):
+            return None
+        return probe_yuv420(self.plan.info)
+
     def slice_times(self) -> np.ndarray:
         """Seconds from the first sampled frame to the first frame of each slice."""
         ts = np.asarray(self.plan.timestamps, dtype=np.float64)
@@ -88,17 +108,17 @@ class VideoHandle:
         return (np.asarray(slices)[:, None] * f + np.arange(f)).reshape(-1)
 
     def read(self, positions: np.ndarray, stash: "FrameStash | None" = None,
-             resize: Prescale | None = None) -> torch.Tensor:
+             resize: Prescale | None = None, yuv: "Yuv420 | None" = None) -> torch.Tensor:
         """uint8 frames [N,H,W,3] at the given plan positions (decoding only those, plus the wanted
         frames of an active `stash` that lie on the way); with `resize`, at its size (decoded a
-        few at a time, see read_positions)."""
+        few at a time, see read_positions); with `yuv` (self.yuv420), their 4:2:0 planes."""
         if self.frames is not None:
             return self.frames[torch.as_tensor(positions, dtype=torch.long)]
         if self._reader is None:
             from .frame_reader import FrameReader
             self._reader = FrameReader(self.plan.info.path, backend=self.backend)
         return read_positions(self._reader, self.plan, positions, stash, resize,
-                              decode_step(self.plan.info, resize))
+                              decode_step(self.plan.info, resize), yuv)
 
     def park(self) -> None:
         if self._reader is not None:
@@ -131,8 +151,9 @@ def default_decode_workers() -> int:
 
 
 class FrameStash:
-    """Decoded frames kept for later (plan position -> uint8 [H, W, 3]), bounded in bytes and shared
-    by the decoder threads. Lite names the frames of the groups after the current one as `wanted`;
+    """Decoded frames kept for later (plan position -> a uint8 frame as the decoder hands it over:
+    RGB [H, W, 3] or 4:2:0 planes [H*3/2, W]; bytes = elements), bounded in bytes and shared by the
+    decoder threads. Lite names the frames of the groups after the current one as `wanted`;
     a reader on its way to the current group's frames also takes wanted frames it passes or can
     reach for a few more decoded frames (`FrameReader.read(extra=...)`): with strided groups the
     next groups' frames sit right after the current group's, so one read serves several groups.
@@ -214,35 +235,37 @@ class FrameStash:
 
 
 def read_positions(reader, plan, positions, stash: FrameStash | None,
-                   resize: Prescale | None = None, step: int | None = None) -> torch.Tensor:
+                   resize: Prescale | None = None, step: int | None = None,
+                   yuv: "Yuv420 | None" = None) -> torch.Tensor:
     """Frames at plan `positions` from `reader`; with an active stash, wanted frames the reader
     passes on the way are put in it. With `resize`, frames are read `step` at a time and resized
-    at once (stash frames too), so at most `step` frames at the file's size are alive here."""
+    at once (stash frames too), so at most `step` frames at the file's size are alive here. With
+    `yuv` (not with `resize`), the frames' 4:2:0 planes."""
     if resize is None:
-        return _read_positions(reader, plan, positions, stash, None)
+        return _read_positions(reader, plan, positions, stash, None, yuv)
+    if yuv is not None:
+        raise ValueError("read_positions: resize and yuv exclude each other (Prescale takes RGB)")
     positions = np.asarray(positions, dtype=np.int64)
     step = max(1, int(step or len(positions)))
     out = torch.empty((len(positions), *resize.shape), dtype=torch.uint8)
     for a in range(0, len(positions), step):
-        part = _read_positions(reader, plan, positions[a:a + step], stash, resize)
+        part = _read_positions(reader, plan, positions[a:a + step], stash, resize, None)
         out[a:a + len(part)] = resize(part)
         del part
     return out
 
 
 def _read_positions(reader, plan, positions, stash: FrameStash | None,
-                    resize: Prescale | None) -> torch.Tensor:
+                    resize: Prescale | None, yuv: "Yuv420 | None") -> torch.Tensor:
     idx = [plan.indices[int(p)] for p in positions]
     if stash is None or not stash.active:
-        return reader.read(idx)[0]
+        return reader.read(idx, yuv=yuv)[0]
     cand = stash.candidates(positions)
     if len(cand) == 0:
-        return reader.read(idx)[0]
-    info = plan.info
-    shape = resize.shape if resize is not None else (info.height, info.width, 3)
-    room = stash.room(shape[0] * shape[1] * shape[2])
+        return reader.read(idx, yuv=yuv)[0]
+    room = stash.room(int(np.prod(frame_shape(plan.info, resize, yuv))))
     if room <= 0:
-        return reader.read(idx)[0]
+        return reader.read(idx, yuv=yuv)[0]
     by_index: dict[int, list[int]] = {}
     for p in cand.tolist():
         by_index.setdefault(int(plan.indices[p]), []).append(p)
@@ -250,7 +273,7 @@ def _read_positions(reader, plan, positions, stash: FrameStash | None,
         put = lambda i, f: stash.put(by_index[i], resize(f[None])[0])  # noqa: E731
     else:
         put = lambda i, f: stash.put(by_index[i], f)                  # noqa: E731
-    return reader.read(idx, extra=list(by_index), max_extra=room, on_extra=put)[0]
+    return reader.read(idx, extra=list(by_index), max_extra=room, on_extra=put, yuv=yuv)[0]
 
 
 class _ReadyJob:
@@ -327,15 +350,17 @@ class FrameDecoder:
     `submit(positions, lane=None)`: on one lane, or (lane None) split into contiguous parts of at
     least `min_part` frames, one per lane. The frames land in one tensor, pinned when `pin` (fast,
     asynchronous copies to the GPU). Each part reads `read_frames` at a time and checks its cancel
-    flag between reads. Exceptions come back through `_DecodeJob.result()`.
+    flag between reads. Exceptions come back through `_DecodeJob.result()`. Frames are RGB [H, W, 3]
+    (at `resize`'s size when given) or, with `yuv`, their 4:2:0 planes [H*3/2, W].
     """
 
     def __init__(self, video: "VideoHandle", workers: int, pin: bool = False,
                  min_part: int = 16, read_frames: int = 16, stash: FrameStash | None = None,
-                 resize: Prescale | None = None):
+                 resize: Prescale | None = None, yuv: "Yuv420 | None" = None):
         self.video, self.workers, self.pin = video, max(1, int(workers)), pin
         self.stash = stash
         self.resize = resize if video.frames is None else None
+        self.yuv = yuv if video.frames is None else None
         self.min_part = max(1, min_part)
         self.read_frames = decode_step(video.plan.info, self.resize, max(1, read_frames))
         self._lanes: list[ThreadPoolExecutor | None] = [None] * self.workers
@@ -362,10 +387,7 @@ class FrameDecoder:
     def _frame_shape(self) -> tuple[int, ...]:
         if self.video.frames is not None:
             return tuple(self.video.frames.shape[1:])
-        if self.resize is not None:
-            return self.resize.shape
-        info = self.video.plan.info
-        return (info.height, info.width, 3)
+        return frame_shape(self.video.plan.info, self.resize, self.yuv)
 
     def _read_part(self, j: int, out: torch.Tensor, start: int, positions: np.ndarray,
                    cancel: threading.Event) -> None:
@@ -382,7 +404,7 @@ class FrameDecoder:
                     frames = self.video.frames[torch.as_tensor(pos, dtype=torch.long)]
                 else:
                     frames = read_positions(self._reader(j), self.video.plan, pos, self.stash,
-                                            self.resize, step)
+                                            self.resize, step, self.yuv)
                 out[start + i:start + i + len(pos)] = frames
                 del frames
             if self._readers[j] is not None:
@@ -426,11 +448,12 @@ class _SyncJob:
     """A decode done in the caller's thread (decode_workers=0): same interface as _DecodeJob."""
 
     def __init__(self, video: "VideoHandle", positions, stash: FrameStash | None = None,
-                 resize: Prescale | None = None):
+                 resize: Prescale | None = None, yuv: "Yuv420 | None" = None):
         self.positions = np.asarray(positions, dtype=np.int64)
         self._video = video
         self._stash = stash
         self._resize = resize
+        self._yuv = yuv
 
     @property
     def num_frames(self) -> int:
@@ -438,7 +461,8 @@ class _SyncJob:
 
     def result(self) -> torch.Tensor:
         try:
-            return self._video.read(self.positions, stash=self._stash, resize=self._resize)
+            return self._video.read(self.positions, stash=self._stash, resize=self._resize,
+                                    yuv=self._yuv)
         finally:
             self._video.park()
 

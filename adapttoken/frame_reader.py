@@ -19,8 +19,9 @@ import torch.utils.dlpack
 
 from .errors import InputError, VideoError
 from .video import VideoInfo, _check_int, _open, probe_video
+from .yuv import Yuv420
 
-__all__ = ["FrameReader", "SEEK_COST_FRAMES", "plan_extras"]
+__all__ = ["FrameReader", "SEEK_COST_FRAMES", "plan_extras", "uses_pyav"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class _PyAVSource:
         self.last = -1  # presentation index of the last frame taken from `frames`
         self.count = -1  # decode-output counter (frame numbering when pts are unreliable)
         self.errors: list[str] = []
+        self.yuv: Yuv420 | None = None  # set: read() yields the stored 4:2:0 planes, not RGB
         self._restart()
 
     def _restart(self) -> None:
@@ -121,13 +123,15 @@ class _PyAVSource:
                 return None
             if frame.is_corrupt:
                 logger.warning("%s: frame %d was decoded with errors (damaged data)", self.path, target)
+            fmt = "rgb24" if self.yuv is None else self.yuv.pix_fmt     # yuv: the stored planes
             if (frame.width, frame.height) != (self.width, self.height):  # size changed mid-stream
-                return frame.to_ndarray(format="rgb24", width=self.width, height=self.height)
-            return frame.to_ndarray(format="rgb24")
+                return frame.to_ndarray(format=fmt, width=self.width, height=self.height)
+            return frame.to_ndarray(format=fmt)
         return None
 
     def read(self, targets: Sequence[int], strategy: str) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (index, stored RGB picture) for sorted, distinct targets."""
+        """Yield (index, stored RGB picture, or planes [H*3/2, W] with `yuv`) for sorted, distinct
+        targets."""
         self.errors = []
         for t in targets:
             k = self.index.keyframe_before(t)
@@ -303,6 +307,13 @@ def _changed(info: VideoInfo) -> bool:
 
 
 _BACKENDS = ("auto", "decord", "pyav")
+
+
+def uses_pyav(backend: str) -> bool:
+    """True when a FrameReader with this backend decodes with PyAV whatever the file: "pyav", or
+    "auto" where decord is not installed."""
+    import importlib.util
+    return backend == "pyav" or (backend == "auto" and importlib.util.find_spec("decord") is None)
 _STRATEGIES = ("auto", "sequential", "seek")
 
 
@@ -396,7 +407,8 @@ class FrameReader:
         return src.last if src.name == "pyav" else src.pos - 1
 
     def read(self, indices: Sequence[int], *, strategy: str = "auto", extra: Sequence[int] | None = None,
-             on_extra=None, max_extra: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
+             on_extra=None, max_extra: int | None = None,
+             yuv: Yuv420 | None = None) -> tuple[torch.Tensor, np.ndarray]:
         """Decode the frames at `indices` (any order, repeats allowed).
 
         Returns (uint8 CPU tensor [N, H, W, 3], upright RGB, in the requested order; float64 array of
@@ -412,6 +424,9 @@ class FrameReader:
         SEEK_COST_FRAMES more decoded frames per wanted frame, are also taken (at most `max_extra`)
         and handed to `on_extra(index, uint8 tensor [H, W, 3])`; the rest are left alone. Lite uses
         it to pick up the frames of the next groups, which lie next to the current group's.
+
+        yuv (PyAV only, from yuv.probe_yuv420 of this file): frames come back as their stored 4:2:0
+        planes, uint8 [N, H*3/2, W] (not turned upright; yuv.yuv420_to_rgb makes them RGB).
         """
         if self._source is None:
             raise InputError(f"the FrameReader for {self.path} is closed: open a new one")
@@ -435,7 +450,11 @@ class FrameReader:
                 f"indices {bad[:5]} are out of range for {self.path}, which has {n} readable frames "
                 f"(0..{n - 1}): plan the indices with plan_sampling on this file"
             )
-        out = torch.empty((len(wanted), self.info.height, self.info.width, 3), dtype=torch.uint8)
+        if yuv is not None and self._source.name != "pyav":
+            raise InputError(f"{self.path}: 4:2:0 planes (yuv=) come from the PyAV backend only, this "
+                             f"reader uses {self._source.name}: open it with backend='pyav'")
+        shape = (self.info.height, self.info.width, 3) if yuv is None else yuv.shape
+        out = torch.empty((len(wanted), *shape), dtype=torch.uint8)
         times = self.info.frame_times[np.asarray(wanted, dtype=np.int64)].astype(np.float64)
         if not wanted:
             return out, times
@@ -453,6 +472,8 @@ class FrameReader:
                                  can_seek, len(cand) if max_extra is None else int(max_extra))
         if extras:
             targets = sorted(targets + extras)
+        if self._source.name == "pyav":
+            self._source.yuv = yuv
         try:
             try:
                 self._fill(out, targets, slots, strategy, on_extra)
@@ -473,7 +494,7 @@ class FrameReader:
               on_extra=None) -> None:
         """Decode `targets` with the active source and copy each into its output slots (a target
         with no slot is an extra frame: it goes to `on_extra`)."""
-        rotation = self.info.rotation if self._source.name == "pyav" else 0
+        rotation = self.info.rotation if self._source.name == "pyav" and self._source.yuv is None else 0
         expected = tuple(out.shape[1:])
         for t, img in self._source.read(targets, strategy):
             img = _upright(img, rotation)

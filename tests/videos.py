@@ -68,6 +68,7 @@ def write_video(
     container_options: dict[str, str] | None = None,
     first_number: int = 0,
     noise: bool = False,
+    colorspace: int | None = None,
 ) -> str:
     """Encode `num_frames` frames numbered first_number, first_number+1, ... and return the path.
 
@@ -76,6 +77,7 @@ def write_video(
     picture to show it upright (the legacy "rotate" tag / phone portrait = 90); the stored picture is the
     upright one turned counter-clockwise, as a phone writes it. gop: keyframe interval. noise: fill
     the picture around the code with random texture, so that files are large (hard to compress).
+    colorspace: the stream's colour matrix tag (an AVColorSpace number: 1 BT.709, 6 BT.601).
     """
     path = os.fspath(path)
     container = av.open(path, "w", options=container_options or {})
@@ -88,6 +90,8 @@ def write_video(
         stream.codec_context.time_base = tb
         if gop is not None:
             stream.codec_context.gop_size = gop
+        if colorspace is not None:
+            stream.codec_context.colorspace = colorspace
         if rotation:
             if not hasattr(stream, "set_display_rotation"):
                 raise NotImplementedError(f"PyAV {av.__version__} cannot write rotation metadata")

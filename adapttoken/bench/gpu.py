@@ -219,7 +219,8 @@ def run_case(model, video_path, frames: int, method: str, args, counter: LLMCoun
                                        else int(args.kv_host_gib * 2 ** 30)),
                     prefix_host_format=args.kv_host_format,
                     prefix_cache=False if getattr(args, "no_prefix_kv", False) else None,
-                    prefix_keep=False if getattr(args, "one_question", False) else None)
+                    prefix_keep=False if getattr(args, "one_question", False) else None,
+                    yuv_handover=False if getattr(args, "rgb_handover", False) else None)
     feats.reset_stats()
     feats.timer.add("probe", probe_s)
     n_groups = 0
@@ -295,6 +296,7 @@ def run_case(model, video_path, frames: int, method: str, args, counter: LLMCoun
     c.entropy_norm = [None if g.entropy_norm is None else round(float(g.entropy_norm), 5)
                       for g in res.groups if g.entropy is not None]
     c.features = dict(res.extra.get("features", {}))
+    c.features["yuv_handover"] = feats._yuv() is not None      # lanes handed over 4:2:0 planes
     kv = getattr(feats, "prefix_kv", None)
     if kv is not None:
         c.features.update(prefix_kv_hits=kv.hits, prefix_kv_stored=kv.stored,
@@ -364,6 +366,9 @@ def main(argv=None) -> int:
     ap.add_argument("--feature-device", default="auto", choices=["auto", "gpu", "cpu"])
     ap.add_argument("--decode-workers", type=int, default=None)
     ap.add_argument("--no-overlap", action="store_true")
+    ap.add_argument("--rgb-handover", action="store_true",
+                    help="decoder lanes hand over RGB frames (the YUV handover off: swscale converts "
+                         "on the CPU, as before it); variant rgb_handover runs it next to the default")
     ap.add_argument("--compile-vision", action="store_const", const=True, default=None,
                     help="force torch.compile of the fast Qwen2.5-VL tower's blocks (chunks padded to "
                          "one shape); the default already compiles it on CUDA")
@@ -393,13 +398,14 @@ def main(argv=None) -> int:
                          "default) or exact")
     ap.add_argument("--variants", nargs="*", default=None,
                     choices=["threads", "hf_vision", "cpu_features", "one_thread", "eager_vision",
-                             "compiled_vision", "unfused_text", "repeat"],
+                             "compiled_vision", "unfused_text", "rgb_handover", "repeat"],
                     help="also run the full method at the smallest length with single optimisations "
                          "undone: threads (no decoder threads, no overlap), hf_vision (transformers' "
                          "vision tower), cpu_features, one_thread (one decoder lane), eager_vision "
                          "(compile off); compiled_vision (compile forced, chunks padded); "
                          "unfused_text (transformers' eager RMSNorm/MLP in the language model); "
-                         "repeat (the same again: run-to-run spread); no names: the first four")
+                         "rgb_handover (decoder lanes hand over RGB, no YUV handover); repeat (the "
+                         "same again: run-to-run spread); no names: the first four")
     ap.add_argument("--variants-frames", type=int, default=None,
                     help="length the variants run at (default: the smallest --frames)")
     ap.add_argument("--time-limit", type=float, default=None,
@@ -474,6 +480,7 @@ def main(argv=None) -> int:
             "fuse_text": args.fuse_text, "quantization": args.quantization,
             "in_memory": args.in_memory,
             "feature_device": args.feature_device, "overlap": not args.no_overlap,
+            "rgb_handover": args.rgb_handover,
             "card_gib": args.card_gib, "card_from": args.card_from, "kv_host_gib": args.kv_host_gib,
             "kv_host_format": args.kv_host_format,
             "command": "python -m adapttoken bench gpu " + " ".join(argv if argv is not None else sys.argv[1:])}
@@ -633,7 +640,7 @@ def main(argv=None) -> int:
         if args.variants is not None:
             L = args.variants_frames or min(args.frames)
             base = dict(feature_device=args.feature_device, decode_workers=args.decode_workers,
-                        no_overlap=args.no_overlap)
+                        no_overlap=args.no_overlap, rgb_handover=args.rgb_handover)
             table = {
                 "threads": ("no threads, no overlap", dict(decode_workers=0, no_overlap=True), True),
                 "hf_vision": ("transformers vision tower", dict(compile_vision=False), False),
@@ -644,6 +651,8 @@ def main(argv=None) -> int:
                                     dict(compile_vision=True), True),
                 "unfused_text": ("language model: transformers' eager norm/MLP/rotary (no fused kernels)",
                                  dict(fuse_text=False), True),
+                "rgb_handover": ("decoder lanes hand over RGB (YUV handover off)",
+                                 dict(rgb_handover=True), True),
                 "repeat": ("as benchmarked above, run again (run-to-run spread)", {}, True),
             }
             names = args.variants or ["threads", "hf_vision", "cpu_features", "one_thread"]
