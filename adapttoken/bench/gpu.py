@@ -202,6 +202,7 @@ def run_case(model, video_path, frames: int, method: str, args, counter: LLMCoun
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
+        alloc0 = _allocator_counts(dev)
     counter.reset()
     _sync(dev)
     t_start = time.perf_counter()
@@ -308,7 +309,15 @@ def run_case(model, video_path, frames: int, method: str, args, counter: LLMCoun
     if dev.type == "cuda":
         from ..kv_cache import device_memory_budget
         c.features["device_budget_gib"] = device_memory_budget(dev) / 2 ** 30
+        # the caching allocator during the case: cudaMalloc calls, and retries (an allocation
+        # that failed, so the allocator freed its cached blocks and tried again: slow)
+        c.features.update({f"allocator_{k}": v - alloc0[k] for k, v in _allocator_counts(dev).items()})
     return c
+
+
+def _allocator_counts(dev) -> dict:
+    st = torch.cuda.memory_stats(dev)
+    return {k: int(st.get(k, 0)) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free")}
 
 
 def _launch(nproc: int, argv: list[str]) -> int:
