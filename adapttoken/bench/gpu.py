@@ -200,7 +200,8 @@ def run_case(model, video_path, frames: int, method: str, args, counter: LLMCoun
     if fresh:
         model.clear_cache()
     if dev.type == "cuda":
-        torch.cuda.empty_cache()
+        if fresh:         # a follow-up question keeps the allocator's blocks, as in real use
+            torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
         alloc0 = _allocator_counts(dev)
     counter.reset()
