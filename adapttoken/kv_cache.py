@@ -106,7 +106,7 @@ class PrefixKVCache:
                  host_format: str = "fp8"):
         self.fraction, self.cpu_bytes = fraction, cpu_bytes
         self.host_bytes = host_bytes if host_bytes == "auto" else int(host_bytes)
-        self.host_format = host_format if host_format in HOST_FORMATS else None
+        self.host_format = None          # set (and checked) by set_host_format below
         # False: keep nothing anywhere (one question per process: the `ask` command); the group
         # passes still run the same calls, so results do not change
         self.keep = True
@@ -325,7 +325,22 @@ class PrefixKVCache:
         buffers (tensor sizes, not the counters)."""
         flat = [t for kv in self._store.values() for pair in kv for t in pair]
         flat += [b for b in getattr(self, "_staging", None) or () if b is not None]
+        if self._ahead is not None:      # a read-ahead copy of the next host group, on the device
+            try:
+                flat += [t for pair in self._ahead[1].result() for t in pair]
+            except Exception:  # noqa: BLE001 - a failed copy holds nothing
+                pass
         return tensor_bytes(flat)
+
+    def release_ahead(self) -> None:
+        """Let go of a read-ahead nobody took (the group passes stopped before its group, as Lite
+        does): one group's states on the device until the next read otherwise."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            try:
+                ahead[1].result()
+            except Exception:  # noqa: BLE001 - a failed copy of states nobody will use
+                pass
 
     def _wait_all(self) -> None:
         futs = list(self._pending.values())

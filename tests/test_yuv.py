@@ -5,7 +5,6 @@ accepts; files it cannot take keep the RGB path; the pipeline gives the same fea
 with the handover on (forced on the CPU) and off, Lite's frame stash included."""
 from __future__ import annotations
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -17,7 +16,7 @@ from adapttoken.frame_reader import FrameReader
 from adapttoken.video import probe_video
 from adapttoken.yuv import LUMA_WEIGHTS, Yuv420, probe_yuv420, yuv420_to_rgb
 
-from videos import write_size_change, write_video
+from videos import random_yuv420, swscale_rgb, write_size_change, write_video
 
 try:
     import decord  # noqa: F401
@@ -58,17 +57,12 @@ def test_h264_planes_convert_to_pyav_rgb(tmp_path, width, height, pix_fmt, color
 @pytest.mark.parametrize("full_range", [False, True])
 def test_random_planes_convert_to_swscale_rgb(colorspace, full_range):
     """Every value of every plane (random planes reach the clamps and all chroma pairs)."""
-    rng = np.random.default_rng(colorspace)
     h, w = 120, 200
     fmt = "yuvj420p" if full_range else "yuv420p"
-    planes = rng.integers(0, 256, (2, h * 3 // 2, w), dtype=np.uint8)
-    want = []
-    for p in planes:
-        f = av.VideoFrame.from_ndarray(p, format=fmt)
-        f.colorspace, f.color_range = colorspace, 2 if full_range else 1
-        want.append(f.to_ndarray(format="rgb24"))
+    planes = random_yuv420(colorspace, h, w)
+    want = swscale_rgb(planes, fmt, colorspace, full_range)
     got = yuv420_to_rgb(torch.from_numpy(planes), Yuv420(fmt, h, w, colorspace, full_range))
-    mean, worst = _diff(got, torch.from_numpy(np.stack(want)))
+    mean, worst = _diff(got, torch.from_numpy(want))
     print(f"random planes colorspace {colorspace} full {full_range}: mean {mean:.5f} max {worst}")
     assert mean < 0.05 and worst <= 1
 

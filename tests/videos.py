@@ -287,3 +287,20 @@ def claim_duration(path: str | os.PathLike, seconds: float) -> str:
     with open(path, "wb") as f:
         f.write(bytes(data))
     return path
+
+
+def random_yuv420(seed: int, height: int, width: int, n: int = 2) -> np.ndarray:
+    """n random 4:2:0 frames as uint8 [n, height * 3 // 2, width] (Y, then U and V): every value, so a
+    conversion meets the clamps and all chroma pairs."""
+    return np.random.default_rng(seed).integers(0, 256, (n, height * 3 // 2, width), dtype=np.uint8)
+
+
+def swscale_rgb(planes: np.ndarray, pix_fmt: str, colorspace: int, full_range: bool) -> np.ndarray:
+    """What PyAV's to_ndarray(format="rgb24") (swscale) makes of 4:2:0 planes [n, h * 3 // 2, w] tagged
+    with `colorspace` and range: the reference the YUV handover is held to, [n, h, w, 3] uint8."""
+    out = []
+    for p in planes:
+        f = av.VideoFrame.from_ndarray(p, format=pix_fmt)
+        f.colorspace, f.color_range = colorspace, 2 if full_range else 1
+        out.append(f.to_ndarray(format="rgb24"))
+    return np.stack(out)

@@ -223,6 +223,12 @@ class Model:
             self._features[key] = SliceFeatures(self.adapter, video)
         return self._features[key]
 
+    def release_read_ahead(self, video) -> None:
+        """After a question's group passes: free a prefix read-ahead that no pass took."""
+        feats = self._features.get(getattr(video, "key", None))
+        if feats is not None and feats.prefix_kv is not None:
+            feats.prefix_kv.release_ahead()
+
     def clear_cache(self) -> None:
         for f in self._features.values():
             f.release()

@@ -7,8 +7,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import av
-import numpy as np
 import pytest
 import torch
 
@@ -22,7 +20,7 @@ from adapttoken.defaults import BUNDLED_MODEL                        # noqa: E40
 from adapttoken.frame_reader import FrameReader                      # noqa: E402
 from adapttoken.video import probe_video                             # noqa: E402
 from adapttoken.yuv import LUMA_WEIGHTS, Yuv420, probe_yuv420, yuv420_to_rgb  # noqa: E402
-from videos import write_video                                       # noqa: E402
+from videos import random_yuv420, swscale_rgb, write_video           # noqa: E402
 
 CUDA = torch.device("cuda")
 
@@ -55,17 +53,12 @@ def test_h264_planes_on_cuda_match_pyav(tmp_path, width, height, pix_fmt, colors
 @pytest.mark.parametrize("colorspace", sorted(LUMA_WEIGHTS))
 @pytest.mark.parametrize("full_range", [False, True])
 def test_random_planes_on_cuda_match_swscale(colorspace, full_range):
-    rng = np.random.default_rng(colorspace)
     h, w = 240, 320
     fmt = "yuvj420p" if full_range else "yuv420p"
-    planes = rng.integers(0, 256, (2, h * 3 // 2, w), dtype=np.uint8)
-    want = []
-    for p in planes:
-        f = av.VideoFrame.from_ndarray(p, format=fmt)
-        f.colorspace, f.color_range = colorspace, 2 if full_range else 1
-        want.append(f.to_ndarray(format="rgb24"))
+    planes = random_yuv420(colorspace, h, w)
+    want = swscale_rgb(planes, fmt, colorspace, full_range)
     got = yuv420_to_rgb(torch.from_numpy(planes).to(CUDA), Yuv420(fmt, h, w, colorspace, full_range))
-    mean, worst = _diff(got, torch.from_numpy(np.stack(want)))
+    mean, worst = _diff(got, torch.from_numpy(want))
     print(f"random planes colorspace {colorspace} full {full_range}: mean {mean:.5f} max {worst}")
     assert mean < 0.05 and worst <= 1
 
