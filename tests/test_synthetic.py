@@ -123,6 +123,19 @@ def test_distractors_move_and_flash():
     assert np.abs(frames[1:].astype(np.int16) - frames[:-1]).mean() > 0.5  # the background drifts
 
 
+def test_render_at_scattered_frames_equals_the_whole_render():
+    """Training draws scattered frames in one call: each equals the same frame of a whole render
+    (background drift, blobs, grey flashes and needles alike), in the order asked."""
+    needles = [S.Needle(30, 36, "red", "circle", 40, 50, 40), S.Needle(200, 201, "blue", "cross", 70, 60, 30)]
+    sc = S.Scene(400, 7, needles=needles, flash_rate=0.1)
+    whole = sc.render(0, 400)
+    picked = [399, 0, 31, 35, 36, 200, 200, 201] + [s for s, *_ in sc.flashes]
+    assert np.array_equal(sc.render_at(picked), whole[picked])
+    assert sc.render_at([]).shape == (0, 112, 112, 3)
+    with pytest.raises(ValueError, match="within"):
+        sc.render_at([400])
+
+
 def test_needle_frames_override_and_errors(tmp_path):
     smp = S.make_sample(tmp_path / "a.mp4", 120, 1, kind="order", form="open", needle_frames=[90, 10])
     assert [n.frame_start for n in smp.needles] == [10, 90]

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from adapttoken.bench.synthetic import is_correct
 from adapttoken.groups import split_slices
@@ -255,3 +256,44 @@ def test_evidence_kept_counts_the_needles_own_tokens():
     assert evidence_kept([nd, other], kept) == (1, 1)
     assert evidence_kept([nd, other], kept + [{"frame_index": 40, "row": 3, "col": 3}]) == (2, 2)
     assert evidence_kept([other], kept) == (0, 0)
+
+
+def test_answer_pointer_looks_where_the_answer_lies():
+    """stage 8's answer pointer ("task"): order looks at the first event's tokens only (not the
+    second's), count and large nowhere (pointing at every event reads their mean, blind to how
+    many); the option word naming the first event is the one that looks at it. "evidence" keeps
+    the old rule (every evidence token)."""
+    from adapttoken.training import train_tiny as T
+    rng = np.random.default_rng(11)
+    orders = []
+    for i in range(60):
+        task = ("count", "order", "large")[i % 3]
+        ex = T.make_task_example(rng, task, situation="final", present=True, short=True, form="mc")
+        assert ex.look is not None and ex.look.shape == ex.needle.shape
+        assert not (ex.look & ~ex.needle).any()             # only ever evidence tokens
+        if task in ("count", "large"):
+            assert not ex.look.any()
+        elif ex.present:                                    # both events in view
+            assert ex.look.any() and (ex.needle & ~ex.look).any()
+            t_look = ex.t_pos[ex.keep[ex.look] // T.TPS]
+            t_other = ex.t_pos[ex.keep[ex.needle & ~ex.look] // T.TPS]
+            assert t_look.max() <= t_other.min()             # the first event, in time
+            orders.append(ex)
+    assert orders
+    from transformers import AutoProcessor
+
+    from adapttoken.defaults import BUNDLED_MODEL
+    proc = AutoProcessor.from_pretrained(BUNDLED_MODEL, local_files_only=True)
+    ex = orders[0]
+    for rule, want in (("task", ex.look), ("evidence", ex.needle)):
+        b = T.Packer(proc, answer_pointer=rule)([ex], rng)
+        n_pre = int(torch.nonzero(b["vis"][0] >= 0)[0, 0])
+        got = b["needle_pos"][0, n_pre:n_pre + len(ex.keep)].numpy()
+        assert np.array_equal(got, want)
+        named = [int(b["ids"][0, j]) for j in torch.nonzero(b["word_match"][0] == 1)[:, 0]]
+        if rule == "task":                                  # the option word naming the first event
+            assert proc.tokenizer.decode(named).strip() == ex.question.answer_text
+        else:                                               # "what" questions only, as before
+            assert not named
+    with pytest.raises(ValueError, match="answer_pointer"):
+        T.Packer(proc, answer_pointer="nowhere")

@@ -290,9 +290,16 @@ class Scene:
     def render(self, t0: int, t1: int) -> np.ndarray:
         """Frames t0..t1-1 as uint8 [t1-t0, H, W, 3]."""
         t0, t1 = max(0, int(t0)), min(self.num_frames, int(t1))
-        n = max(0, t1 - t0)
+        return self.render_at(np.arange(t0, max(t0, t1)))
+
+    def render_at(self, frames: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The frames at the given indices (any order, repeats allowed) as uint8 [len, H, W, 3]:
+        frame i is render(i, i + 1)[0], in one call (training draws scattered frames)."""
+        ts = np.asarray(frames, np.int64).reshape(-1)
+        if len(ts) and (ts.min() < 0 or ts.max() >= self.num_frames):
+            raise ValueError(f"frames must lie within 0..{self.num_frames - 1}")
+        n = len(ts)
         H, W = self.size
-        ts = np.arange(t0, t1)
         oy = np.floor(self._vel[0] * ts).astype(np.int64) % self._th
         ox = np.floor(self._vel[1] * ts).astype(np.int64) % self._tw
         base = np.empty((n, H, W), np.int16)
@@ -318,15 +325,16 @@ class Scene:
                     region = out[i, py[b, i]:py[b, i] + s, px[b, i]:px[b, i] + s]
                     region[m] = grey[i]
         # Grey flashes, then needles on top.
+        lo, hi = (int(ts.min()), int(ts.max()) + 1) if n else (0, 0)
         for s, e, shape, y0, x0, size, g in self._flashes:
-            if s < t1 and e > t0:
-                region = out[max(s, t0) - t0:min(e, t1) - t0, y0:y0 + size, x0:x0 + size]
-                region[:, shape_mask(shape, size)] = g
+            if s < hi and e > lo:
+                for i in np.nonzero((ts >= s) & (ts < e))[0]:
+                    out[i, y0:y0 + size, x0:x0 + size][shape_mask(shape, size)] = g
         for nd in self.needles:
-            if nd.frame_start < t1 and nd.frame_end > t0:
+            if nd.frame_start < hi and nd.frame_end > lo:
                 y0, y1, x0, x1 = nd.box
-                region = out[max(nd.frame_start, t0) - t0:min(nd.frame_end, t1) - t0, y0:y1, x0:x1]
-                region[:, nd.mask()] = np.asarray(nd.rgb, np.int16)
+                for i in np.nonzero((ts >= nd.frame_start) & (ts < nd.frame_end))[0]:
+                    out[i, y0:y1, x0:x1][nd.mask()] = np.asarray(nd.rgb, np.int16)
         np.clip(out, 0, 255, out=out)
         return out.astype(np.uint8)
 

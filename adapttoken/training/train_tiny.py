@@ -117,6 +117,8 @@ class Example:
     soft: tuple = ()            # ((answer, prob), ...): a soft target (partial evidence), else ()
     tok_cls: np.ndarray | None = None   # int [n_slices * 16, 2]: colour, shape class of every token's
                                         # needle (1 + index; 0 none, -100 a sliver: ignored)
+    look: np.ndarray | None = None      # bool [n]: the tokens the answer reads its value from (the
+                                        # answer pointer's target, see ANSWER_POINTER); None: `needle`
 
 
 FEAT_MIN_PX = 24                # a token shows a needle's attributes if it holds >= this many of its px
@@ -160,10 +162,7 @@ def _render_slices(scene, needles, slice_frames, slices, stride: int) -> np.ndar
     """The frames of the given slices with `needles` drawn (the scene's needles reset after)."""
     scene.needles = list(needles)
     try:
-        fr = slice_frames[slices].reshape(-1)
-        if stride == 1:
-            return np.concatenate([scene.render(int(a), int(a) + 2) for a in fr[::2]])
-        return np.concatenate([scene.render(int(a), int(a) + 1) for a in fr])
+        return scene.render_at(slice_frames[slices].reshape(-1))
     finally:
         scene.needles = []
 
@@ -281,6 +280,16 @@ def make_example(rng: np.random.Generator, situation: str | None = None,
 # videos use their own seeds (bench.synthetic.sample_seed) and are never trained on.
 
 TASK_MIX = {"colour": 0.1, "shape": 0.25, "count": 0.25, "order": 0.2, "large": 0.2}
+
+# The answer pointer (option-pointer loss (2): layer 1 head 0, answer position -> tokens) and the
+# option-word pointer (4). "evidence" (stages 3-7): both look at every evidence token in view.
+# "task" [ours, stage 8]: they look where the answer's value lies. colour / shape: the needle;
+# order: the first event only (pointing at both taught the model to read the mean of the two
+# colours: with both events among 16 kept tokens it split ~0.37 / 0.38 between the named colours
+# on the benchmark); count / large: nowhere (attention pushed to sum to 1 over the events reads
+# their mean, which is the same for 1 event or 5: the loss itself hid the count); the option word
+# that names the first event looks at it (order, both events in view).
+ANSWER_POINTERS = ("task", "evidence")
 COUNT_IN_VIEW_P = 0.6
 
 
@@ -451,8 +460,13 @@ def make_task_example(rng: np.random.Generator, task: str, situation: str | None
     present = answer is not None
     if not present:
         q = dataclasses.replace(q, answer="", answer_text="")
-    return Example(frames, t_all[slices], keep, (owner >= 0)[keep], extent, q, present, situation,
-                   n_video, soft, tok_cls=_token_classes(nv * TPS, covers))
+    kept_owner = owner[keep]
+    if task == "order":              # the answer is the first event's colour: read it there alone
+        look = kept_owner == (0 if 0 in shown else (shown[0] if shown else -2))
+    else:                            # count / large: the answer is how many (see ANSWER_POINTER)
+        look = np.zeros(len(keep), bool)
+    return Example(frames, t_all[slices], keep, kept_owner >= 0, extent, q, present, situation,
+                   n_video, soft, tok_cls=_token_classes(nv * TPS, covers), look=look)
 
 
 class _PromptBuilder:
@@ -471,8 +485,11 @@ class Packer:
     prefix text, visual tokens (placeholders filled with vision features on the device), suffix
     text, then the answer's input tokens (teacher forcing)."""
 
-    def __init__(self, processor, max_aux: int = 8):
+    def __init__(self, processor, max_aux: int = 8, answer_pointer: str = "task"):
         from ..question import Question
+        if answer_pointer not in ANSWER_POINTERS:
+            raise ValueError(f"answer_pointer={answer_pointer!r}: use one of {ANSWER_POINTERS}")
+        self.answer_pointer = answer_pointer
         self.Question, self.builder = Question, _PromptBuilder(processor)
         self.tok = processor.tokenizer
         self.vocab = len(self.tok)
@@ -530,14 +547,16 @@ class Packer:
             ids_b[i, :n], vis_b[i, :n], pos_b[:, i, :n], mask[i, :n] = ids, vis, pos, 1
             last = n_pre + n_vis + n_suf - 1                 # predicts the first answer token
             soft_pos[i] = last
+            look = ex.look if self.answer_pointer == "task" and ex.look is not None else ex.needle
             if ex.present:
                 label[i, last:last + len(ans)] = torch.tensor(ans)
                 present[i] = True
-                needle_pos[i, n_pre:n_pre + n_vis] = torch.from_numpy(ex.needle)
+                needle_pos[i, n_pre:n_pre + n_vis] = torch.from_numpy(look)
                 if ex.question.options:
                     a, b = self.option_line(ex.question, ex.question.answer)
                     line[i, n_pre + n_vis + a + 1:n_pre + n_vis + b] = True
-                    if ex.needle.any() and ex.question.kind == "what":
+                    if look.any() and (ex.question.kind == "what" or (
+                            self.answer_pointer == "task" and ex.question.kind == "order")):
                         names = {ex.question.answer_text.split()[0], ex.question.answer_text.split()[-1]}
                         for letter, option in zip(syn.LETTERS, ex.question.options):
                             a, b = self.option_line(ex.question, letter)
@@ -551,7 +570,7 @@ class Packer:
                 for w, pw in ex.soft:
                     tid = self.letter_ids[syn.LETTERS.index(w)] if ex.question.options else self.first(w)
                     soft[i, tid] += pw
-                needle_pos[i, n_pre:n_pre + n_vis] = torch.from_numpy(ex.needle)
+                needle_pos[i, n_pre:n_pre + n_vis] = torch.from_numpy(look)
                 if ex.needle.any() and len(aux) < self.max_aux and ex.situation == "group":
                     aux.append((i, n_pre, n_vis, n_pre + n_vis + n_suf, torch.from_numpy(ex.needle)))
             else:
@@ -594,8 +613,10 @@ class BatchStream(torch.utils.data.IterableDataset):
     batch of `short_batch` short examples, else `batch` regular ones."""
 
     def __init__(self, processor, seed: int, batch: int, short_batch: int, short_p: float,
-                 mc_share: float = 0.8, short_slices: int = 8, tasks: dict | None = None):
+                 mc_share: float = 0.8, short_slices: int = 8, tasks: dict | None = None,
+                 answer_pointer: str = "task"):
         self.processor, self.seed, self.mc_share = processor, seed, mc_share
+        self.answer_pointer = answer_pointer
         self.tasks = dict(tasks or TASK_MIX)
         self.short_slices = short_slices
         self.batch, self.short_batch, self.short_p = batch, short_batch, short_p
@@ -604,7 +625,7 @@ class BatchStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         wid = info.id if info is not None else 0
         rng = np.random.default_rng([self.seed, wid])
-        pack, cache = Packer(self.processor), _SceneCache()
+        pack, cache = Packer(self.processor, answer_pointer=self.answer_pointer), _SceneCache()
         while True:
             short = bool(rng.random() < self.short_p)
             n = self.short_batch if short else self.batch
@@ -1052,6 +1073,8 @@ def main(argv=None) -> int:
     ap.add_argument("--short-slices", type=int, default=8, help="most slices in a short example")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--log", default=None, help="also write the log lines and metrics as JSON here")
+    ap.add_argument("--answer-pointer", choices=ANSWER_POINTERS, default="task",
+                    help="where the answer-position pointers look (ANSWER_POINTERS; 'evidence': stages 3-7)")
     ap.add_argument("--tasks", default=None,
                     help="task mix as name=weight,... (default: TASK_MIX, the five benchmark tasks)")
     args = ap.parse_args(argv)
@@ -1091,7 +1114,7 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     loader = torch.utils.data.DataLoader(
         BatchStream(proc, args.seed, args.batch, args.short_batch, args.short_p, args.mc_share,
-                    args.short_slices, tasks), batch_size=None,
+                    args.short_slices, tasks, args.answer_pointer), batch_size=None,
         num_workers=args.workers, pin_memory=dev.type == "cuda",
         prefetch_factor=4 if args.workers else None, persistent_workers=bool(args.workers))
     t0 = time.perf_counter()
@@ -1143,7 +1166,7 @@ def main(argv=None) -> int:
     metrics = {"steps": step, "train_seconds": round(train_s, 1), "batch": args.batch,
                "short_batch": args.short_batch, "short_p": args.short_p, "lr": args.lr,
                "aux": args.aux, "opt_aux": args.opt_aux, "feat": args.feat, "mc_share": args.mc_share, "freeze_vision": args.freeze_vision,
-               "short_slices": args.short_slices, "init": args.init, "tasks": tasks, "device": dev_name, "params": n_params,
+               "short_slices": args.short_slices, "answer_pointer": args.answer_pointer, "init": args.init, "tasks": tasks, "device": dev_name, "params": n_params,
                "transformers": __import__("transformers").__version__, "torch": torch.__version__}
     if args.eval:
         adapter = Qwen25VLAdapter(model, proc)
