@@ -295,5 +295,14 @@ def test_answer_pointer_looks_where_the_answer_lies():
             assert proc.tokenizer.decode(named).strip() == ex.question.answer_text
         else:                                               # "what" questions only, as before
             assert not named
+    # "count": count / large rows get the sink pointer's share c / (c + 1) over every event in view
+    cnt = [T.make_task_example(rng, t, situation="final", present=True, short=True, form="mc")
+           for t in ("count", "large")]
+    b = T.Packer(proc, answer_pointer="count")([ex] + cnt, rng)
+    assert b["count_rows"].tolist() == [False, True, True]
+    for i, e in enumerate(cnt, 1):
+        assert e.n_shown >= 1 and abs(float(b["count_target"][i]) - e.n_shown / (e.n_shown + 1)) < 1e-6
+        n_pre = int(torch.nonzero(b["vis"][i] >= 0)[0, 0])
+        assert np.array_equal(b["evidence_pos"][i, n_pre:n_pre + len(e.keep)].numpy(), e.needle)
     with pytest.raises(ValueError, match="answer_pointer"):
         T.Packer(proc, answer_pointer="nowhere")

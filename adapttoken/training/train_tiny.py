@@ -118,7 +118,8 @@ class Example:
     tok_cls: np.ndarray | None = None   # int [n_slices * 16, 2]: colour, shape class of every token's
                                         # needle (1 + index; 0 none, -100 a sliver: ignored)
     look: np.ndarray | None = None      # bool [n]: the tokens the answer reads its value from (the
-                                        # answer pointer's target, see ANSWER_POINTER); None: `needle`
+                                        # answer pointer's target, see ANSWER_POINTERS); None: `needle`
+    n_shown: int = -1                   # count / large: events with a token in view (-1: other tasks)
 
 
 FEAT_MIN_PX = 24                # a token shows a needle's attributes if it holds >= this many of its px
@@ -290,7 +291,11 @@ TASK_MIX = {"colour": 0.1, "shape": 0.25, "count": 0.25, "order": 0.2, "large": 
 # on the benchmark); count / large: nowhere (attention pushed to sum to 1 over the events reads
 # their mean, which is the same for 1 event or 5: the loss itself hid the count); the option word
 # that names the first event looks at it (order, both events in view).
-ANSWER_POINTERS = ("evidence", "task")
+# "count" [ours, tried]: "task", and on count / large the same head splits the answer position's
+# attention between the events in view and the first token (a sink) as c : 1 for c events: its
+# output then mixes the two values in the proportion c / (c + 1), which grows with c (a mean over
+# the events alone cannot), so the count can be read from it.
+ANSWER_POINTERS = ("evidence", "task", "count")
 COUNT_IN_VIEW_P = 0.6
 
 
@@ -467,7 +472,8 @@ def make_task_example(rng: np.random.Generator, task: str, situation: str | None
     else:                            # count / large: the answer is how many (see ANSWER_POINTER)
         look = np.zeros(len(keep), bool)
     return Example(frames, t_all[slices], keep, kept_owner >= 0, extent, q, present, situation,
-                   n_video, soft, tok_cls=_token_classes(nv * TPS, covers), look=look)
+                   n_video, soft, tok_cls=_token_classes(nv * TPS, covers), look=look,
+                   n_shown=len(shown) if task in ("count", "large") else -1)
 
 
 class _PromptBuilder:
@@ -542,13 +548,21 @@ class Packer:
         letter_ptr = torch.full((B, L), -1, dtype=torch.long)   # option-line token -> its letter
         needle_pos = torch.zeros(B, L, dtype=torch.bool)         # the needle's visual tokens
         word_match = torch.full((B, L), -1, dtype=torch.long)   # option word: 1 names the needle, 0 not
+        count_rows = torch.zeros(B, dtype=torch.bool)            # the count pointer ("count" rule)
+        count_target = torch.zeros(B)                            # its share on the events: c / (c + 1)
+        evidence_pos = torch.zeros(B, L, dtype=torch.bool)       # every event token in view
         aux = []
         for i, (ids, vis, pos, n_pre, n_vis, n_suf, ans, ex) in enumerate(rows):
             n = len(ids)
             ids_b[i, :n], vis_b[i, :n], pos_b[:, i, :n], mask[i, :n] = ids, vis, pos, 1
             last = n_pre + n_vis + n_suf - 1                 # predicts the first answer token
             soft_pos[i] = last
-            look = ex.look if self.answer_pointer == "task" and ex.look is not None else ex.needle
+            task_rule = self.answer_pointer in ("task", "count")
+            look = ex.look if task_rule and ex.look is not None else ex.needle
+            if self.answer_pointer == "count" and ex.n_shown >= 0:
+                count_rows[i] = True
+                count_target[i] = ex.n_shown / (ex.n_shown + 1)
+                evidence_pos[i, n_pre:n_pre + n_vis] = torch.from_numpy(ex.needle)
             if ex.present:
                 label[i, last:last + len(ans)] = torch.tensor(ans)
                 present[i] = True
@@ -557,7 +571,7 @@ class Packer:
                     a, b = self.option_line(ex.question, ex.question.answer)
                     line[i, n_pre + n_vis + a + 1:n_pre + n_vis + b] = True
                     if look.any() and (ex.question.kind == "what" or (
-                            self.answer_pointer == "task" and ex.question.kind == "order")):
+                            task_rule and ex.question.kind == "order")):
                         names = {ex.question.answer_text.split()[0], ex.question.answer_text.split()[-1]}
                         for letter, option in zip(syn.LETTERS, ex.question.options):
                             a, b = self.option_line(ex.question, letter)
@@ -591,6 +605,7 @@ class Packer:
                 "pos": pos_b, "mask": mask, "label": label, "soft": soft, "soft_pos": soft_pos,
                 "present": present, "aux": aux, "line": line,
                 "letter_ptr": letter_ptr, "needle_pos": needle_pos, "word_match": word_match,
+                "count_rows": count_rows, "count_target": count_target, "evidence_pos": evidence_pos,
                 "tok_cls": tok_cls}
 
     def option_line(self, q: syn.Question, letter: str) -> tuple[int, int]:
@@ -793,7 +808,9 @@ def forward_batch(model, vision, processor, batch: dict, device, probe_layer: in
     line = batch["line"].to(device, non_blocking=True)
     letter_ptr = batch["letter_ptr"].to(device, non_blocking=True)
     opt_rows = line.any(1)
-    use_opt = opt_weight > 0 and bool((letter_ptr >= 0).any())
+    count_rows = batch["count_rows"].to(device, non_blocking=True) if "count_rows" in batch else None
+    use_count = opt_weight > 0 and count_rows is not None and bool(count_rows.any())
+    use_opt = opt_weight > 0 and (bool((letter_ptr >= 0).any()) or use_count)
     captured = {}
 
     def capture(name):
@@ -846,8 +863,20 @@ def forward_batch(model, vision, processor, batch: dict, device, probe_layer: in
         # (1) layer L-1, head 0: every option-line token after the letter looks at its letter
         hq, (cos, sin) = captured["prev1"]
         bi, ri = torch.nonzero(letter_ptr >= 0, as_tuple=True)
-        p1 = rows_attention(layers[probe_layer - 1].self_attn, hq, cos, sin, bi, ri, head=0)
-        opt = -torch.log(p1[torch.arange(len(bi), device=device), letter_ptr[bi, ri]] + 1e-6).mean()
+        if len(bi):
+            p1 = rows_attention(layers[probe_layer - 1].self_attn, hq, cos, sin, bi, ri, head=0)
+            opt = -torch.log(p1[torch.arange(len(bi), device=device), letter_ptr[bi, ri]] + 1e-6).mean()
+        if use_count:
+            # (5) layer L-2, head 0 ("count" rule): the answer position's attention on the events in
+            # view against the first token (a sink) as c : 1, and nowhere else
+            hq, (cos, sin) = captured["prev2"]
+            bi = torch.nonzero(count_rows)[:, 0]
+            p0 = rows_attention(layers[probe_layer - 2].self_attn, hq, cos, sin, bi, soft_pos[bi], head=0)
+            ev = (p0 * batch["evidence_pos"].to(device, non_blocking=True)[bi]).sum(-1)
+            both = ev + p0[:, 0]
+            share, m = ev / both.clamp(min=1e-6), batch["count_target"].to(device, non_blocking=True)[bi]
+            opt = opt - (m * torch.log(share + 1e-6) + (1 - m) * torch.log1p(-share + 1e-6)
+                         + torch.log(both + 1e-6)).mean()
         needle_pos = batch["needle_pos"].to(device, non_blocking=True)
         seen = needle_pos.any(1)
         if bool(seen.any()):
