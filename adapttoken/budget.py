@@ -9,7 +9,10 @@ top tokens by attention score, and drop tokens that repeat the same place in the
   the same (row, col) in an earlier slice has cosine similarity > theta in the visual embedding;
   it is dropped and its group backfills with its next-ranked tokens, which the same rule checks;
   budget a group cannot use (its ranked tokens ran out) flows to the other groups in proportion to
-  their relevance, so the budget is spent while any group has tokens left (remove_redundancy).
+  their relevance, so the budget is spent while any group has tokens left (remove_redundancy);
+  budget still unspent once every ranked token was judged (a near-static video, or a model whose
+  embeddings of the background all lie within theta) goes back to the dropped tokens, each group up
+  to its own share, highest-ranked first: a repeat is better than an answer pass starved of tokens.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ RELEVANCE_MODES = ("linear", "softmax", "even")
 
 def check_budget(budget) -> int:
     """The token budget as an int >= 1, else InputError. A budget above the tokens there are is
-    fine: every token is available (redundancy removal may still drop repeats)."""
+    fine: every token is kept (redundancy removal gives unspent budget back to repeats)."""
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget <= 0:
         raise InputError(f"budget={budget!r} must be a positive number of tokens: set it to 1 or more "
                          f"(7040 by default; more than the video has keeps all of them)")
@@ -171,7 +174,7 @@ def _scan_redundant(gids: torch.Tensor, fresh: torch.Tensor, rows: torch.Tensor,
 
 
 def remove_redundancy(ranked: list[torch.Tensor], budgets: list[int], features,
-                      threshold: float, relevance=None) -> tuple[list[torch.Tensor], int]:
+                      threshold: float, relevance=None, refill: bool = True) -> tuple[list[torch.Tensor], int]:
     """Location-aware redundancy removal with backfill and budget flow.
 
     ranked[g]: group g's token ids by descending score; budgets[g]: how many it keeps;
@@ -194,7 +197,13 @@ def remove_redundancy(ranked: list[torch.Tensor], budgets: list[int], features,
     It stops when no group takes a fresh token: then every group has kept its budget or used all
     of its ranked tokens, so the total budget is spent whenever tokens are left to spend. Each round
     takes at least one fresh token, so the rounds are bounded by the number of ranked tokens.
-    Every token's embedding is read once, when it becomes a candidate."""
+    Every token's embedding is read once, when it becomes a candidate.
+    5. refill (refill=True): budget still unspent then (every ranked token was judged) goes back to
+       dropped tokens, highest-ranked first: to each group up to its own budget (split by relevance
+       when the deficits exceed what is left), then to any group with dropped tokens left. The
+       result then holds repeats; the count returned is of the tokens dropped and not taken back.
+       (With the bundled demo model, whose background embeddings lie within cosine 0.9 of each
+       other, the rule alone kept ~22 of 256 tokens per answer pass.)"""
     G = len(ranked)
     if G == 0:
         return [], 0
@@ -253,11 +262,40 @@ def remove_redundancy(ranked: list[torch.Tensor], budgets: list[int], features,
                 extra = np.asarray(split_budget(rel, spare, int(unused.sum())), dtype=np.int64)
                 budget += extra
                 take += extra
+    if refill:
+        cur, back = _refill(cur, np.minimum(np.asarray(budgets, dtype=np.int64), lens), lens, offs,
+                            rel, dev)
+        dropped -= back
     cur = torch.sort(cur).values
     owner = torch.searchsorted(torch.as_tensor(offs[1:], device=dev), cur, right=True)
     counts = torch.bincount(owner, minlength=G).tolist()
     kept = [flat[c].to(out_dev) for c in torch.split(cur, counts)]
     return kept, dropped
+
+
+def _refill(cur: torch.Tensor, share: np.ndarray, lens: np.ndarray, offs: np.ndarray, rel: np.ndarray,
+            dev) -> tuple[torch.Tensor, int]:
+    """Step 5 of remove_redundancy: (kept flat indices with dropped ones taken back, how many)."""
+    G = len(lens)
+    target = int(min(int(share.sum()), int(lens.sum())))
+    left = target - len(cur)
+    if left <= 0:
+        return cur, 0
+    owner = torch.searchsorted(torch.as_tensor(offs[1:], device=dev), cur, right=True)
+    have = torch.bincount(owner, minlength=G).cpu().numpy()
+    spare = lens - have                                   # dropped tokens of each group
+    take = np.zeros(G, dtype=np.int64)
+    for caps in (np.minimum(np.maximum(share - have, 0), spare), spare):
+        caps = caps - take
+        if left > 0 and caps.sum() > 0:
+            add = np.asarray(split_budget(rel, caps, int(min(left, caps.sum()))), dtype=np.int64)
+            take += add
+            left -= int(add.sum())
+    is_kept = torch.zeros(int(offs[-1]), dtype=torch.bool, device=dev)
+    is_kept[cur] = True
+    back = [torch.nonzero(~is_kept[offs[g]:offs[g + 1]])[:int(take[g]), 0] + int(offs[g])
+            for g in range(G) if take[g] > 0]
+    return torch.cat([cur, *back]), int(take.sum())
 
 
 @dataclass

@@ -139,6 +139,6 @@ def test_redundancy_chain_compares_with_last_kept():
     feats = _Feats(emb.reshape(-1, D), 1)
     ranked = [torch.arange(S)]
     # neighbours: cos(22.5 deg) = 0.924 > 0.9; two steps: cos(45) = 0.707
-    kept, dropped = remove_redundancy(ranked, [S], feats, threshold=0.9)
+    kept, dropped = remove_redundancy(ranked, [S], feats, threshold=0.9, refill=False)
     assert sorted(kept[0].tolist()) == [0, 2, 4]
     assert dropped == 2

@@ -29,9 +29,10 @@ def _cos(unit, a: int, b: int) -> torch.Tensor:
     return (unit[a] * unit[b]).sum()
 
 
-def reference(ranked, budgets, emb, tps, theta, rel=None):
+def reference(ranked, budgets, emb, tps, theta, rel=None, refill=True):
     """The rule, slowly: rounds of (full scan of every location in time order, drop, backfill,
-    flow unusable budget to groups with tokens left in proportion to relevance)."""
+    flow unusable budget to groups with tokens left in proportion to relevance), then (refill)
+    budget still unspent back to dropped tokens: each group up to its share, then anywhere."""
     unit = torch.nn.functional.normalize(emb.float(), dim=-1)
     G = len(ranked)
     ranked = [r.tolist() for r in ranked]
@@ -78,6 +79,22 @@ def reference(ranked, budgets, emb, tps, theta, rel=None):
             for g in range(G):
                 budget[g] += extra[g]
                 take[g] += extra[g]
+    share = [min(int(b), len(r)) for b, r in zip(budgets, ranked)]
+    left = min(sum(share), sum(len(r) for r in ranked)) - len(kept)
+    if refill and left > 0:
+        have = [sum(1 for t in r if t in kept) for r in ranked]
+        spare = [len(r) - h for r, h in zip(ranked, have)]
+        got = [0] * G
+        for caps in ([max(0, min(s - h, sp)) for s, h, sp in zip(share, have, spare)], spare):
+            caps = [c - t for c, t in zip(caps, got)]
+            if left > 0 and sum(caps) > 0:
+                add = split_budget(rel, caps, min(left, sum(caps)))
+                got = [t + a for t, a in zip(got, add)]
+                left -= sum(add)
+        for g in range(G):
+            back = [t for t in ranked[g] if t not in kept][:got[g]]
+            kept |= set(back)
+            dropped -= len(back)
     return [[t for t in r if t in kept] for r in ranked], dropped
 
 
@@ -113,12 +130,17 @@ def _random_case(seed: int):
     return ranked, budgets, emb, tps, theta, rel
 
 
-def _check_invariants(kept, dropped, ranked, budgets, emb, tps, theta):
+def _check_invariants(kept, dropped, ranked, budgets, emb, tps, theta, refill=False):
     unit = torch.nn.functional.normalize(emb.float(), dim=-1)
     allk = [t for k in kept for t in k.tolist()]
     assert len(allk) == len(set(allk))
     for g, k in enumerate(kept):                                     # only the group's own tokens
         assert set(k.tolist()) <= set(ranked[g].tolist())
+    if refill:                                                       # the whole budget is spent
+        total = sum(len(r) for r in ranked)
+        assert len(allk) == min(sum(min(int(b), len(r)) for b, r in zip(budgets, ranked)), total)
+        assert len(allk) + dropped <= total
+        return
     at = defaultdict(list)
     for t in allk:
         at[t % tps].append(t)
@@ -135,11 +157,38 @@ def _check_invariants(kept, dropped, ranked, budgets, emb, tps, theta):
 @pytest.mark.parametrize("seed", range(300))
 def test_matches_reference_on_random_cases(seed):
     ranked, budgets, emb, tps, theta, rel = _random_case(seed)
-    kept, dropped = remove_redundancy(ranked, budgets, _Feats(emb, tps), theta, rel)
-    want, want_dropped = reference(ranked, budgets, emb, tps, theta, rel)
-    assert [k.tolist() for k in kept] == want                       # same tokens, in rank order
-    assert dropped == want_dropped
-    _check_invariants(kept, dropped, ranked, budgets, emb, tps, theta)
+    rule_only = None
+    for refill in (False, True):
+        kept, dropped = remove_redundancy(ranked, budgets, _Feats(emb, tps), theta, rel, refill=refill)
+        want, want_dropped = reference(ranked, budgets, emb, tps, theta, rel, refill=refill)
+        assert [k.tolist() for k in kept] == want                   # same tokens, in rank order
+        assert dropped == want_dropped
+        _check_invariants(kept, dropped, ranked, budgets, emb, tps, theta, refill)
+        if rule_only is None:
+            rule_only = kept
+        else:                                                       # refill only adds tokens
+            for a, b in zip(rule_only, kept):
+                assert set(a.tolist()) <= set(b.tolist())
+
+
+def test_refill_spends_the_budget_on_the_groups_own_best_tokens():
+    """Everything at every location repeats the first slice (the bundled model's background):
+    the rule alone keeps one token per location; refill gives each group its share back, its
+    highest-ranked dropped tokens first, and the rule's own keeps stay."""
+    tps, S, D = 4, 12, 8
+    emb = torch.randn(1, tps, D).expand(S, tps, D).reshape(-1, D).clone()
+    groups = [torch.tensor([s * tps + l for s in range(g, S, 3) for l in range(tps)]).flip(0)
+              for g in range(3)]                                     # later slices rank first
+    f = _Feats(emb, tps)
+    kept, d = remove_redundancy(groups, [0, 2, 10], f, 0.9, [0.0, 0.2, 0.8], refill=False)
+    assert sum(len(k) for k in kept) == tps and d == S * tps - tps   # slice 0's tokens only
+    # the rule's flow gave group 0's spare tokens the budget groups 1-2 could not use: 4 kept
+    # there; the 8 left go to the deficits (2 and 10) by relevance 0.2 : 0.8 -> 2 and 6
+    kept, d = remove_redundancy(groups, [0, 2, 10], f, 0.9, [0.0, 0.2, 0.8])
+    assert [len(k) for k in kept] == [4, 2, 6] and d == S * tps - 12
+    assert kept[1].tolist() == groups[1][:2].tolist()               # each group's best first
+    assert kept[2].tolist() == groups[2][:6].tolist()
+    assert kept[0].tolist() == sorted(range(tps), key=groups[0].tolist().index)   # the rule's keeps
 
 
 def test_static_location_longer_than_any_round_cap():
@@ -153,8 +202,8 @@ def test_static_location_longer_than_any_round_cap():
     emb = emb.reshape(-1, D)
     ranked = [torch.cat([torch.arange(0, 2 * S, 2), torch.arange(1, 2 * S, 2)])]  # static first
     feats = _Feats(emb, 2)
-    kept, dropped = remove_redundancy(ranked, [600], feats, 0.9)
-    want, want_dropped = reference(ranked, [600], emb, 2, 0.9)
+    kept, dropped = remove_redundancy(ranked, [600], feats, 0.9, refill=False)
+    want, want_dropped = reference(ranked, [600], emb, 2, 0.9, refill=False)
     assert kept[0].tolist() == want[0]
     assert dropped == want_dropped == S - 1                          # every static repeat
     k = kept[0]
@@ -171,17 +220,17 @@ def test_threshold_edges_are_strict():
     ranked = [torch.arange(len(seq))]
     f = _Feats(emb, tps)
     # theta = 1: nothing exceeds 1, nothing dropped
-    kept, d = remove_redundancy(ranked, [8], f, 1.0)
+    kept, d = remove_redundancy(ranked, [8], f, 1.0, refill=False)
     assert d == 0 and kept[0].tolist() == list(range(8))
     # theta = 0: exact repeats (cos 1) go; orthogonal (cos 0 = theta) and opposite stay
-    kept, d = remove_redundancy(ranked, [8], f, 0.0)
+    kept, d = remove_redundancy(ranked, [8], f, 0.0, refill=False)
     assert sorted(kept[0].tolist()) == [0, 2, 4, 5, 6, 7] and d == 2
     # theta = -1: everything but opposite vectors is redundant with the last kept
-    kept, d = remove_redundancy(ranked, [8], f, -1.0)
+    kept, d = remove_redundancy(ranked, [8], f, -1.0, refill=False)
     assert sorted(kept[0].tolist()) == [0] and d == 7
     for theta in (1.0, 0.0, -1.0):
-        k, d = remove_redundancy(ranked, [8], f, theta)
-        assert ([x.tolist() for x in k], d) == reference(ranked, [8], emb, tps, theta)
+        k, d = remove_redundancy(ranked, [8], f, theta, refill=False)
+        assert ([x.tolist() for x in k], d) == reference(ranked, [8], emb, tps, theta, refill=False)
 
 
 def test_chain_is_judged_against_the_last_kept_token():
@@ -191,7 +240,7 @@ def test_chain_is_judged_against_the_last_kept_token():
     ang = torch.tensor([0.0, 20.0, -20.0, -40.0]) * math.pi / 180
     e = torch.stack([torch.cos(ang), torch.sin(ang)], 1)
     f = _Feats(e, 1)
-    kept, d = remove_redundancy([torch.arange(4)], [4], f, 0.9)
+    kept, d = remove_redundancy([torch.arange(4)], [4], f, 0.9, refill=False)
     assert sorted(kept[0].tolist()) == [0, 3] and d == 2
 
 
@@ -205,19 +254,19 @@ def test_unusable_budget_flows_by_relevance():
     g1 = torch.tensor([s * tps + l for s in range(10, 25) for l in (1, 2, 3)])
     g2 = torch.tensor([s * tps + l for s in range(25, 40) for l in (1, 2, 3)])
     f = _Feats(emb, tps)
-    kept, d = remove_redundancy([g0, g1, g2], [10, 10, 10], f, 0.99, [0.6, 0.3, 0.1])
+    kept, d = remove_redundancy([g0, g1, g2], [10, 10, 10], f, 0.99, [0.6, 0.3, 0.1], refill=False)
     # group 0 keeps 1 of 10; its 9 unused tokens split 3:1 -> 6.75 / 2.25 -> 7 / 2
     assert [len(k) for k in kept] == [1, 17, 12] and d == 9
     # the relevant group has only 13 tokens: it takes 3, the irrelevant one the other 6
     g1s = g1[:13]
-    kept, d = remove_redundancy([g0, g1s, g2], [10, 10, 10], f, 0.99, [0.6, 0.3, 0.0])
+    kept, d = remove_redundancy([g0, g1s, g2], [10, 10, 10], f, 0.99, [0.6, 0.3, 0.0], refill=False)
     assert [len(k) for k in kept] == [1, 13, 16]
     # budget larger than all tokens: everything not redundant is kept
-    kept, d = remove_redundancy([g0, g1, g2], [30, 45, 60], f, 0.99, [1.0, 1.0, 1.0])
+    kept, d = remove_redundancy([g0, g1, g2], [30, 45, 60], f, 0.99, [1.0, 1.0, 1.0], refill=False)
     assert [len(k) for k in kept] == [1, 45, 45] and d == 9
     for rel in ([0.6, 0.3, 0.1], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0]):
-        got, dd = remove_redundancy([g0, g1s, g2], [10, 10, 10], f, 0.99, rel)
-        want, wd = reference([g0, g1s, g2], [10, 10, 10], emb, tps, 0.99, rel)
+        got, dd = remove_redundancy([g0, g1s, g2], [10, 10, 10], f, 0.99, rel, refill=False)
+        want, wd = reference([g0, g1s, g2], [10, 10, 10], emb, tps, 0.99, rel, refill=False)
         assert [k.tolist() for k in got] == want and dd == wd
 
 
@@ -232,8 +281,8 @@ def test_backfill_can_make_a_kept_token_redundant():
     e[3] = v[4]                                                      # slice 3 repeats slice 4
     f = _Feats(e, 1)
     ranked = [torch.tensor([4, 5, 2]), torch.tensor([0, 1, 3])]
-    kept, d = remove_redundancy(ranked, [1, 2], f, 0.9, [1.0, 1.0])
-    want, wd = reference(ranked, [1, 2], e, 1, 0.9, [1.0, 1.0])
+    kept, d = remove_redundancy(ranked, [1, 2], f, 0.9, [1.0, 1.0], refill=False)
+    want, wd = reference(ranked, [1, 2], e, 1, 0.9, [1.0, 1.0], refill=False)
     assert [k.tolist() for k in kept] == want and d == wd
     assert want == [[5], [0, 3]] and wd == 2
 
