@@ -10,9 +10,8 @@ top tokens by attention score, and drop tokens that repeat the same place in the
   it is dropped and its group backfills with its next-ranked tokens, which the same rule checks;
   budget a group cannot use (its ranked tokens ran out) flows to the other groups in proportion to
   their relevance, so the budget is spent while any group has tokens left (remove_redundancy);
-  budget still unspent once every ranked token was judged (a near-static video, or a model whose
-  embeddings of the background all lie within theta) goes back to the dropped tokens, each group up
-  to its own share, highest-ranked first: a repeat is better than an answer pass starved of tokens.
+  optionally (refill=True, off by default) budget still unspent once every ranked token was judged
+  goes back to the dropped tokens, each group up to its own share, highest-ranked first.
 """
 from __future__ import annotations
 
@@ -29,7 +28,7 @@ RELEVANCE_MODES = ("linear", "softmax", "even")
 
 def check_budget(budget) -> int:
     """The token budget as an int >= 1, else InputError. A budget above the tokens there are is
-    fine: every token is kept (redundancy removal gives unspent budget back to repeats)."""
+    fine: every token is available (redundancy removal may still drop repeats)."""
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget <= 0:
         raise InputError(f"budget={budget!r} must be a positive number of tokens: set it to 1 or more "
                          f"(7040 by default; more than the video has keeps all of them)")
@@ -174,7 +173,7 @@ def _scan_redundant(gids: torch.Tensor, fresh: torch.Tensor, rows: torch.Tensor,
 
 
 def remove_redundancy(ranked: list[torch.Tensor], budgets: list[int], features,
-                      threshold: float, relevance=None, refill: bool = True) -> tuple[list[torch.Tensor], int]:
+                      threshold: float, relevance=None, refill: bool = False) -> tuple[list[torch.Tensor], int]:
     """Location-aware redundancy removal with backfill and budget flow.
 
     ranked[g]: group g's token ids by descending score; budgets[g]: how many it keeps;
@@ -198,7 +197,9 @@ def remove_redundancy(ranked: list[torch.Tensor], budgets: list[int], features,
     of its ranked tokens, so the total budget is spent whenever tokens are left to spend. Each round
     takes at least one fresh token, so the rounds are bounded by the number of ranked tokens.
     Every token's embedding is read once, when it becomes a candidate.
-    5. refill (refill=True): budget still unspent then (every ranked token was judged) goes back to
+    5. refill (refill=True; off by default, see docs/bench_synthetic/REDUNDANCY.md: with the
+       bundled model the refilled tokens are near-ties whose order float8 noise changes, which
+       broke the FP8 kept-token agreement, 207 of 256 against >= 90%): budget still unspent then (every ranked token was judged) goes back to
        dropped tokens, highest-ranked first: to each group up to its own budget (split by relevance
        when the deficits exceed what is left), then to any group with dropped tokens left. The
        result then holds repeats; the count returned is of the tokens dropped and not taken back.

@@ -184,7 +184,7 @@ def test_refill_spends_the_budget_on_the_groups_own_best_tokens():
     assert sum(len(k) for k in kept) == tps and d == S * tps - tps   # slice 0's tokens only
     # the rule's flow gave group 0's spare tokens the budget groups 1-2 could not use: 4 kept
     # there; the 8 left go to the deficits (2 and 10) by relevance 0.2 : 0.8 -> 2 and 6
-    kept, d = remove_redundancy(groups, [0, 2, 10], f, 0.9, [0.0, 0.2, 0.8])
+    kept, d = remove_redundancy(groups, [0, 2, 10], f, 0.9, [0.0, 0.2, 0.8], refill=True)
     assert [len(k) for k in kept] == [4, 2, 6] and d == S * tps - 12
     assert kept[1].tolist() == groups[1][:2].tolist()               # each group's best first
     assert kept[2].tolist() == groups[2][:6].tolist()
