@@ -197,14 +197,14 @@ def remove_redundancy(ranked: list[torch.Tensor], budgets: list[int], features,
     of its ranked tokens, so the total budget is spent whenever tokens are left to spend. Each round
     takes at least one fresh token, so the rounds are bounded by the number of ranked tokens.
     Every token's embedding is read once, when it becomes a candidate.
-    5. refill (refill=True; off by default, see docs/bench_synthetic/REDUNDANCY.md: with the
-       bundled model the refilled tokens are near-ties whose order float8 noise changes, which
-       broke the FP8 kept-token agreement, 207 of 256 against >= 90%): budget still unspent then (every ranked token was judged) goes back to
-       dropped tokens, highest-ranked first: to each group up to its own budget (split by relevance
-       when the deficits exceed what is left), then to any group with dropped tokens left. The
-       result then holds repeats; the count returned is of the tokens dropped and not taken back.
-       (With the bundled demo model, whose background embeddings lie within cosine 0.9 of each
-       other, the rule alone kept ~22 of 256 tokens per answer pass.)"""
+    5. refill (refill=True): budget still unspent then (every ranked token was judged) goes back
+       to dropped tokens, highest-ranked first: to each group up to its own budget (split by
+       relevance when the deficits exceed what is left), then to any group with dropped tokens
+       left. The result then holds repeats; the count returned is of the tokens dropped and not
+       taken back. With the bundled demo model, whose background embeddings lie within cosine 0.9
+       of each other, the rule alone kept ~22 of 256 tokens per answer pass. Off by default: the
+       refilled tokens are near-ties whose order float8 noise changes (the FP8 bundled model kept
+       207 of float32's 256 tokens, against >= 90%; docs/bench_synthetic/REDUNDANCY.md)."""
     G = len(ranked)
     if G == 0:
         return [], 0
