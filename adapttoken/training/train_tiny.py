@@ -159,7 +159,7 @@ class _SceneCache:
         self.reuse, self.scene = reuse, None
 
 
-def _render_slices(scene, needles, slice_frames, slices, stride: int) -> np.ndarray:
+def _render_slices(scene, needles, slice_frames, slices) -> np.ndarray:
     """The frames of the given slices with `needles` drawn (the scene's needles reset after)."""
     scene.needles = list(needles)
     try:
@@ -226,7 +226,7 @@ def make_example(rng: np.random.Generator, situation: str | None = None,
     shown = bool(hit[slices].any())
     if situation == "group" and not present:
         shown = False                                       # rendered without the needle
-    frames = _render_slices(scene, [needle] if shown else [], slice_frames, slices, stride)
+    frames = _render_slices(scene, [needle] if shown else [], slice_frames, slices)
     n = len(slices)
 
     cover = _cell_cover(needle)
@@ -407,7 +407,7 @@ def make_task_example(rng: np.random.Generator, task: str, situation: str | None
 
     # frames of the view, with the events drawn
     frames = _render_slices(scene, sorted(needles, key=lambda x: (x.frame_start, x.frame_end)),
-                            slice_frames, slices, stride)
+                            slice_frames, slices)
     nv = len(slices)
     owner = np.full(nv * TPS, -1)                    # token -> needle index shown there
     covers = []
@@ -469,7 +469,7 @@ def make_task_example(rng: np.random.Generator, task: str, situation: str | None
     kept_owner = owner[keep]
     if task == "order":              # the answer is the first event's colour: read it there alone
         look = kept_owner == (0 if 0 in shown else (shown[0] if shown else -2))
-    else:                            # count / large: the answer is how many (see ANSWER_POINTER)
+    else:                            # count / large: the answer is how many (see ANSWER_POINTERS)
         look = np.zeros(len(keep), bool)
     return Example(frames, t_all[slices], keep, kept_owner >= 0, extent, q, present, situation,
                    n_video, soft, tok_cls=_token_classes(nv * TPS, covers), look=look,
@@ -552,12 +552,12 @@ class Packer:
         count_target = torch.zeros(B)                            # its share on the events: c / (c + 1)
         evidence_pos = torch.zeros(B, L, dtype=torch.bool)       # every event token in view
         aux = []
+        task_rule = self.answer_pointer in ("task", "count")
         for i, (ids, vis, pos, n_pre, n_vis, n_suf, ans, ex) in enumerate(rows):
             n = len(ids)
             ids_b[i, :n], vis_b[i, :n], pos_b[:, i, :n], mask[i, :n] = ids, vis, pos, 1
             last = n_pre + n_vis + n_suf - 1                 # predicts the first answer token
             soft_pos[i] = last
-            task_rule = self.answer_pointer in ("task", "count")
             look = ex.look if task_rule and ex.look is not None else ex.needle
             if self.answer_pointer == "count" and ex.n_shown >= 0:
                 count_rows[i] = True
