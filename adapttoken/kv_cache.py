@@ -82,6 +82,15 @@ def device_memory_budget(device: torch.device) -> int | None:
     return int(total * frac)
 
 
+def _settle(fut) -> None:
+    """Wait for a copy nobody will use (an unused read-ahead, a copy out of states being dropped)
+    and drop its error, if any: the states it made are thrown away either way."""
+    try:
+        fut.result()
+    except Exception:  # noqa: BLE001 - a failed copy of states nobody will use
+        pass
+
+
 class PrefixKVCache:
     """Key/value states of each group pass's question-independent prefix (system prompt, vision
     start, the group's visual tokens), per decoder layer, so a new question on the same groups runs
@@ -231,7 +240,7 @@ class PrefixKVCache:
                         t.record_stream(torch.cuda.current_stream(device))
             else:
                 if ahead is not None:
-                    ahead[1].result()           # an unused read-ahead: let it finish, drop it
+                    _settle(ahead[1])           # an unused read-ahead: let it finish, drop it
                 kv = self._copy_in(key, device, False)
             nxt = self._next_host_key(key) if device.type == "cuda" else None
             if nxt is not None:
@@ -337,20 +346,14 @@ class PrefixKVCache:
         does): one group's states on the device until the next read otherwise."""
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
-            try:
-                ahead[1].result()
-            except Exception:  # noqa: BLE001 - a failed copy of states nobody will use
-                pass
+            _settle(ahead[1])
 
     def _wait_all(self) -> None:
         futs = list(self._pending.values())
         if self._ahead is not None:
             futs.append(self._ahead[1])
         for fut in futs:
-            try:
-                fut.result()             # no copy keeps writing into states being dropped
-            except Exception:  # noqa: BLE001 - a failed copy of states nobody will use
-                pass
+            _settle(fut)                 # no copy keeps writing into states being dropped
         self._pending.clear()
         self._ahead = None
 

@@ -52,6 +52,12 @@ class RankedGroups:
     def __len__(self) -> int:
         return len(self.groups)
 
+    def release_read_ahead(self) -> None:
+        """The group passes of this question are over: let go of a prefix read-ahead no pass took
+        (Lite stopping before the group it was read for). Callers that run the passes themselves
+        (the ComfyUI nodes, `pipeline.select`) call it when they are done."""
+        self.model.release_read_ahead(self.groups.video)
+
     def run(self, g: int, greedy_tokens: int = 1, hooks=None) -> GroupPass:
         """The pass of group g (memoised). greedy_tokens > 1 also decodes that many greedy tokens
         and keeps their logits (for the open-ended mean entropy)."""

@@ -257,3 +257,24 @@ def test_bench_smoke(tmp_path):
         fast = shape["paths"]["fast_eager"]
         assert fast["ms_median"] > 0 and fast["tflops"] > 0 and "speedup_vs_hf" in fast
         assert fast["diff_vs_hf"]["max_rel_to_ref_max"] < 0.05  # bf16
+
+
+def test_compiled_mlp_adds_the_biases_in_the_activation(model):
+    """The compiled path's MLP (`_mlp`, PERF_NOTES item 30): bias-free matmuls, the gate/up biases
+    added before the activation, equal to the module's own forward (float64: to rounding); a hooked
+    layer keeps the module's forward, so its hook runs."""
+    mlp = model.model.visual.blocks[0].mlp.double()
+    try:
+        assert mlp.gate_proj.bias is not None and mlp.up_proj.bias is not None
+        h = torch.randn(37, mlp.gate_proj.in_features, generator=torch.Generator().manual_seed(3),
+                        dtype=torch.float64)
+        torch.testing.assert_close(qvf._mlp(mlp, h), mlp(h), rtol=1e-12, atol=1e-12)
+        seen = []
+        handle = mlp.up_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        try:
+            torch.testing.assert_close(qvf._mlp(mlp, h), mlp(h), rtol=1e-12, atol=1e-12)
+        finally:
+            handle.remove()
+        assert len(seen) == 2          # _mlp's call ran the hook, as the module's own call did
+    finally:
+        mlp.float()

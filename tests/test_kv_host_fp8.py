@@ -131,3 +131,37 @@ def test_bundled_model_second_question_from_the_fp8_host_tier_agrees_with_a_fres
     for ga, gb in zip(fresh.groups, warm.groups):
         assert abs(ga.entropy_norm - gb.entropy_norm) <= 0.02
     assert any(ga.entropy != gb.entropy for ga, gb in zip(fresh.groups, warm.groups))   # lossy
+
+
+@needs_bundled
+def test_ranked_groups_let_go_of_an_unused_read_ahead():
+    """What Budget Allocate and Ask Many call when their group passes end (`pipeline.select` too):
+    a read-ahead of the next host group that no pass took is waited for and dropped, so its states
+    stop counting in `held_bytes`; a read-ahead whose copy failed is dropped without raising.
+    (Read-aheads start only on CUDA; here one is handed to the cache as a real future.)"""
+    from concurrent.futures import ThreadPoolExecutor
+    q = at.Question("What coloured object appeared in the video?",
+                    ("blue square", "green square", "yellow cross", "blue cross"))
+    model = at.load_model(BUNDLED_MODEL, device="cpu")
+    ranked = at.RankedGroups(model, at.split_groups(at.open_video(SAMPLE, 32), 8), q)
+    ranked.run(0)
+    kv = ranked.features.prefix_kv
+    key = next(iter(kv._store))
+    before = kv.held_bytes()
+
+    def copy():
+        return [(k.clone(), v.clone()) for k, v in kv._store[key]]
+
+    def failed_copy():
+        raise RuntimeError("copy failed")
+
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(copy)
+        kv._ahead = (key, fut)
+        assert kv.held_bytes()["cpu"] == 2 * before["cpu"]     # the pending copy counts
+        ranked.release_read_ahead()
+        assert kv._ahead is None and fut.done() and kv.held_bytes() == before
+        fut = pool.submit(failed_copy)
+        kv._ahead = (key, fut)
+        ranked.release_read_ahead()                             # does not raise
+        assert kv._ahead is None and fut.done() and kv.held_bytes() == before

@@ -114,6 +114,22 @@ def kernel_table(prof, n=25) -> str:
                                      else "self_cpu_time_total", row_limit=n, max_name_column_width=90)
 
 
+def kernel_parents(prof, n=30) -> str:
+    """Which operator launched each GPU kernel, with the operator's input shapes (needs
+    `record_shapes=True`): one line per (kernel, operator, shapes), longest total first. Finds
+    the op behind an anonymous kernel (`elementwise_kernel<...>`) that `kernel_table` lists alone."""
+    rows: dict = {}
+    for e in prof.events():
+        for k in getattr(e, "kernels", None) or ():
+            key = (k.name[:70], e.name, str(getattr(e, "input_shapes", "") or "")[:120])
+            n_calls, total = rows.get(key, (0, 0.0))
+            rows[key] = (n_calls + 1, total + k.duration)
+    lines = [f"{'total ms':>9} {'calls':>6}  kernel | operator | input shapes"]
+    for (kname, op, shapes), (n_calls, total) in sorted(rows.items(), key=lambda r: -r[1][1])[:n]:
+        lines.append(f"{total / 1e3:9.3f} {n_calls:6d}  {kname} | {op} | {shapes}")
+    return "\n".join(lines) + "\n"
+
+
 def group_inputs(ad, dev, dtype, slices: int, tiny: bool):
     """(prompt, embeds, coords, extent) of one synthetic group pass: `slices` slices of 11x20 visual
     tokens (2x4 with `tiny`), small random embeddings (seed 1), the benchmark's first question."""
@@ -186,10 +202,11 @@ def group_pass_bench(model, dev, dtype, tiny, iters, out: Path) -> dict:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     for fuse, name in ((None, "kernels_group_pass_fused.txt"), (False, "kernels_group_pass.txt")):
         ad.fuse_text = fuse
-        with profile(activities=acts) as prof:
+        with profile(activities=acts, record_shapes=True) as prof:
             with_store()
             _sync(dev)
         (out / name).write_text(kernel_table(prof))
+        (out / name.replace("kernels_", "kernel_parents_")).write_text(kernel_parents(prof))
     ad.fuse_text = None
     return res
 
@@ -265,12 +282,28 @@ def vision_bench(model, dev, dtype, tiny, iters, out: Path) -> dict:
                       f"{flops / t['median_s'] / 1e12:6.0f} TFLOP/s", flush=True)
             except Exception as e:  # noqa: BLE001
                 res[label] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    # item 30 A/B: the compiled MLP with its gate/up biases in the matmuls (the module's forward)
+    # against in the activation's kernel (the default); both against eager (rel. L2 of the features)
+    from ..models import qwen_vision_fast as qvf
+    ref = fast_video_features(visual, pv, grid, compile=False).float()
+    rel = lambda y: float((y.float() - ref).norm() / ref.norm())  # noqa: E731
+    res["mlp_bias"] = {}
+    for on in (False, True):
+        qvf._MLP_BIAS_IN_ACTIVATION = on
+        label = "in the activation (default)" if on else "in the matmuls (before)"
+        t = timed(lambda: fast_video_features(visual, pv, grid, compile=True), dev, iters=iters)
+        res["mlp_bias"][label] = dict(t, tflops=flops / t["median_s"] / 1e12,
+                                      rel_l2_vs_eager=rel(fast_video_features(visual, pv, grid, compile=True)))
+        print(f"[profile] vision chunk compiled, MLP bias {label:28s} {t['median_s'] * 1e3:8.1f} ms "
+              f"{flops / t['median_s'] / 1e12:6.0f} TFLOP/s  rel. L2 vs eager "
+              f"{res['mlp_bias'][label]['rel_l2_vs_eager']:.2e}", flush=True)
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, record_shapes=True) as prof:
         fast_video_features(visual, pv, grid, compile=True)
         _sync(dev)
     (out / "kernels_vision_compiled.txt").write_text(kernel_table(prof))
+    (out / "kernel_parents_vision_compiled.txt").write_text(kernel_parents(prof))
     return res
 
 

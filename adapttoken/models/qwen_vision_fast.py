@@ -303,9 +303,32 @@ def _attn_in(blk, x, cos, sin):
     return _rotary_plain(qkv, cos, sin), qkv[:, 2]
 
 
+# The compiled MLP adds the gate/up biases in the activation's kernel, not in the matmuls (PERF_NOTES
+# item 30). Inductor pads the 3420-wide outputs to 3424 columns; into such a padded output cuBLAS
+# has no bias epilogue, so torch first fills the output with the broadcast bias (a 193 MB write per
+# projection, 2 x 32 per 32-slice chunk: ~10.6 ms of an 86 ms chunk on an H200) and then runs
+# the GEMM with beta = 1. A bias-free matmul skips that fill; the bias is read by the fused
+# silu-product kernel, which reads the matmul outputs anyway. Only for plain nn.Linear layers without
+# hooks (FP8's layers, hooked layers keep their own forward). False: the module's own MLP forward (the A/B switch of
+# `profile_gpu --parts vision`).
+_MLP_BIAS_IN_ACTIVATION = True
+
+
+def _mlp(mlp, h):
+    gate, up = getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)   # Qwen3-VL: fc1/fc2
+    if (_MLP_BIAS_IN_ACTIVATION and type(gate) is torch.nn.Linear and type(up) is torch.nn.Linear
+            and gate.bias is not None and up.bias is not None
+            and not (gate._forward_hooks or gate._forward_pre_hooks or up._forward_hooks
+                     or up._forward_pre_hooks)):
+        g = F.linear(h, gate.weight) + gate.bias
+        u = F.linear(h, up.weight) + up.bias
+        return mlp.down_proj(mlp.act_fn(g) * u)
+    return mlp(h)
+
+
 def _attn_out_mlp(blk, x, o):
     x = x + blk.attn.proj(o)
-    return x + blk.mlp(blk.norm2(x))
+    return x + _mlp(blk.mlp, blk.norm2(x))
 
 
 def _block_eager(blk, x, rot, groups):
