@@ -148,6 +148,9 @@ class ScoredGroups:
         finally:
             if self.stop is not None:
                 feats.drop_lookahead()
+            # the group passes are over: a prefix read-ahead no pass took (Lite stopping before
+            # the group it was read for) is let go here, for every caller (pipeline, nodes)
+            self.ranked.release_read_ahead()
         if hooks is not None:
             hooks.report("group pass", n, n)
         skipped = list(range(len(done), n))

@@ -156,10 +156,7 @@ def select(model: Model, video, question: Question, config: AdaptTokenConfig, me
                 "max_pixels": config.max_pixels,
                 "group_size": None if method == "uniform" else config.group_size}
     with out_of_memory(model.clear_cache, settings, model.adapter.device):
-        try:
-            return _select(model, video, question, config, method, hooks)
-        finally:                     # the group passes are over: no read-ahead will be taken
-            model.release_read_ahead(video)
+        return _select(model, video, question, config, method, hooks)
 
 
 def _scored(model: Model, video, question: Question, config: AdaptTokenConfig, method: str):

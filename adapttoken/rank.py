@@ -54,8 +54,8 @@ class RankedGroups:
 
     def release_read_ahead(self) -> None:
         """The group passes of this question are over: let go of a prefix read-ahead no pass took
-        (Lite stopping before the group it was read for). Callers that run the passes themselves
-        (the ComfyUI nodes, `pipeline.select`) call it when they are done."""
+        (Lite stopping before the group it was read for). `ScoredGroups.evaluate` calls it when its
+        group passes end."""
         self.model.release_read_ahead(self.groups.video)
 
     def run(self, g: int, greedy_tokens: int = 1, hooks=None) -> GroupPass:

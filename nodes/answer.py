@@ -76,15 +76,12 @@ class AskMany(io.ComfyNode):
                     model.ensure_loaded(runtime.group_step_memory(model, ranked))
                     ranked.features.reset_stats()
                     scored = at.score_groups(ranked)
-                    try:
-                        if method == "even_split":
-                            sel = at.even_split(scored, budget, hooks=hooks)
-                        else:
-                            if method == "lite":
-                                scored = at.early_stop(scored)
-                            sel = at.allocate(scored, budget, hooks=hooks)
-                    finally:         # the group passes are over: no read-ahead will be taken
-                        ranked.release_read_ahead()
+                    if method == "even_split":
+                        sel = at.even_split(scored, budget, hooks=hooks)
+                    else:
+                        if method == "lite":
+                            scored = at.early_stop(scored)
+                        sel = at.allocate(scored, budget, hooks=hooks)
                 model.ensure_loaded(runtime.answer_memory(model, sel, max_new_tokens))
                 res = at.answer(sel, max_new_tokens, hooks=hooks)
                 rows.append({"id": n, "question": text, "options": list(opts), "answer": res.answer,

@@ -115,12 +115,9 @@ class BudgetAllocate(io.ComfyNode):
         with runtime.comfy_errors(model):
             model.ensure_loaded(runtime.group_step_memory(model, scored.ranked))
             scored.ranked.features.reset_stats()
-            try:
-                sel = at.allocate(scored, budget, relevance, tau, floor,
-                                  redundancy_threshold if redundancy_threshold >= 0 else None,
-                                  hooks=runtime.hooks())
-            finally:                 # the group passes are over: no read-ahead will be taken
-                scored.ranked.release_read_ahead()
+            sel = at.allocate(scored, budget, relevance, tau, floor,
+                              redundancy_threshold if redundancy_threshold >= 0 else None,
+                              hooks=runtime.hooks())
             tl = json.dumps(timeline(sel))
         text = summary(sel)
         return io.NodeOutput(sel, text, ui={**ui.PreviewText(text).as_dict(), "timeline": [tl]})

@@ -135,10 +135,11 @@ def test_bundled_model_second_question_from_the_fp8_host_tier_agrees_with_a_fres
 
 @needs_bundled
 def test_ranked_groups_let_go_of_an_unused_read_ahead():
-    """What Budget Allocate and Ask Many call when their group passes end (`pipeline.select` too):
-    a read-ahead of the next host group that no pass took is waited for and dropped, so its states
-    stop counting in `held_bytes`; a read-ahead whose copy failed is dropped without raising.
-    (Read-aheads start only on CUDA; here one is handed to the cache as a real future.)"""
+    """What `ScoredGroups.evaluate` calls when its group passes end (so `pipeline.select`, Budget
+    Allocate and Ask Many all do): a read-ahead of the next host group that no pass took is waited
+    for and dropped, so its states stop counting in `held_bytes`; a read-ahead whose copy failed is
+    dropped without raising. (Read-aheads start only on CUDA; here one is handed to the cache as a
+    real future.)"""
     from concurrent.futures import ThreadPoolExecutor
     q = at.Question("What coloured object appeared in the video?",
                     ("blue square", "green square", "yellow cross", "blue cross"))
@@ -165,3 +166,8 @@ def test_ranked_groups_let_go_of_an_unused_read_ahead():
         kv._ahead = (key, fut)
         ranked.release_read_ahead()                             # does not raise
         assert kv._ahead is None and fut.done() and kv.held_bytes() == before
+        # the group passes of a question (every group, through ScoredGroups) end with the release
+        fut = pool.submit(copy)
+        kv._ahead = (key, fut)
+        at.score_groups(ranked).evaluate()
+        assert kv._ahead is None and fut.done()

@@ -288,15 +288,19 @@ def vision_bench(model, dev, dtype, tiny, iters, out: Path) -> dict:
     ref = fast_video_features(visual, pv, grid, compile=False).float()
     rel = lambda y: float((y.float() - ref).norm() / ref.norm())  # noqa: E731
     res["mlp_bias"] = {}
-    for on in (False, True):
-        qvf._MLP_BIAS_IN_ACTIVATION = on
-        label = "in the activation (default)" if on else "in the matmuls (before)"
-        t = timed(lambda: fast_video_features(visual, pv, grid, compile=True), dev, iters=iters)
-        res["mlp_bias"][label] = dict(t, tflops=flops / t["median_s"] / 1e12,
-                                      rel_l2_vs_eager=rel(fast_video_features(visual, pv, grid, compile=True)))
-        print(f"[profile] vision chunk compiled, MLP bias {label:28s} {t['median_s'] * 1e3:8.1f} ms "
-              f"{flops / t['median_s'] / 1e12:6.0f} TFLOP/s  rel. L2 vs eager "
-              f"{res['mlp_bias'][label]['rel_l2_vs_eager']:.2e}", flush=True)
+    default = qvf._MLP_BIAS_IN_ACTIVATION
+    try:
+        for on in (False, True):
+            qvf._MLP_BIAS_IN_ACTIVATION = on
+            label = "in the activation (default)" if on else "in the matmuls (before)"
+            t = timed(lambda: fast_video_features(visual, pv, grid, compile=True), dev, iters=iters)
+            res["mlp_bias"][label] = dict(t, tflops=flops / t["median_s"] / 1e12,
+                                          rel_l2_vs_eager=rel(fast_video_features(visual, pv, grid, compile=True)))
+            print(f"[profile] vision chunk compiled, MLP bias {label:28s} {t['median_s'] * 1e3:8.1f} ms "
+                  f"{flops / t['median_s'] / 1e12:6.0f} TFLOP/s  rel. L2 vs eager "
+                  f"{res['mlp_bias'][label]['rel_l2_vs_eager']:.2e}", flush=True)
+    finally:
+        qvf._MLP_BIAS_IN_ACTIVATION = default
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with profile(activities=acts, record_shapes=True) as prof:
