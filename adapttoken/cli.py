@@ -31,6 +31,9 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redundancy", type=float, default=0.9,
                    help="cosine threshold for redundancy removal (negative value: off)")
     p.add_argument("--stop-threshold", type=float, default=0.2, help="Lite: stop when H/Hmax below this")
+    p.add_argument("--stop-confirm", type=int, default=2,
+                   help="Lite: confident groups that must agree on the answer before it stops "
+                        "(1: the paper's first confident group)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -122,6 +125,7 @@ def config_from_args(args):
     c.layout, c.layer, c.aggregation, c.relevance = args.layout, args.layer, args.aggregation, args.relevance
     c.redundancy_threshold = None if args.redundancy < 0 else args.redundancy
     c.stop_threshold, c.max_new_tokens = args.stop_threshold, args.max_new_tokens
+    c.stop_confirm = args.stop_confirm
     c.do_sample, c.temperature, c.seed = args.sample, args.temperature, args.seed
     c.cache_dir = getattr(args, "cache_dir", None)
     c.feature_device = getattr(args, "feature_device", "auto")

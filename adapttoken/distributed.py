@@ -172,7 +172,7 @@ def _pack(score) -> dict:
     """A GroupScore as plain CPU data (what the other ranks need of it)."""
     p = score.pass_
     return {"group": score.group, "entropy": score.entropy, "entropy_max": score.entropy_max,
-            "option_probs": score.option_probs, "gids": p.gids.cpu().numpy(),
+            "option_probs": score.option_probs, "top": score.top, "gids": p.gids.cpu().numpy(),
             "scores": p.scores.float().cpu().numpy(), "seconds": p.seconds}
 
 
@@ -181,7 +181,7 @@ def _unpack(d: dict):
     from .rank import GroupPass
     p = GroupPass(d["group"], torch.from_numpy(d["gids"]), torch.from_numpy(d["scores"]),
                   torch.empty(0), [], d["seconds"])
-    return GroupScore(d["group"], d["entropy"], d["entropy_max"], d["option_probs"], p)
+    return GroupScore(d["group"], d["entropy"], d["entropy_max"], d["option_probs"], p, d["top"])
 
 
 def owner_of_groups(n_groups: int, layout: Layout) -> np.ndarray:

@@ -52,6 +52,8 @@ class AdaptTokenConfig:
     # Lite [ours]
     stop_threshold: float = 0.2
     min_groups: int = 1
+    stop_confirm: int = 2           # confident groups that must agree on the answer (1: the paper's
+                                    # first confident group; entropy.StopRule)
     # answer
     max_new_tokens: int = 64
     do_sample: bool = False
@@ -165,7 +167,7 @@ def _scored(model: Model, video, question: Question, config: AdaptTokenConfig, m
     ranked = RankedGroups(model, groups, question, config.layer, config.aggregation)
     scored = score_groups(ranked, config.entropy_mode, config.entropy_tokens)
     if method == "lite":
-        scored = early_stop(scored, config.stop_threshold, config.min_groups)
+        scored = early_stop(scored, config.stop_threshold, config.min_groups, config.stop_confirm)
     return scored
 
 

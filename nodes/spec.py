@@ -172,11 +172,15 @@ SPECS: tuple[NodeSpec, ...] = (
         (Out("scored", AT_SCORED),)),
     NodeSpec(
         "AdaptToken_EarlyStop", "Early Stop (AdaptToken-Lite)",
-        "AdaptToken-Lite: process groups in order and stop once the model is certain enough; the "
+        "AdaptToken-Lite: process groups in order and stop once the model is certain enough (in "
+        "`confirm` groups that agree on the answer); the "
         "groups after the stop are never encoded or run (only frames that lie next to an earlier group's are decoded on the way).",
         (In("scored", AT_SCORED, tooltip="The scored groups from Entropy Score."),
          In("threshold", "FLOAT", 0.2, 0.0, 1.0, 0.01, tooltip="Stop when entropy / max entropy is below this."),
-         In("min_groups", "INT", 1, 1, 100_000, 1, tooltip="Process at least this many groups.")),
+         In("min_groups", "INT", 1, 1, 100_000, 1, tooltip="Process at least this many groups."),
+         In("confirm", "INT", 2, 1, 100, 1, optional=True,
+            tooltip="Stop only once this many groups were under the threshold and favoured the "
+                    "same answer (1: the paper's rule, stop at the first confident group).")),
         (Out("scored", AT_SCORED),)),
     NodeSpec(
         "AdaptToken_BudgetAllocate", "Budget Allocate (AdaptToken)",

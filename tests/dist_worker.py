@@ -29,6 +29,7 @@ def main(spec_path: str) -> int:
     cfg = AdaptTokenConfig(num_frames=spec["frames"], group_size=spec["group_size"],
                            budget=spec["budget"], max_pixels=spec.get("max_pixels", 308 * 560),
                            stop_threshold=spec.get("stop_threshold", 0.2),
+                           stop_confirm=spec.get("stop_confirm", 2),
                            max_new_tokens=spec.get("max_new_tokens", 8), decode_workers=0)
     mine = {}
     for method in spec["methods"]:
@@ -36,7 +37,8 @@ def main(spec_path: str) -> int:
         if method == "lite_rounds":       # the lower-level API, to see every rank's stop point
             video = prepare(model, spec["video"], cfg)
             groups = split_groups(video, cfg.group_size, cfg.layout)
-            scored = early_stop(score_groups(RankedGroups(model, groups, q)), cfg.stop_threshold)
+            scored = early_stop(score_groups(RankedGroups(model, groups, q)), cfg.stop_threshold,
+                                cfg.min_groups, cfg.stop_confirm)
             with distributed.ParallelQuestion(lay, scored) as pq:
                 sel = pq.select(cfg.budget)
                 res = None if sel is None else answer(sel, cfg.max_new_tokens)

@@ -86,16 +86,38 @@ def test_split_budget_proportional_and_overflow():
         split_budget([1.0], [10], 0)
 
 
+class _S:
+    def __init__(self, hn, top=0):
+        self.normalized, self.top = hn, top
+
+
 def test_stop_rule():
-    class S:
-        def __init__(self, hn):
-            self.normalized = hn
-    r = StopRule(0.2, min_groups=2)
+    S = _S
+    r = StopRule(0.2, min_groups=2, confirm=1)
     assert not r.should_stop([S(0.1)])                          # too few groups
     assert r.should_stop([S(0.9), S(0.1)])
     assert not r.should_stop([S(0.9), S(0.5)])
     with pytest.raises(InputError, match="threshold"):
         StopRule(1.5)
+    with pytest.raises(InputError, match="confirm"):
+        StopRule(0.2, confirm=0)
+
+
+def test_stop_rule_waits_for_a_second_confident_group_that_agrees():
+    S = _S
+    r = StopRule(0.2)                                           # the default asks for two
+    assert r.confirm == 2
+    assert not r.should_stop([S(0.1, top=2)])                   # one confident group is not enough
+    assert not r.should_stop([S(0.1, top=2), S(0.1, top=1)])    # a second one that disagrees
+    # agreement with any earlier confident group counts, adjacent or not
+    assert r.should_stop([S(0.1, top=2), S(0.1, top=1), S(0.9, top=2), S(0.15, top=2)])
+    assert r.should_stop([S(0.9, top=3), S(0.1, top=3), S(0.05, top=3)])
+    # an agreeing group above the threshold does not confirm
+    assert not r.should_stop([S(0.3, top=3), S(0.1, top=3)])
+    # the stop is on the latest group only: an unconfident last group never stops
+    assert not r.should_stop([S(0.1, top=3), S(0.1, top=3), S(0.5, top=3)])
+    assert StopRule(0.2, confirm=3).should_stop([S(0.1), S(0.1), S(0.1)])
+    assert not StopRule(0.2, confirm=3).should_stop([S(0.1), S(0.1)])
 
 
 class _Feats:

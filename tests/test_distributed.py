@@ -65,7 +65,9 @@ def _reference(model_dir, video, methods, **over) -> dict:
     spec = {**BASE, **over}
     cfg = at.AdaptTokenConfig(num_frames=spec["frames"], group_size=spec["group_size"],
                               budget=spec["budget"], max_new_tokens=spec["max_new_tokens"],
-                              max_pixels=spec.get("max_pixels", 308 * 560), decode_workers=0)
+                              max_pixels=spec.get("max_pixels", 308 * 560), decode_workers=0,
+                              stop_threshold=spec.get("stop_threshold", 0.2),
+                              stop_confirm=spec.get("stop_confirm", 2))
     out = {}
     for m in methods:
         model.clear_cache()
@@ -121,9 +123,13 @@ def test_group_parallel_every_method_equals_one_process(tmp_path):
     assert got["rank0"] == {m: {"result": True} for m in methods}
 
 
-def test_lite_rounds_of_three_stop_where_one_process_stops(tmp_path):
-    got = _worker(tmp_path, 3, methods=["lite", "lite_rounds"], stop_threshold=0.2)
-    ref = _reference(default_model_dir(), SAMPLE, ["lite"])["lite"]
+@pytest.mark.parametrize("threshold, confirm", [(0.2, 1), (1.0, 2)])
+def test_lite_rounds_of_three_stop_where_one_process_stops(tmp_path, threshold, confirm):
+    # (1.0, 2): every group is confident, so the stop is where a second group agrees on the
+    # answer: the favoured answer (GroupScore.top) must travel between the processes
+    stop = {"stop_threshold": threshold, "stop_confirm": confirm}
+    got = _worker(tmp_path, 3, methods=["lite", "lite_rounds"], **stop)
+    ref = _reference(default_model_dir(), SAMPLE, ["lite"], **stop)["lite"]
     _same_selection(ref, got["lite"])
     views = [got[f"rank{r}"]["lite_rounds"] for r in range(3)]
     assert all(v["processed"] == views[0]["processed"] for v in views)   # one stop point for all

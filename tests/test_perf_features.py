@@ -159,7 +159,7 @@ def test_lite_lookahead_does_not_count_or_encode_skipped_groups(tiny_model, clip
                   fresh_features=True)
     hn = [g.entropy_norm for g in full.groups]
     k = int(np.argmin(hn))
-    cfg.stop_threshold = hn[k] + 1e-6
+    cfg.stop_threshold, cfg.stop_confirm = hn[k] + 1e-6, 1     # stop at the first group under it
     lite = at.ask(tiny_model, clip, "What is shown?", options=("a", "b"), config=cfg, method="lite",
                   fresh_features=True)
     n_groups = len(full.groups)

@@ -62,6 +62,7 @@ def test_lite_runs_exactly_the_groups_up_to_the_stop(tiny_model, video_file):
     k = int(np.argmin(hn))
     assert sum(h == hn[k] for h in hn) == 1
     cfg.stop_threshold = hn[k] + 1e-6          # the first group under the threshold is group k
+    cfg.stop_confirm = 1                       # the paper's rule: stop at the first confident group
     # count the language-model passes for real: a hook on the decoder's forward
     calls = []
     h = tiny_model.adapter.text_model.register_forward_pre_hook(lambda *a: calls.append(1))
@@ -86,6 +87,20 @@ def test_lite_runs_exactly_the_groups_up_to_the_stop(tiny_model, video_file):
     for a, b in zip(lite.groups[: k + 1], full.groups[: k + 1]):
         assert a.entropy == pytest.approx(b.entropy, abs=1e-5)
     assert all(lite.groups[g].entropy is None for g in lite.skipped_groups)
+
+
+def test_lite_with_confirm_stops_where_a_second_confident_group_agrees(tiny_model, video_file):
+    cfg = _config()
+    full = at.ask(tiny_model, video_file, Q, config=cfg, fresh_features=True)
+    assert all(g.entropy_norm < 1.0 for g in full.groups)
+    tops = [int(np.argmax(g.option_probs)) for g in full.groups]
+    cfg.stop_threshold = 1.0                    # every group is confident: only agreement decides
+    want = next((g for g in range(1, len(tops)) if tops[g] in tops[:g]), len(tops) - 1)
+    for confirm, stop_at in ((1, 0), (2, want)):
+        cfg.stop_confirm = confirm
+        lite = at.ask(tiny_model, video_file, Q, config=cfg, method="lite")
+        assert lite.group_passes == stop_at + 1, (confirm, tops)
+        assert lite.skipped_groups == list(range(stop_at + 1, len(tops)))
 
 
 def test_second_question_reuses_vision_features(tiny_model, video_file):

@@ -20,7 +20,8 @@ multiple-choice "what" question (colour, shape or both; 4 options); every method
 the same model and the same token budget:
 
 * adapttoken: group passes over every group, entropy budget split, redundancy removal;
-* lite: groups in order, stop at the first group with H / H_max < stop threshold;
+* lite: groups in order, stop once --stop-confirm groups (default 2) had H / H_max < stop threshold
+  and the same favoured answer (entropy.StopRule; 1 = the paper's first confident group);
 * uniform: as many evenly spaced slices as the budget holds, no group pass;
 * even_split: attention ranking with budget / G tokens per group (FlexSelect-style).
 
@@ -88,11 +89,11 @@ def generate(jobs: list, n_proc: int) -> list[dict]:
         return pool.map(_make, jobs, chunksize=1)
 
 
-def bench_config(length: int, budget: int, group_size: int, stop: float):
+def bench_config(length: int, budget: int, group_size: int, stop: float, confirm: int = 2):
     from adapttoken.pipeline import AdaptTokenConfig
     return AdaptTokenConfig(num_frames=length, max_pixels=112 * 112, min_pixels=112 * 112,
                             group_size=min(group_size, length // 2), budget=budget,
-                            stop_threshold=stop, max_new_tokens=4)
+                            stop_threshold=stop, stop_confirm=confirm, max_new_tokens=4)
 
 
 def parse_letter(text: str) -> str:
@@ -175,6 +176,7 @@ def _worker(args):
     task = args[10] if len(args) > 10 else None
     ablation_lengths = args[11] if len(args) > 11 else ()
     quantization = args[12] if len(args) > 12 else None
+    confirm = args[13] if len(args) > 13 else 2
     import torch
     torch.set_num_threads(threads)
     from adapttoken.models.loading import load_model
@@ -182,7 +184,8 @@ def _worker(args):
     out = []
     for sample, length in items:
         ms = [m for m in methods if m not in ABLATIONS or length in ablation_lengths]
-        rows = run_one(model, sample, length, ms, bench_config(length, budget, group_size, stop), form, task)
+        rows = run_one(model, sample, length, ms, bench_config(length, budget, group_size, stop, confirm), form,
+                       task)
         out.extend(rows)
         print(f"{length} frames, seed {sample['seed']}: " + "  ".join(
             f"{r['method']} {'ok' if r['correct'] else 'WRONG'} {r['seconds']:.1f}s" for r in rows), flush=True)
@@ -423,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--group-size", type=int, default=None,
                     help="slices per group (default: the task's, else 64)")
     ap.add_argument("--stop-threshold", type=float, default=0.2, help="Lite's H / H_max stop")
+    ap.add_argument("--stop-confirm", type=int, default=2,
+                    help="Lite: confident groups that must agree on the answer before it stops "
+                         "(1: the paper's first confident group)")
     ap.add_argument("--model", default=None, help="model folder (default: the bundled tiny model)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
@@ -478,7 +484,7 @@ def main(argv=None) -> int:
     if args.jobs <= 1:
         rows = _worker((model_dir, args.device, args.dtype, items, methods, budget,
                         group_size, args.stop_threshold, max(1, min(2, os.cpu_count() or 1)), args.form,
-                        args.task, abl, args.quantization))
+                        args.task, abl, args.quantization, args.stop_confirm))
     else:
         import multiprocessing as mp
         n = min(args.jobs, len(items))
@@ -487,7 +493,7 @@ def main(argv=None) -> int:
         with mp.get_context("spawn").Pool(n) as pool:
             res = pool.map(_worker, [(model_dir, args.device, args.dtype, p, methods, budget,
                                       group_size, args.stop_threshold, threads, args.form, args.task, abl,
-                                      args.quantization)
+                                      args.quantization, args.stop_confirm)
                                      for p in parts])
         rows = [r for part in res for r in part]
     eval_s = time.perf_counter() - t1
@@ -497,7 +503,8 @@ def main(argv=None) -> int:
     meta = {"python": platform.python_version(), "torch": torch.__version__,
             "device": (torch.cuda.get_device_name(0) if args.device in ("auto", "cuda") and torch.cuda.is_available()
                        else f"cpu x{os.cpu_count()}"), "jobs": args.jobs,
-            "generation_s": round(gen_s, 1), "evaluation_s": round(eval_s, 1)}
+            "generation_s": round(gen_s, 1), "evaluation_s": round(eval_s, 1),
+            "stop_threshold": args.stop_threshold, "stop_confirm": args.stop_confirm}
     try:
         import transformers
         meta["transformers"] = transformers.__version__
@@ -509,7 +516,8 @@ def main(argv=None) -> int:
            ("" if args.task else f" --attribute {args.attribute}") +
            (f" --budget {budget}" if args.budget or not args.task else "") +
            (f" --group-size {group_size}" if args.group_size or not args.task else "") +
-           (" --ablation-lengths " + " ".join(map(str, abl)) if abl != (4096,) else "")
+           (" --ablation-lengths " + " ".join(map(str, abl)) if abl != (4096,) else "") +
+           (f" --stop-confirm {args.stop_confirm}" if args.stop_confirm != 2 else "")
            + (" --methods " + " ".join(methods) if set(methods) != set(ALL_METHODS) else "")
            + (f" --model {args.model}" if args.model else "") + f" --out {args.out}")
     (out / "results.json").write_text(json.dumps({"command": cmd, "meta": meta, "summary": summary,
