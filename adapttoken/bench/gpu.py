@@ -408,12 +408,15 @@ def main(argv=None) -> int:
                          "default) or exact")
     ap.add_argument("--variants", nargs="*", default=None,
                     choices=["threads", "hf_vision", "cpu_features", "one_thread", "eager_vision",
-                             "compiled_vision", "unfused_text", "rgb_handover", "repeat"],
+                             "compiled_vision", "unfused_text", "masked_suffix", "rgb_handover",
+                             "repeat"],
                     help="also run the full method at the smallest length with single optimisations "
                          "undone: threads (no decoder threads, no overlap), hf_vision (transformers' "
                          "vision tower), cpu_features, one_thread (one decoder lane), eager_vision "
                          "(compile off); compiled_vision (compile forced, chunks padded); "
                          "unfused_text (transformers' eager RMSNorm/MLP in the language model); "
+                         "masked_suffix (the question suffix through transformers' sdpa: repeat_kv "
+                         "and an explicit mask, models/suffix_attention.py off); "
                          "rgb_handover (decoder lanes hand over RGB, no YUV handover); repeat (the "
                          "same again: run-to-run spread); no names: the first four")
     ap.add_argument("--variants-frames", type=int, default=None,
@@ -661,6 +664,8 @@ def main(argv=None) -> int:
                                     dict(compile_vision=True), True),
                 "unfused_text": ("language model: transformers' eager norm/MLP/rotary (no fused kernels)",
                                  dict(fuse_text=False), True),
+                "masked_suffix": ("question suffix: transformers' sdpa (repeat_kv + explicit mask)",
+                                  dict(fast_suffix=False), True),
                 "rgb_handover": ("decoder lanes hand over RGB (YUV handover off)",
                                  dict(rgb_handover=True), True),
                 "repeat": ("as benchmarked above, run again (run-to-run spread)", {}, True),
@@ -670,6 +675,8 @@ def main(argv=None) -> int:
             results["variants"] = []
             base["compile_vision"] = args.compile_vision
             base["fuse_text"] = args.fuse_text
+            base["fast_suffix"] = True
+            has_fast_suffix = getattr(model.adapter, "fast_suffix", False)
             for name, change, fast in variants:
                 if over_time():
                     results["skipped"].append(f"variant {name}")
@@ -679,10 +686,14 @@ def main(argv=None) -> int:
                 model.adapter.use_fast_vision = fast
                 model.adapter.compile_vision = args.compile_vision
                 model.adapter.fuse_text = args.fuse_text
+                if has_fast_suffix:
+                    model.adapter.fast_suffix = change.get("fast_suffix", True)
                 c = guarded(f"variant {name}", lambda: run_case(model, vpath, L, "adapttoken", args,
                                                                 counter, vis_per_slice))
                 for k, v in base.items():
                     setattr(args, k, v)
+                if has_fast_suffix:
+                    model.adapter.fast_suffix = True
                 model.adapter.use_fast_vision = True
                 model.adapter.compile_vision = args.compile_vision
                 model.adapter.fuse_text = args.fuse_text

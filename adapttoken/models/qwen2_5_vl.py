@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from .base import Adapter, ForwardOut, Generation, Prompt
 from .compat import cache_kwargs
 from .fused_text import FusedTextAdapter
 from .probe import AttentionProbe, token_scores
+from .suffix_attention import install as install_suffix_attention
+from .suffix_attention import suffix_pass
 
 # FlexSelect's measured best reference layer for Qwen2.5-VL-7B: 20 of 28 (ALGORITHM.md step 4).
 REFERENCE_LAYER_FRACTION = 20 / 28
@@ -91,6 +94,9 @@ class Qwen25VLAdapter(TextModelFacts, FusedTextAdapter, Adapter):
         self.compile_vision: bool | None = None
         # fused RMSNorm / SiLU-MLP kernels in the language model (fused_text.py): compiled on CUDA
         self.install_fused_text()
+        # the question suffix's attention over the stored prefix as one GQA kernel with a
+        # lower-right causal bias (suffix_attention.py); False: transformers' sdpa path there too
+        self.fast_suffix = install_suffix_attention(self.model)
         vp = processor.video_processor
         self._vp_kwargs = {}
         params = inspect.signature(vp._preprocess).parameters
@@ -255,10 +261,12 @@ class Qwen25VLAdapter(TextModelFacts, FusedTextAdapter, Adapter):
                 cache.update(k, v, i)
             del kv
             x, pos = x[:, n0:], pos[:, :, n0:]
-            if probe_layer is None:              # (2) the question suffix
-                return ForwardOut(self._run(x, pos, cache).float())
-            with AttentionProbe(layers[probe_layer].self_attn) as probe:
-                logits = self._run(x, pos, cache)
+            # (2) the question suffix: one unpadded sequence after every cached key
+            with suffix_pass() if self.fast_suffix else contextlib.nullcontext():
+                if probe_layer is None:
+                    return ForwardOut(self._run(x, pos, cache).float())
+                with AttentionProbe(layers[probe_layer].self_attn) as probe:
+                    logits = self._run(x, pos, cache)
         keys, _ = _layer_kv(cache, probe_layer)
         # on the probed layer's device (with a device map it may not be the input's)
         local = torch.arange(1, x.shape[1], device=probe.hidden.device)   # <|vision_end|> excluded
