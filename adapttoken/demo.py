@@ -17,6 +17,21 @@ DEMO_FORM = "mc"           # "mc": 4 options, entropy over the letters; "open": 
 DEMO_ATTRIBUTE = "colour"  # what the question asks: the bundled model has learned colour (see its card)
 
 
+def _stop_story(res, cfg) -> str:
+    """Why Lite stopped where it did (entropy.StopRule with cfg's threshold and confirm)."""
+    letters = "ABCDEFGHIJ"
+    sure = [g for g in res.groups if g.entropy_norm is not None and g.entropy_norm < cfg.stop_threshold]
+    if not res.skipped_groups:
+        return (f"Lite read every group: no {cfg.stop_confirm} groups under H/H_max "
+                f"{cfg.stop_threshold} agreed on the answer")
+    last = max(g.group for g in res.groups if g.entropy_norm is not None)
+    top = lambda g: letters[max(range(len(g.option_probs)), key=g.option_probs.__getitem__)]  # noqa: E731
+    agree = [g.group for g in sure if g.option_probs and top(g) == top(res.groups[last])]
+    return (f"Lite stopped after group {last}: groups {', '.join(map(str, agree))} were under "
+            f"H/H_max {cfg.stop_threshold} and favour {top(res.groups[last])!r} "
+            f"(confirm={cfg.stop_confirm}: that many confident groups must agree)")
+
+
 def demo_config(frames: int):
     """The settings the tiny model suits: every frame sampled at its own 112x112 size."""
     from .pipeline import AdaptTokenConfig
@@ -110,11 +125,15 @@ def run_demo(args) -> int:
               f"tokens ({res.redundant_dropped} dropped as redundant)")
         for line in _groups_table(sel, needle):
             print(line)
+        if method == "lite":
+            print("  " + _stop_story(res, cfg))
         if res.skipped_groups:
             wasted = res.extra.get("features", {}).get("ride_along_wasted_frames", 0)
-            print(f"  Lite skipped groups {res.skipped_groups[0]}-{res.skipped_groups[-1]} "
+            first, last = res.skipped_groups[0], res.skipped_groups[-1]
+            print(f"  Lite skipped group{'s' if last > first else ''} "
+                  f"{first}{f'-{last}' if last > first else ''} "
                   f"({len(res.skipped_groups)} of {len(res.groups)}): never encoded or run"
-                  + (f"; {wasted} of their frames were decoded on the way (next to group 0's) "
+                  + (f"; {wasted} of their frames were decoded on the way (next to the groups read) "
                      "and dropped" if wasted else ", none of their frames decoded"))
         print("  seconds: " + "  ".join(f"{k} {s:.2f}" for k, s in res.seconds.items()))
         png = out / f"preview_{method}.png"
