@@ -247,7 +247,7 @@ def _cell(e) -> str:
 
 def markdown(summary: dict, lengths, methods, budget: int, command: str, meta: dict,
              form: str = "mc", attribute: str = "colour", task: str | None = None,
-             group_size: int = 64) -> str:
+             group_size: int = 64, plots: bool = True) -> str:
     t = summary["table"]
     names = NAMES
     ablations = [m for m in methods if m in ABLATIONS]
@@ -314,7 +314,7 @@ def markdown(summary: dict, lengths, methods, budget: int, command: str, meta: d
     lines += ["", "Seconds per question: Lite and AdaptToken end to end on fresh features "
               "(decode, vision tower, group passes, answer); even split and uniform reuse the cached "
               "features. Lite passes: mean share of group passes Lite ran (of the mean number of groups).",
-              "", "![accuracy](accuracy.png)", "", "![entropy](entropy.png)", "",
+              *(["", "![accuracy](accuracy.png)", "", "![entropy](entropy.png)"] if plots else []), "",
               "Reproduce:", "", "```", command, "```", "",
               "Machine: " + ", ".join(f"{k} {v}" for k, v in meta.items()), ""]
     return "\n".join(lines)
@@ -519,11 +519,12 @@ def main(argv=None) -> int:
            (" --ablation-lengths " + " ".join(map(str, abl)) if abl != (4096,) else "") +
            (f" --stop-confirm {args.stop_confirm}" if args.stop_confirm != 2 else "")
            + (" --methods " + " ".join(methods) if set(methods) != set(ALL_METHODS) else "")
-           + (f" --model {args.model}" if args.model else "") + f" --out {args.out}")
+           + (f" --model {args.model}" if args.model else "") + f" --out {args.out}"
+           + (" --no-plots" if args.no_plots else ""))
     (out / "results.json").write_text(json.dumps({"command": cmd, "meta": meta, "summary": summary,
                                                   "rows": rows}, indent=1) + "\n")
     md = markdown(summary, lengths, methods, budget, cmd, meta, args.form, args.attribute, args.task,
-                  group_size)
+                  group_size, plots=not args.no_plots)
     (out / "README.md").write_text(md)
     if not args.no_plots:
         plot_accuracy(summary, lengths, [m for m in methods if m in METHODS], out / "accuracy.png")
