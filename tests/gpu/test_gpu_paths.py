@@ -230,3 +230,63 @@ def test_warm_and_cold_feature_cache_on_the_gpu(sample):
     again = at.ask(model, path, q, config=cfg)
     _same(cold, again)
     assert all(math.isfinite(g.entropy) for g in cold.groups)
+
+
+# -- the question suffix's attention (models/suffix_attention.py) --------------------------------
+
+def test_suffix_attention_on_cuda_matches_float64_as_well_as_transformers_sdpa():
+    """bf16 at the 7B's head layout: the lower-right GQA kernel's error against a float64
+    reference within 1.5x (+1e-3) of transformers' masked sdpa path, which it replaces."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from adapttoken.models import suffix_attention as sa
+
+    class Attn(torch.nn.Module):             # what the attention functions read of the module
+        num_key_value_groups, sliding_window, is_causal = 7, None, True
+
+    H, Hkv, hd, n, L = 28, 4, 128, 71, 3000
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    q = torch.randn(1, H, n, hd, device=CUDA, generator=g, dtype=torch.bfloat16)
+    k = torch.randn(1, Hkv, L, hd, device=CUDA, generator=g, dtype=torch.bfloat16)
+    v = torch.randn(1, Hkv, L, hd, device=CUDA, generator=g, dtype=torch.bfloat16)
+    allowed = (torch.arange(L, device=CUDA)[None, :] <= (torch.arange(n, device=CUDA)[:, None] + L - n))
+    kk, vv = k.double().repeat_interleave(7, 1), v.double().repeat_interleave(7, 1)
+    s = (q.double() @ kk.transpose(-1, -2)) * hd ** -0.5
+    ref = (s.masked_fill(~allowed, float("-inf")).softmax(-1) @ vv).transpose(1, 2)
+    before = sa.stats["lower_right_calls"]
+    with sa.suffix_pass():
+        fast, _ = sa._attention(Attn(), q, k, v, None, scaling=hd ** -0.5)
+    assert sa.stats["lower_right_calls"] == before + 1
+    hf, _ = sdpa_attention_forward(Attn(), q, k, v, allowed[None, None], scaling=hd ** -0.5)
+    err_fast = (fast.double() - ref).abs().max().item()
+    err_hf = (hf.double() - ref).abs().max().item()
+    assert err_fast <= 1.5 * err_hf + 1e-3, (err_fast, err_hf)
+
+
+@pytest.mark.skipif(not (BUNDLED_MODEL / "model.safetensors").is_file(), reason="no bundled model")
+def test_group_passes_on_cuda_agree_with_and_without_the_suffix_kernel():
+    from adapttoken.models import suffix_attention as sa
+    model = at.load_model(BUNDLED_MODEL, device="cuda")
+    ad = model.adapter
+    assert ad.fast_suffix and ad.model.config._attn_implementation == sa.ATTENTION
+    q = at.Question("What colour was the object that appeared in the video?",
+                    ("yellow", "red", "blue", "green"))
+    sample = BUNDLED_MODEL.parent / "sample.mp4"
+    runs = {}
+    try:
+        for fast in (False, True):
+            ad.fast_suffix = fast
+            before = sa.stats["lower_right_calls"]
+            res = at.ask(model, sample, q, config=demo_config(960), fresh_features=True)
+            runs[fast] = (res, sa.stats["lower_right_calls"] - before)
+    finally:
+        ad.fast_suffix = True
+    (slow, n_slow), (fast, n_fast) = runs[False], runs[True]
+    assert n_slow == 0 and n_fast == len(fast.groups) * ad.num_layers
+    assert fast.answer == slow.answer
+    hn = [(a.entropy_norm, b.entropy_norm) for a, b in zip(fast.groups, slow.groups)]
+    assert max(abs(a - b) for a, b in hn) <= 0.02, hn
+    key = lambda t: (t["slice"], t["row"], t["col"])                         # noqa: E731
+    a, b = {key(t) for t in fast.kept_tokens}, {key(t) for t in slow.kept_tokens}
+    overlap = len(a & b) / max(1, len(b))
+    assert overlap >= 0.9, overlap
