@@ -314,6 +314,7 @@ class GroupReport:
     budget: int = 0
     kept: int = 0
     option_probs: list[float] | None = None
+    top: int | None = None               # the answer it favours (entropy.GroupScore.top)
 
 
 @dataclass
@@ -384,6 +385,7 @@ def allocate(scored, budget: int = 7040, relevance_mode: str = "linear", tau: fl
         rep = _group_report(features, d.group, ranked.groups.slices[d.group])
         rep.entropy, rep.entropy_norm = round(d.entropy, 6), round(d.normalized, 6)
         rep.relevance, rep.budget, rep.kept, rep.option_probs = round(float(r), 6), int(b), len(k), d.option_probs
+        rep.top = d.top
         reports.append(rep)
     for g in skipped:
         reports.append(_group_report(features, g, ranked.groups.slices[g]))

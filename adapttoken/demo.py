@@ -17,18 +17,18 @@ DEMO_FORM = "mc"           # "mc": 4 options, entropy over the letters; "open": 
 DEMO_ATTRIBUTE = "colour"  # what the question asks: the bundled model has learned colour (see its card)
 
 
-def _stop_story(res, cfg) -> str:
-    """Why Lite stopped where it did (entropy.StopRule with cfg's threshold and confirm)."""
-    letters = "ABCDEFGHIJ"
-    sure = [g for g in res.groups if g.entropy_norm is not None and g.entropy_norm < cfg.stop_threshold]
-    if not res.skipped_groups:
+def _stop_story(res, cfg, question, tokenizer) -> str:
+    """Why Lite stopped where it did (entropy.StopRule with cfg's threshold and confirm), from the
+    groups' reported entropies and favoured answers (GroupReport.top)."""
+    run = [g for g in res.groups if g.entropy_norm is not None]
+    last = run[-1]
+    agree = [g.group for g in run if g.entropy_norm < cfg.stop_threshold and g.top == last.top]
+    if last.entropy_norm >= cfg.stop_threshold or len(agree) < cfg.stop_confirm:
         return (f"Lite read every group: no {cfg.stop_confirm} groups under H/H_max "
                 f"{cfg.stop_threshold} agreed on the answer")
-    last = max(g.group for g in res.groups if g.entropy_norm is not None)
-    top = lambda g: letters[max(range(len(g.option_probs)), key=g.option_probs.__getitem__)]  # noqa: E731
-    agree = [g.group for g in sure if g.option_probs and top(g) == top(res.groups[last])]
-    return (f"Lite stopped after group {last}: groups {', '.join(map(str, agree))} were under "
-            f"H/H_max {cfg.stop_threshold} and favour {top(res.groups[last])!r} "
+    name = question.letters[last.top] if question.options else tokenizer.decode([last.top]).strip()
+    return (f"Lite stopped after group {last.group}: groups {', '.join(map(str, agree))} were under "
+            f"H/H_max {cfg.stop_threshold} and favour {name!r} "
             f"(confirm={cfg.stop_confirm}: that many confident groups must agree)")
 
 
@@ -126,7 +126,7 @@ def run_demo(args) -> int:
         for line in _groups_table(sel, needle):
             print(line)
         if method == "lite":
-            print("  " + _stop_story(res, cfg))
+            print("  " + _stop_story(res, cfg, question, model.adapter.tokenizer))
         if res.skipped_groups:
             wasted = res.extra.get("features", {}).get("ride_along_wasted_frames", 0)
             first, last = res.skipped_groups[0], res.skipped_groups[-1]

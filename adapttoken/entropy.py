@@ -87,7 +87,7 @@ class StopRule:
                              f"confident group, as in the paper)")
 
     def should_stop(self, processed: list[GroupScore]) -> bool:
-        if len(processed) < self.min_groups or not processed:
+        if len(processed) < self.min_groups:             # min_groups >= 1: never empty below
             return False
         last = processed[-1]
         if last.normalized >= self.threshold:

@@ -94,6 +94,7 @@ def test_lite_with_confirm_stops_where_a_second_confident_group_agrees(tiny_mode
     full = at.ask(tiny_model, video_file, Q, config=cfg, fresh_features=True)
     assert all(g.entropy_norm < 1.0 for g in full.groups)
     tops = [int(np.argmax(g.option_probs)) for g in full.groups]
+    assert [g.top for g in full.groups] == tops                 # reported with each group
     cfg.stop_threshold = 1.0                    # every group is confident: only agreement decides
     want = next((g for g in range(1, len(tops)) if tops[g] in tops[:g]), len(tops) - 1)
     for confirm, stop_at in ((1, 0), (2, want)):
