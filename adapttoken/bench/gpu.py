@@ -298,6 +298,9 @@ def run_case(model, video_path, frames: int, method: str, args, counter: LLMCoun
     c.entropy_norm = [None if g.entropy_norm is None else round(float(g.entropy_norm), 5)
                       for g in res.groups if g.entropy is not None]
     c.features = dict(res.extra.get("features", {}))
+    # tokens redundancy removal dropped (each drop is backfilled in a further round: allocate's
+    # time grows with them, and they depend on the picture, e.g. a downscaled 4K source)
+    c.features["redundant_dropped"] = getattr(sel, "redundant_dropped", None)
     c.features["yuv_handover"] = feats._yuv() is not None      # lanes handed over 4:2:0 planes
     kv = getattr(feats, "prefix_kv", None)
     if kv is not None:
@@ -310,6 +313,9 @@ def run_case(model, video_path, frames: int, method: str, args, counter: LLMCoun
     if dev.type == "cuda":
         from ..kv_cache import device_memory_budget
         c.features["device_budget_gib"] = device_memory_budget(dev) / 2 ** 30
+        # memory on the card outside torch's allocator (the CUDA context, decoder surfaces)
+        free, total = torch.cuda.mem_get_info(dev)
+        c.features["outside_torch_gib"] = (total - free - torch.cuda.memory_reserved(dev)) / 2 ** 30
         # the caching allocator during the case: cudaMalloc calls, and retries (an allocation
         # that failed, so the allocator freed its cached blocks and tried again: slow)
         c.features.update({f"allocator_{k}": v - alloc0[k] for k, v in _allocator_counts(dev).items()})
