@@ -163,28 +163,19 @@ def _scan_redundant(gids: torch.Tensor, fresh: torch.Tensor, rows: torch.Tensor,
     last = urow[:, 0].clone()
     if dense is None:
         dense = dev.type == "cuda"
-    if dense:
-        for k in range(1, top):
-            m = active[k]                                         # chains longer than k
-            cand, prev = urow[:m, k], last[:m]
-            need = ~(known[:m, k] & (prev == prev_old[:m, k]))
-            r = need & ((unit[cand] * unit[prev]).sum(-1) > threshold)
-            hit[:m, k] = r
-            last[:m] = torch.where(r, prev, cand)
-        red[slot[hit]] = True
-        return red
     for k in range(1, top):
         m = active[k]                                             # chains longer than k
         cand, prev = urow[:m, k], last[:m]
-        check = torch.nonzero(~(known[:m, k] & (prev == prev_old[:m, k]))).squeeze(1)
-        if len(check):
-            c, p = cand[check], prev[check]
-            r = torch.zeros(m, dtype=torch.bool, device=dev)
-            r[check] = (unit[c] * unit[p]).sum(-1) > threshold
-            hit[:m, k] = r
-            last[:m] = torch.where(r, prev, cand)
+        need = ~(known[:m, k] & (prev == prev_old[:m, k]))
+        if dense:
+            r = need & ((unit[cand] * unit[prev]).sum(-1) > threshold)
         else:
-            last[:m] = cand
+            check = torch.nonzero(need).squeeze(1)
+            r = torch.zeros(m, dtype=torch.bool, device=dev)
+            if len(check):
+                r[check] = (unit[cand[check]] * unit[prev[check]]).sum(-1) > threshold
+        hit[:m, k] = r
+        last[:m] = torch.where(r, prev, cand)
     red[slot[hit]] = True
     return red
 
