@@ -13,13 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-
-def torchvision_resize(fr: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """What models/_common.resize_exact runs: uint8 [N, H, W, 3] -> [N, h, w, 3]."""
-    import torchvision.transforms.v2.functional as tvF
-    x = tvF.resize(fr.permute(0, 3, 1, 2), [h, w], interpolation=tvF.InterpolationMode.BICUBIC,
-                   antialias=True)
-    return x.permute(0, 2, 3, 1).contiguous()
+from ..models._common import resize_exact
 
 
 def operators(H: int, W: int, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,10 +46,10 @@ def main(argv=None) -> int:
         H, W = (int(v) for v in src.split("x"))
         fr = torch.randint(0, 256, (args.frames, H, W, 3), dtype=torch.uint8, device=dev)
         Wh, Ww = operators(H, W, h, w, dev)
-        d = (torchvision_resize(fr, h, w).int() - matmul_resize(fr, Wh, Ww).int()).abs()
+        d = (resize_exact(fr, fr.device, (h, w)).int() - matmul_resize(fr, Wh, Ww).int()).abs()
         print(f"{H}x{W} -> {h}x{w}: max difference {int(d.max())} levels, "
               f"{float((d > 0).float().mean()):.2e} of the values differ")
-        for name, fn in (("torchvision antialiased bicubic", lambda: torchvision_resize(fr, h, w)),
+        for name, fn in (("torchvision antialiased bicubic", lambda: resize_exact(fr, fr.device, (h, w))),
                          ("two float32 matmuls", lambda: matmul_resize(fr, Wh, Ww))):
             fn()
             if dev.type == "cuda":
