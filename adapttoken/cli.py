@@ -100,9 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "writes a synthetic set for speed runs",
                        add_help=False)
     e.add_argument("rest", nargs=argparse.REMAINDER)
-    b = sub.add_parser("bench", help="benchmarks: synthetic (accuracy), gpu (speed) or rss (peak "
-                                     "host memory against the number of sampled frames)")
-    b.add_argument("which", choices=["synthetic", "gpu", "rss"])
+    b = sub.add_parser("bench", help="benchmarks: synthetic (accuracy), gpu (speed), rss (peak "
+                                     "host memory against the number of sampled frames) or decode "
+                                     "(decoder lanes' frames per second, CPU and NVDEC)")
+    b.add_argument("which", choices=["synthetic", "gpu", "rss", "decode"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
     dl = sub.add_parser("download", help="explicitly download a model's safetensors from the hub")
     dl.add_argument("repo_id")
@@ -307,6 +308,8 @@ def main(argv=None) -> int:
                 from .bench.synthetic import main as bench_main
             elif args.which == "rss":
                 from .bench.rss import main as bench_main
+            elif args.which == "decode":
+                from .bench.decode import main as bench_main
             else:
                 from .bench.gpu import main as bench_main
             return bench_main(args.rest)
