@@ -299,6 +299,9 @@ def run_case(model, video_path, frames: int, method: str, args, counter: LLMCoun
     c.entropy_norm = [None if g.entropy_norm is None else round(float(g.entropy_norm), 5)
                       for g in res.groups if g.entropy is not None]
     c.features = dict(res.extra.get("features", {}))
+    # tokens redundancy removal dropped (each drop is backfilled in a further round: allocate's
+    # time grows with them, and they depend on the picture, e.g. a downscaled 4K source)
+    c.features["redundant_dropped"] = getattr(sel, "redundant_dropped", None)
     c.features["yuv_handover"] = feats._yuv() is not None      # lanes handed over 4:2:0 planes
     dec = feats._decoder
     c.features["hw_decode"] = dec is not None and dec.device is not None   # lanes decoded on NVDEC
