@@ -61,10 +61,12 @@ class SliceFeatures:
       colour conversion on the CPU. Only for files yuv.probe_yuv420 accepts, else RGB as before.
       False: off (RGB from the lanes); True: wherever the file allows, also for a model on the CPU
       (then without decode-time resizing; for tests).
-    - hw_decode: None (default, "auto"): where the lanes hand over 4:2:0 planes to a CUDA device
-      and that GPU's NVDEC takes the stream (nvdec.nvdec_available, checked once per file), the
-      lanes decode on the GPU and the planes stay in its memory (nvdec.py: the same planes bit for
-      bit, no CPU decoding, no host copy). False: CPU decoding; True: NVDEC wherever available.
+    - hw_decode: False (default): the lanes decode on the CPU. True: where the lanes hand over
+      4:2:0 planes to a CUDA device and that GPU's NVDEC takes the stream (nvdec.nvdec_available,
+      checked once per file), they decode on the GPU and the planes stay in its memory (nvdec.py:
+      the same planes bit for bit, no CPU decoding, no host copy), else on the CPU. Frames waiting
+      for the tower then take GPU memory (up to PENDING_FRAME_BYTES), and each lane's decoder
+      holds its own surfaces there, outside torch's allocator.
     """
 
     def __init__(self, adapter, video: VideoHandle, chunk_slices: int = 32, *,
@@ -98,7 +100,7 @@ class SliceFeatures:
         self.pad_chunks = pad_chunks
         self.decode_resize = True          # resize frames at decode time where possible (Prescale)
         self.yuv_handover: bool | None = None
-        self.hw_decode: bool | None = None
+        self.hw_decode = False
         self.configure(feature_device=feature_device, decode_workers=decode_workers,
                        overlap=overlap, cache_dir=cache_dir)
         self.reset_stats()
@@ -111,7 +113,7 @@ class SliceFeatures:
                   prefix_host_format: str | None = None, prefix_cpu_bytes: int | None = None,
                   prefix_keep: bool | None = None,
                   yuv_handover: bool | None = None,
-                  hw_decode: bool | str | None = None) -> "SliceFeatures":
+                  hw_decode: bool | None = None) -> "SliceFeatures":
         """Change options (None leaves one as it is). Features already computed stay valid: they
         move when the storage device changes. prefix_cache: keep each group pass's prefix
         keys/values for later questions (PrefixKVCache); prefix_host_bytes: how much of them may
@@ -120,8 +122,8 @@ class SliceFeatures:
         exact) or "exact" for that host tier; prefix_cpu_bytes: how much of them
         are kept with the model off CUDA (0: none, same results); prefix_keep False: none kept on
         any device (same results; the `ask` command, one question per process). yuv_handover:
-        True / False (see the class doc; None leaves it as it is). hw_decode: True / False /
-        "auto" (see the class doc; None leaves it as it is)."""
+        True / False (see the class doc; None leaves it as it is). hw_decode: True / False (see
+        the class doc; None leaves it as it is)."""
         if prefix_cache is not None:
             if not prefix_cache:
                 self.prefix_kv = None
@@ -169,11 +171,11 @@ class SliceFeatures:
             self.yuv_handover = bool(yuv_handover)
             self._drop_decoder()                  # its lanes and the stash hold the other layout
         if hw_decode is not None:
-            if hw_decode not in (True, False, "auto"):
-                raise InputError(f"hw_decode={hw_decode!r} must be True, False or \"auto\"")
-            hw = None if hw_decode == "auto" else bool(hw_decode)
-            if hw != self.hw_decode:
-                self.hw_decode = hw
+            if not isinstance(hw_decode, bool):
+                raise InputError(f"hw_decode={hw_decode!r} must be True (NVDEC where the GPU takes "
+                                 "the file) or False (CPU decoding)")
+            if hw_decode != self.hw_decode:
+                self.hw_decode = hw_decode
                 self._drop_decoder()              # its lanes decode the other way
         if decode_workers is not None:
             if decode_workers < 0:
@@ -470,7 +472,7 @@ class SliceFeatures:
 
     def _hw_device(self) -> torch.device | None:
         """The CUDA device whose NVDEC the lanes decode on (see hw_decode), else None."""
-        if self.hw_decode is False or self._yuv() is None:
+        if not self.hw_decode or self._yuv() is None:
             return None
         dev = self._compute_device()
         if dev.type != "cuda":
