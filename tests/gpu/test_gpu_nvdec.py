@@ -89,7 +89,7 @@ def test_bundled_model_same_with_nvdec_and_cpu_decoding(tmp_path):
         video = at.open_video(path, cfg.num_frames, max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels,
                               frames_per_slice=model.adapter.frames_per_slice, backend="pyav")
         feats = model.features_for(video)
-        feats.configure(hw_decode=hw)
+        cfg.hw_decode = hw                  # ask configures the features from the config
         res[hw] = at.ask(model, path, q, config=cfg)
         assert list(model._features.values()) == [feats] and res[hw].decoded_frames > 0
         assert (feats._decoder.device is not None) == hw               # NVDEC takes it here
