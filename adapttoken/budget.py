@@ -97,7 +97,7 @@ def _unit_embeddings(features, gids: torch.Tensor) -> torch.Tensor:
 
 
 def _scan_redundant(gids: torch.Tensor, fresh: torch.Tensor, rows: torch.Tensor, unit: torch.Tensor,
-                    tps: int, threshold: float) -> torch.Tensor:
+                    tps: int, threshold: float, dense: bool | None = None) -> torch.Tensor:
     """One pass of the redundancy rule over a set of tokens: at each location, in temporal order,
     a token is redundant when its cosine similarity with the most recent non-redundant token at
     that location is > threshold. unit[rows[i]] is token i's unit embedding. Returns a bool mask
@@ -108,7 +108,12 @@ def _scan_redundant(gids: torch.Tensor, fresh: torch.Tensor, rows: torch.Tensor,
     scan starts at the last kept token before its first fresh one, and a kept token whose most
     recent kept token is still the one before it is not compared again. The loop runs over
     positions within a location (at most the number of tokens at the busiest location), each step
-    vectorised over the locations still active."""
+    vectorised over the locations still active.
+
+    dense (default: on CUDA): each step compares every active location and masks out those that
+    need no comparison, instead of gathering the ones that do (torch.nonzero, a wait for the GPU
+    per step). Same result; on a GPU the steps then queue without waiting, which matters where a
+    picture repeats (a still background: every round walks long chains, hundreds of steps)."""
     dev = gids.device
     red = torch.zeros(len(gids), dtype=torch.bool, device=dev)
     if len(gids) < 2 or not bool(fresh.any()):
@@ -156,6 +161,18 @@ def _scan_redundant(gids: torch.Tensor, fresh: torch.Tensor, rows: torch.Tensor,
     known = old & (prev_old >= 0)                                 # candidates for "already passed"
     hit = torch.zeros((n_rows, top), dtype=torch.bool, device=dev)
     last = urow[:, 0].clone()
+    if dense is None:
+        dense = dev.type == "cuda"
+    if dense:
+        for k in range(1, top):
+            m = active[k]                                         # chains longer than k
+            cand, prev = urow[:m, k], last[:m]
+            need = ~(known[:m, k] & (prev == prev_old[:m, k]))
+            r = need & ((unit[cand] * unit[prev]).sum(-1) > threshold)
+            hit[:m, k] = r
+            last[:m] = torch.where(r, prev, cand)
+        red[slot[hit]] = True
+        return red
     for k in range(1, top):
         m = active[k]                                             # chains longer than k
         cand, prev = urow[:m, k], last[:m]
@@ -173,7 +190,8 @@ def _scan_redundant(gids: torch.Tensor, fresh: torch.Tensor, rows: torch.Tensor,
 
 
 def remove_redundancy(ranked: list[torch.Tensor], budgets: list[int], features,
-                      threshold: float, relevance=None, refill: bool = False) -> tuple[list[torch.Tensor], int]:
+                      threshold: float, relevance=None, refill: bool = False,
+                      dense: bool | None = None) -> tuple[list[torch.Tensor], int]:
     """Location-aware redundancy removal with backfill and budget flow.
 
     ranked[g]: group g's token ids by descending score; budgets[g]: how many it keeps;
@@ -204,7 +222,9 @@ def remove_redundancy(ranked: list[torch.Tensor], budgets: list[int], features,
        taken back. With the bundled demo model, whose background embeddings lie within cosine 0.9
        of each other, the rule alone kept ~22 of 256 tokens per answer pass. Off by default: the
        refilled tokens are near-ties whose order float8 noise changes (the FP8 bundled model kept
-       207 of float32's 256 tokens, against >= 90%; docs/bench_synthetic/REDUNDANCY.md)."""
+       207 of float32's 256 tokens, against >= 90%; docs/bench_synthetic/REDUNDANCY.md).
+    dense: how each location's chain is walked (_scan_redundant; default: dense on CUDA); the
+    result is the same either way."""
     G = len(ranked)
     if G == 0:
         return [], 0
@@ -246,7 +266,7 @@ def remove_redundancy(ranked: list[torch.Tensor], budgets: list[int], features,
         cand = torch.cat([near, new])
         fresh = torch.zeros(len(cand), dtype=torch.bool, device=dev)
         fresh[len(near):] = True
-        red = _scan_redundant(flat[cand], fresh, row_of[cand], pool, tps, threshold)
+        red = _scan_redundant(flat[cand], fresh, row_of[cand], pool, tps, threshold, dense)
         dropped += int(red.sum())
         gone = cand[red]
         cur = torch.cat([cur[~torch.isin(cur, gone)], new[~red[len(near):]]])

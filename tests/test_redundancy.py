@@ -154,12 +154,15 @@ def _check_invariants(kept, dropped, ranked, budgets, emb, tps, theta, refill=Fa
         assert spent + dropped == sum(len(r) for r in ranked)
 
 
+@pytest.mark.parametrize("dense", [False, True])
 @pytest.mark.parametrize("seed", range(300))
-def test_matches_reference_on_random_cases(seed):
+def test_matches_reference_on_random_cases(seed, dense):
+    """dense: the walk that masks instead of gathering (the default on CUDA), here on the CPU."""
     ranked, budgets, emb, tps, theta, rel = _random_case(seed)
     rule_only = None
     for refill in (False, True):
-        kept, dropped = remove_redundancy(ranked, budgets, _Feats(emb, tps), theta, rel, refill=refill)
+        kept, dropped = remove_redundancy(ranked, budgets, _Feats(emb, tps), theta, rel, refill=refill,
+                                          dense=dense)
         want, want_dropped = reference(ranked, budgets, emb, tps, theta, rel, refill=refill)
         assert [k.tolist() for k in kept] == want                   # same tokens, in rank order
         assert dropped == want_dropped
@@ -191,7 +194,8 @@ def test_refill_spends_the_budget_on_the_groups_own_best_tokens():
     assert kept[0].tolist() == sorted(range(tps), key=groups[0].tolist().index)   # the rule's keeps
 
 
-def test_static_location_longer_than_any_round_cap():
+@pytest.mark.parametrize("dense", [False, True])
+def test_static_location_longer_than_any_round_cap(dense):
     # 700 slices of one static location (identical up to noise) and one drifting location: the
     # old implementation resolved one static repeat per round and stopped after 256 rounds
     torch.manual_seed(1)
@@ -202,7 +206,7 @@ def test_static_location_longer_than_any_round_cap():
     emb = emb.reshape(-1, D)
     ranked = [torch.cat([torch.arange(0, 2 * S, 2), torch.arange(1, 2 * S, 2)])]  # static first
     feats = _Feats(emb, 2)
-    kept, dropped = remove_redundancy(ranked, [600], feats, 0.9, refill=False)
+    kept, dropped = remove_redundancy(ranked, [600], feats, 0.9, refill=False, dense=dense)
     want, want_dropped = reference(ranked, [600], emb, 2, 0.9, refill=False)
     assert kept[0].tolist() == want[0]
     assert dropped == want_dropped == S - 1                          # every static repeat
@@ -210,7 +214,8 @@ def test_static_location_longer_than_any_round_cap():
     assert (k % 2 == 0).sum() == 1 and len(k) == 600                 # budget spent on location 1
 
 
-def test_threshold_edges_are_strict():
+@pytest.mark.parametrize("dense", [False, True])
+def test_threshold_edges_are_strict(dense):
     # one-hot embeddings: cosines are exactly 0 or 1
     D, tps = 4, 1
     onehot = torch.eye(D)
@@ -220,27 +225,28 @@ def test_threshold_edges_are_strict():
     ranked = [torch.arange(len(seq))]
     f = _Feats(emb, tps)
     # theta = 1: nothing exceeds 1, nothing dropped
-    kept, d = remove_redundancy(ranked, [8], f, 1.0, refill=False)
+    kept, d = remove_redundancy(ranked, [8], f, 1.0, refill=False, dense=dense)
     assert d == 0 and kept[0].tolist() == list(range(8))
     # theta = 0: exact repeats (cos 1) go; orthogonal (cos 0 = theta) and opposite stay
-    kept, d = remove_redundancy(ranked, [8], f, 0.0, refill=False)
+    kept, d = remove_redundancy(ranked, [8], f, 0.0, refill=False, dense=dense)
     assert sorted(kept[0].tolist()) == [0, 2, 4, 5, 6, 7] and d == 2
     # theta = -1: everything but opposite vectors is redundant with the last kept
-    kept, d = remove_redundancy(ranked, [8], f, -1.0, refill=False)
+    kept, d = remove_redundancy(ranked, [8], f, -1.0, refill=False, dense=dense)
     assert sorted(kept[0].tolist()) == [0] and d == 7
     for theta in (1.0, 0.0, -1.0):
-        k, d = remove_redundancy(ranked, [8], f, theta, refill=False)
+        k, d = remove_redundancy(ranked, [8], f, theta, refill=False, dense=dense)
         assert ([x.tolist() for x in k], d) == reference(ranked, [8], emb, tps, theta, refill=False)
 
 
-def test_chain_is_judged_against_the_last_kept_token():
+@pytest.mark.parametrize("dense", [False, True])
+def test_chain_is_judged_against_the_last_kept_token(dense):
     # A, B ~ A, C far from B but close to A, D far from A but close to C: a scan over time keeps
     # A and D (B and C repeat A; D does not repeat A, the last kept one)
     # at 0, +20, -20 and -40 degrees: cos 20 deg = 0.94 > 0.9, cos 40 deg = 0.77
     ang = torch.tensor([0.0, 20.0, -20.0, -40.0]) * math.pi / 180
     e = torch.stack([torch.cos(ang), torch.sin(ang)], 1)
     f = _Feats(e, 1)
-    kept, d = remove_redundancy([torch.arange(4)], [4], f, 0.9, refill=False)
+    kept, d = remove_redundancy([torch.arange(4)], [4], f, 0.9, refill=False, dense=dense)
     assert sorted(kept[0].tolist()) == [0, 3] and d == 2
 
 
@@ -270,7 +276,8 @@ def test_unusable_budget_flows_by_relevance():
         assert [k.tolist() for k in got] == want and dd == wd
 
 
-def test_backfill_can_make_a_kept_token_redundant():
+@pytest.mark.parametrize("dense", [False, True])
+def test_backfill_can_make_a_kept_token_redundant(dense):
     # group 0 keeps slice 4 at location 0; group 1's static slice 0 is dropped and backfilled by its
     # slice 3, which repeats slice 4: slice 4 goes, and group 0 backfills in turn
     D = 8
@@ -281,7 +288,7 @@ def test_backfill_can_make_a_kept_token_redundant():
     e[3] = v[4]                                                      # slice 3 repeats slice 4
     f = _Feats(e, 1)
     ranked = [torch.tensor([4, 5, 2]), torch.tensor([0, 1, 3])]
-    kept, d = remove_redundancy(ranked, [1, 2], f, 0.9, [1.0, 1.0], refill=False)
+    kept, d = remove_redundancy(ranked, [1, 2], f, 0.9, [1.0, 1.0], refill=False, dense=dense)
     want, wd = reference(ranked, [1, 2], e, 1, 0.9, [1.0, 1.0], refill=False)
     assert [k.tolist() for k in kept] == want and d == wd
     assert want == [[5], [0, 3]] and wd == 2
