@@ -62,6 +62,9 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    help="where vision features are kept (auto: GPU up to 20%% of its memory, else CPU memory)")
     p.add_argument("--decode-workers", type=int, default=None,
                    help="video decoding threads (default: half the cores, 1-8; 0: no threads)")
+    p.add_argument("--nvdec", action="store_true",
+                   help="decode on the GPU's video engines (NVDEC) where it takes the file: PyAV with "
+                        "a model on CUDA; frames are the same bit for bit (default: CPU threads)")
     p.add_argument("--backend", choices=["auto", "decord", "pyav"], default="auto",
                    help="video decoder (auto: decord when installed and it agrees with the file, "
                         "else PyAV)")
@@ -100,9 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "writes a synthetic set for speed runs",
                        add_help=False)
     e.add_argument("rest", nargs=argparse.REMAINDER)
-    b = sub.add_parser("bench", help="benchmarks: synthetic (accuracy), gpu (speed) or rss (peak "
-                                     "host memory against the number of sampled frames)")
-    b.add_argument("which", choices=["synthetic", "gpu", "rss"])
+    b = sub.add_parser("bench", help="benchmarks: synthetic (accuracy), gpu (speed), rss (peak "
+                                     "host memory against the number of sampled frames) or decode "
+                                     "(decoder lanes' frames per second, CPU and NVDEC)")
+    b.add_argument("which", choices=["synthetic", "gpu", "rss", "decode"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
     dl = sub.add_parser("download", help="explicitly download a model's safetensors from the hub")
     dl.add_argument("repo_id")
@@ -130,6 +134,7 @@ def config_from_args(args):
     c.cache_dir = getattr(args, "cache_dir", None)
     c.feature_device = getattr(args, "feature_device", "auto")
     c.decode_workers = getattr(args, "decode_workers", None)
+    c.hw_decode = bool(getattr(args, "nvdec", False))
     c.video_backend = getattr(args, "backend", "auto")
     return c
 
@@ -307,6 +312,8 @@ def main(argv=None) -> int:
                 from .bench.synthetic import main as bench_main
             elif args.which == "rss":
                 from .bench.rss import main as bench_main
+            elif args.which == "decode":
+                from .bench.decode import main as bench_main
             else:
                 from .bench.gpu import main as bench_main
             return bench_main(args.rest)

@@ -290,7 +290,8 @@ class _ReadyJob:
     def result(self) -> torch.Tensor:
         rest = self._rest.result() if self._rest is not None else None
         first = next(iter(self._have.values())) if self._have else rest[0]
-        out = torch.empty((len(self.positions), *first.shape), dtype=torch.uint8, pin_memory=self._pin)
+        out = torch.empty((len(self.positions), *first.shape), dtype=torch.uint8, device=first.device,
+                          pin_memory=self._pin and first.device.type == "cpu")
         j = 0
         for i, p in enumerate(self.positions.tolist()):
             f = self._have.get(int(p))
@@ -352,15 +353,23 @@ class FrameDecoder:
     asynchronous copies to the GPU). Each part reads `read_frames` at a time and checks its cancel
     flag between reads. Exceptions come back through `_DecodeJob.result()`. Frames are RGB [H, W, 3]
     (at `resize`'s size when given) or, with `yuv`, their 4:2:0 planes [H*3/2, W].
+
+    `device` (a CUDA device, with `yuv`): the lanes decode on its NVDEC (nvdec.py) and the planes
+    land in that device's memory instead of (pinned) host memory; they are written on the default
+    stream (nvdec.ready_on_current_stream).
     """
 
     def __init__(self, video: "VideoHandle", workers: int, pin: bool = False,
                  min_part: int = 16, read_frames: int = 16, stash: FrameStash | None = None,
-                 resize: Prescale | None = None, yuv: "Yuv420 | None" = None):
+                 resize: Prescale | None = None, yuv: "Yuv420 | None" = None,
+                 device: torch.device | None = None):
         self.video, self.workers, self.pin = video, max(1, int(workers)), pin
         self.stash = stash
         self.resize = resize if video.frames is None else None
         self.yuv = yuv if video.frames is None else None
+        self.device = device if self.yuv is not None else None
+        if self.device is not None:
+            self.pin = False
         self.min_part = max(1, min_part)
         self.read_frames = decode_step(video.plan.info, self.resize, max(1, read_frames))
         self._lanes: list[ThreadPoolExecutor | None] = [None] * self.workers
@@ -380,7 +389,7 @@ class FrameDecoder:
         if r is None:
             from .frame_reader import FrameReader
             info = self.video.plan.info
-            r = FrameReader(info.path, backend=self.video.backend, info=info)
+            r = FrameReader(info.path, backend=self.video.backend, info=info, device=self.device)
             self._readers[j] = r
         return r
 
@@ -416,7 +425,8 @@ class FrameDecoder:
     def submit(self, positions, lane: int | None = None) -> _DecodeJob:
         positions = np.asarray(positions, dtype=np.int64)
         n = len(positions)
-        out = torch.empty((n, *self._frame_shape()), dtype=torch.uint8, pin_memory=self.pin)
+        out = torch.empty((n, *self._frame_shape()), dtype=torch.uint8, pin_memory=self.pin,
+                          device=self.device)
         cancel = threading.Event()
         if lane is not None:
             j = lane % self.workers

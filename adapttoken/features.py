@@ -18,6 +18,7 @@ from .decode import (DEFAULT_FRAME_STASH_BYTES, FrameDecoder, FrameStash, Presca
 from .errors import InputError
 from .kv_cache import HOST_FORMATS, PrefixKVCache, device_memory_budget, tensor_bytes
 from .timing import Timer
+from .nvdec import ready_on_current_stream
 from .yuv import Yuv420, yuv420_to_rgb
 
 
@@ -60,6 +61,12 @@ class SliceFeatures:
       colour conversion on the CPU. Only for files yuv.probe_yuv420 accepts, else RGB as before.
       False: off (RGB from the lanes); True: wherever the file allows, also for a model on the CPU
       (then without decode-time resizing; for tests).
+    - hw_decode: False (default): the lanes decode on the CPU. True: where the lanes hand over
+      4:2:0 planes to a CUDA device and that GPU's NVDEC takes the stream (nvdec.nvdec_available,
+      checked once per file), they decode on the GPU and the planes stay in its memory (nvdec.py:
+      the same planes bit for bit, no CPU decoding, no host copy), else on the CPU. Frames waiting
+      for the tower then take GPU memory (up to PENDING_FRAME_BYTES), and each lane's decoder
+      holds its own surfaces there, outside torch's allocator.
     """
 
     def __init__(self, adapter, video: VideoHandle, chunk_slices: int = 32, *,
@@ -93,6 +100,7 @@ class SliceFeatures:
         self.pad_chunks = pad_chunks
         self.decode_resize = True          # resize frames at decode time where possible (Prescale)
         self.yuv_handover: bool | None = None
+        self.hw_decode = False
         self.configure(feature_device=feature_device, decode_workers=decode_workers,
                        overlap=overlap, cache_dir=cache_dir)
         self.reset_stats()
@@ -104,7 +112,8 @@ class SliceFeatures:
                   frame_stash_bytes: int | None = None, prefix_host_bytes: int | str | None = None,
                   prefix_host_format: str | None = None, prefix_cpu_bytes: int | None = None,
                   prefix_keep: bool | None = None,
-                  yuv_handover: bool | None = None) -> "SliceFeatures":
+                  yuv_handover: bool | None = None,
+                  hw_decode: bool | None = None) -> "SliceFeatures":
         """Change options (None leaves one as it is). Features already computed stay valid: they
         move when the storage device changes. prefix_cache: keep each group pass's prefix
         keys/values for later questions (PrefixKVCache); prefix_host_bytes: how much of them may
@@ -113,7 +122,8 @@ class SliceFeatures:
         exact) or "exact" for that host tier; prefix_cpu_bytes: how much of them
         are kept with the model off CUDA (0: none, same results); prefix_keep False: none kept on
         any device (same results; the `ask` command, one question per process). yuv_handover:
-        True / False (see the class doc; None leaves it as it is)."""
+        True / False (see the class doc; None leaves it as it is). hw_decode: True / False (see
+        the class doc; None leaves it as it is)."""
         if prefix_cache is not None:
             if not prefix_cache:
                 self.prefix_kv = None
@@ -160,6 +170,13 @@ class SliceFeatures:
         if yuv_handover is not None and yuv_handover != self.yuv_handover:
             self.yuv_handover = bool(yuv_handover)
             self._drop_decoder()                  # its lanes and the stash hold the other layout
+        if hw_decode is not None:
+            if not isinstance(hw_decode, bool):
+                raise InputError(f"hw_decode={hw_decode!r} must be True (NVDEC where the GPU takes "
+                                 "the file) or False (CPU decoding)")
+            if hw_decode != self.hw_decode:
+                self.hw_decode = hw_decode
+                self._drop_decoder()              # its lanes decode the other way
         if decode_workers is not None:
             if decode_workers < 0:
                 raise InputError(f"decode_workers={decode_workers} must be >= 0 (0: no threads)")
@@ -218,7 +235,8 @@ class SliceFeatures:
         self.decoded_frames = 0
         self.encoded_slices = 0
         self.stats = {"cache_loaded_slices": 0, "lookahead_frames": 0, "lookahead_wasted_frames": 0,
-                      "decode_busy_s": 0.0, "h2d_bytes": 0, "d2h_bytes": 0}
+                      "decode_busy_s": 0.0, "h2d_bytes": 0, "d2h_bytes": 0,
+                      "hw_decode": self._decoder is not None and self._decoder.device is not None}
         st = self.stash
         self._stash0 = (st.captured, st.used, st.wasted)
         self._busy0 = self._decoder.busy_seconds if self._decoder is not None else 0.0
@@ -452,13 +470,27 @@ class SliceFeatures:
             return None
         return self.video.yuv420
 
+    def _hw_device(self) -> torch.device | None:
+        """The CUDA device whose NVDEC the lanes decode on (see hw_decode), else None."""
+        if not self.hw_decode or self._yuv() is None:
+            return None
+        dev = self._compute_device()
+        if dev.type != "cuda":
+            return None
+        from .nvdec import nvdec_available
+        info = self.video.info
+        idx = info.frame_index.stream_index if info.frame_index is not None else 0
+        return dev if nvdec_available(info.path, idx, dev) else None
+
     def _get_decoder(self) -> FrameDecoder | None:
         if self.decode_workers <= 0:
             return None
         if self._decoder is None:
             pin = self._compute_device().type == "cuda" and torch.cuda.is_available()
+            hw = self._hw_device()
             self._decoder = FrameDecoder(self.video, self.decode_workers, pin=pin, stash=self.stash,
-                                         resize=self._prescale(), yuv=self._yuv())
+                                         resize=self._prescale(), yuv=self._yuv(), device=hw)
+            self.stats["hw_decode"] = hw is not None
         return self._decoder
 
     def lookahead(self, slices) -> None:
@@ -610,7 +642,7 @@ class SliceFeatures:
                 job = inflight.pop(i)
                 chunk = order[i][0]
                 t0 = time.perf_counter()
-                frames = job.result()
+                frames = ready_on_current_stream(job.result())
                 self.timer.add("decode", time.perf_counter() - t0)
                 self.decoded_frames += frames.shape[0]
                 if self.overlap and nxt < len(order):    # the next chunk decodes during this encode

@@ -49,8 +49,9 @@ class _PyAVSource:
 
     name = "pyav"
 
-    def __init__(self, path: str, info: VideoInfo) -> None:
+    def __init__(self, path: str, info: VideoInfo, device: torch.device | None = None) -> None:
         self.path, self.info = path, info
+        self.device = device  # a CUDA device: decode on its NVDEC (nvdec.py); planes stay there
         self.index = info.frame_index
         turned = info.rotation in (90, 270)
         self.width, self.height = (info.height, info.width) if turned else (info.width, info.height)
@@ -65,7 +66,12 @@ class _PyAVSource:
     def _restart(self) -> None:
         """(Re)open the file and position before frame 0."""
         self.close()
-        self.container = _open(self.path)
+        hw = None
+        if self.device is not None:
+            from .nvdec import hwaccel
+            torch.cuda.set_device(self.device)     # FFmpeg decodes in this thread's context
+            hw = hwaccel(self.device)
+        self.container = _open(self.path, hw)
         stream = self.container.streams[self.index.stream_index]
         stream.codec_context.thread_type = "AUTO"
         self.stream = stream
@@ -123,6 +129,12 @@ class _PyAVSource:
                 return None
             if frame.is_corrupt:
                 logger.warning("%s: frame %d was decoded with errors (damaged data)", self.path, target)
+            if frame.format.name == "cuda":        # NVDEC: a surface in device memory
+                if self.yuv is None or (frame.width, frame.height) != (self.width, self.height):
+                    raise _truncated(self.path, target, "a hardware-decoded frame that is not the "
+                                     "stream's 4:2:0 picture")
+                from .nvdec import planes_on_device
+                return planes_on_device(frame)
             fmt = "rgb24" if self.yuv is None else self.yuv.pix_fmt     # yuv: the stored planes
             if (frame.width, frame.height) != (self.width, self.height):  # size changed mid-stream
                 return frame.to_ndarray(format=fmt, width=self.width, height=self.height)
@@ -363,9 +375,13 @@ class FrameReader:
     backend: "auto" (decord, else PyAV when decord is missing, disagrees with the container's frame
     table, or fails on the file, also in the middle of a read), "decord" or "pyav". `backend_used`
     says which one is active. Frames come back upright (rotation metadata applied) as RGB uint8.
+    device (a CUDA device, PyAV only, reads with `yuv` only): decode on its NVDEC (nvdec.py), the
+    planes come back in that device's memory; frames FFmpeg decodes in software instead (a stream
+    NVDEC does not take) are copied there.
     """
 
-    def __init__(self, path: str | os.PathLike, backend: str = "auto", *, info: VideoInfo | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, backend: str = "auto", *, info: VideoInfo | None = None,
+                 device: torch.device | None = None) -> None:
         if backend not in _BACKENDS:
             raise InputError(f"backend must be one of {', '.join(_BACKENDS)} (got {backend!r}): change backend")
         self.path = os.fspath(path)
@@ -373,13 +389,14 @@ class FrameReader:
             info = probe_video(self.path)
         self.info: VideoInfo = info
         self.backend = backend
+        self.device = device
         self._source: _PyAVSource | _DecordSource | None = None
         self._source = self._open_source(backend)
         self.backend_used: str = self._source.name
 
     def _open_source(self, backend: str) -> _PyAVSource | _DecordSource:
         if backend == "pyav":
-            return _PyAVSource(self.path, self.info)
+            return _PyAVSource(self.path, self.info, self.device)
         try:
             return _DecordSource(self.path, self.info)
         except ImportError as e:
@@ -391,7 +408,7 @@ class FrameReader:
             if backend == "decord":
                 raise
             logger.info("%s; reading with PyAV instead", e)
-        return _PyAVSource(self.path, self.info)
+        return _PyAVSource(self.path, self.info, self.device)
 
     def __enter__(self) -> FrameReader:
         return self
@@ -453,8 +470,11 @@ class FrameReader:
         if yuv is not None and self._source.name != "pyav":
             raise InputError(f"{self.path}: 4:2:0 planes (yuv=) come from the PyAV backend only, this "
                              f"reader uses {self._source.name}: open it with backend='pyav'")
+        if self.device is not None and yuv is None:
+            raise InputError(f"{self.path}: this reader decodes on {self.device} and hands over 4:2:0 "
+                             "planes only: pass yuv= (yuv.probe_yuv420), or open it without device=")
         shape = (self.info.height, self.info.width, 3) if yuv is None else yuv.shape
-        out = torch.empty((len(wanted), *shape), dtype=torch.uint8)
+        out = torch.empty((len(wanted), *shape), dtype=torch.uint8, device=self.device)
         times = self.info.frame_times[np.asarray(wanted, dtype=np.int64)].astype(np.float64)
         if not wanted:
             return out, times
@@ -485,7 +505,7 @@ class FrameReader:
                 raise
             logger.warning("decord failed on %s; reading it with PyAV instead", self.path)
             self._source.close()
-            self._source = _PyAVSource(self.path, self.info)
+            self._source = _PyAVSource(self.path, self.info, self.device)
             self.backend_used = self._source.name
             self._fill(out, targets, slots, strategy, on_extra)
         return out, times
@@ -503,7 +523,7 @@ class FrameReader:
                     f"frame {t} of {self.path} is {img.shape[1]}x{img.shape[0]}, the video is "
                     f"{expected[1]}x{expected[0]}: the size changes mid-stream: re-encode the file"
                 )
-            frame = torch.from_numpy(np.ascontiguousarray(img))
+            frame = img if isinstance(img, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(img))
             if t not in slots:
                 on_extra(t, frame)         # a fresh array: nobody else holds it
                 continue

@@ -64,6 +64,7 @@ class AdaptTokenConfig:
     feature_device: str = "auto"    # auto: on the GPU up to 20% of its memory, else CPU memory
     decode_workers: int | None = None   # decoder threads (None: half the cores, 1..8; 0: none)
     overlap: bool = True            # decode the next chunk / group while the GPU works
+    hw_decode: bool = False         # decode on the GPU's NVDEC where it takes the file (PyAV, CUDA)
     cache_dir: str | None = None    # on-disk vision-feature cache (safetensors); None: memory only
     frame_stash_bytes: int = 2 ** 30    # Lite: decoded frames of later groups taken on the way (0: off)
     prefix_host_bytes: int | str = "auto"   # group-prefix keys/values kept in CPU memory when the
@@ -237,7 +238,8 @@ def prepare(model: Model, video_path, config: AdaptTokenConfig, fresh_features: 
                     frame_stash_bytes=config.frame_stash_bytes,
                     prefix_host_bytes=config.prefix_host_bytes,
                     prefix_host_format=config.prefix_host_format,
-                    prefix_cpu_bytes=config.prefix_cpu_bytes, prefix_keep=config.prefix_keep)
+                    prefix_cpu_bytes=config.prefix_cpu_bytes, prefix_keep=config.prefix_keep,
+                    hw_decode=bool(config.hw_decode))
     feats.reset_stats()
     feats.timer.add("probe", probe_s)
     return video

@@ -157,10 +157,13 @@ def check_video_path(path: str | os.PathLike) -> str:
     return path
 
 
-def _open(path: str) -> av.container.InputContainer:
-    """Open a file with PyAV, turning its failures into a one-line VideoError."""
+def _open(path: str, hwaccel=None) -> av.container.InputContainer:
+    """Open a file with PyAV, turning its failures into a one-line VideoError; `hwaccel`: decode
+    on a device (nvdec.hwaccel)."""
     import av            # here, not at import: frames held in memory need no PyAV
     try:
+        if hwaccel is not None:
+            return av.open(path, mode="r", hwaccel=hwaccel)
         return av.open(path, mode="r")
     except av.error.FFmpegError as e:
         raise VideoError(

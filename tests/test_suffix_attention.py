@@ -86,3 +86,25 @@ def test_group_passes_agree_with_and_without_the_lower_right_path(tiny_model, cl
     np.testing.assert_allclose([g.entropy for g in fast.groups], [g.entropy for g in slow.groups],
                                atol=1e-5)
     assert fast.kept_tokens == slow.kept_tokens and fast.answer == slow.answer
+
+
+def test_under_a_dispatch_mode_it_takes_transformers_path(tiny_adapter):
+    """torch's CausalBias (a tensor subclass) cannot be made under a TorchDispatchMode (memory or
+    FLOP counters): the suffix then runs transformers' masked sdpa, with the same result."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    attn = tiny_adapter.text_model.layers[0].self_attn
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 4, 5, 16, generator=g)
+    k, v = torch.randn(1, 2, 30, 16, generator=g), torch.randn(1, 2, 30, 16, generator=g)
+    mask = (torch.arange(30)[None, :] <= (torch.arange(5)[:, None] + 25))[None, None]
+    before = sa.stats["lower_right_calls"]
+    with Passthrough(), sa.suffix_pass():
+        out, _ = sa._attention(attn, q, k, v, mask, scaling=0.25)
+    assert sa.stats["lower_right_calls"] == before          # the fallback ran
+    torch.testing.assert_close(out, sdpa_attention_forward(attn, q, k, v, mask, scaling=0.25)[0])

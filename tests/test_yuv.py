@@ -116,6 +116,23 @@ def test_when_the_handover_applies(tiny_model, tmp_path):
     assert F.SliceFeatures(tiny_model.adapter, mem).configure(yuv_handover=True)._yuv() is None
 
 
+def test_nvdec_only_for_planes_on_a_cuda_device(tiny_model, tmp_path):
+    """NVDEC (nvdec.py, checked on a GPU by tests/gpu/test_gpu_nvdec.py) is off by default and needs
+    the planes to go to a CUDA device: with a model on the CPU the lanes decode on the CPU."""
+    from adapttoken.errors import InputError
+    from adapttoken.nvdec import nvdec_available
+    path = write_video(tmp_path / "v.mp4", 16, width=128, height=96, codec="libx264")
+    video = at.open_video(path, 16, max_pixels=56 * 84, backend="pyav")
+    feats = F.SliceFeatures(tiny_model.adapter, video, decode_workers=2)
+    assert feats.hw_decode is False and feats._hw_device() is None
+    feats.configure(yuv_handover=True, hw_decode=True)                  # planes, but to the CPU
+    assert feats._hw_device() is None and feats._get_decoder().device is None
+    assert not nvdec_available(path, 0, torch.device("cpu"))
+    with pytest.raises(InputError, match="hw_decode"):
+        feats.configure(hw_decode="auto")
+    feats.release()
+
+
 @pytest.fixture
 def preprocessed(monkeypatch, tiny_model):
     """The frames the model's preprocess receives, per call."""

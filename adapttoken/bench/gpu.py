@@ -222,7 +222,8 @@ def run_case(model, video_path, frames: int, method: str, args, counter: LLMCoun
                     prefix_host_format=args.kv_host_format,
                     prefix_cache=False if getattr(args, "no_prefix_kv", False) else None,
                     prefix_keep=False if getattr(args, "one_question", False) else None,
-                    yuv_handover=False if getattr(args, "rgb_handover", False) else None)
+                    yuv_handover=False if getattr(args, "rgb_handover", False) else None,
+                    hw_decode=bool(getattr(args, "nvdec", False)))
     feats.reset_stats()
     feats.timer.add("probe", probe_s)
     n_groups = 0
@@ -302,6 +303,8 @@ def run_case(model, video_path, frames: int, method: str, args, counter: LLMCoun
     # time grows with them, and they depend on the picture, e.g. a downscaled 4K source)
     c.features["redundant_dropped"] = getattr(sel, "redundant_dropped", None)
     c.features["yuv_handover"] = feats._yuv() is not None      # lanes handed over 4:2:0 planes
+    dec = feats._decoder
+    c.features["hw_decode"] = dec is not None and dec.device is not None   # lanes decoded on NVDEC
     kv = getattr(feats, "prefix_kv", None)
     if kv is not None:
         c.features.update(prefix_kv_hits=kv.hits, prefix_kv_stored=kv.stored,
@@ -313,7 +316,7 @@ def run_case(model, video_path, frames: int, method: str, args, counter: LLMCoun
     if dev.type == "cuda":
         from ..kv_cache import device_memory_budget
         c.features["device_budget_gib"] = device_memory_budget(dev) / 2 ** 30
-        # memory on the card outside torch's allocator (the CUDA context, decoder surfaces)
+        # memory on the card outside torch's allocator (the CUDA context, NVDEC's surfaces)
         free, total = torch.cuda.mem_get_info(dev)
         c.features["outside_torch_gib"] = (total - free - torch.cuda.memory_reserved(dev)) / 2 ** 30
         # the caching allocator during the case: cudaMalloc calls, and retries (an allocation
@@ -385,6 +388,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rgb-handover", action="store_true",
                     help="decoder lanes hand over RGB frames (the YUV handover off: swscale converts "
                          "on the CPU, as before it); variant rgb_handover runs it next to the default")
+    ap.add_argument("--nvdec", action="store_true",
+                    help="decoder lanes decode on the GPU's NVDEC where it takes the file (library: "
+                         "hw_decode=True; off by default); variant nvdec runs it next to the default")
     ap.add_argument("--compile-vision", action="store_const", const=True, default=None,
                     help="force torch.compile of the fast Qwen2.5-VL tower's blocks (chunks padded to "
                          "one shape); the default already compiles it on CUDA")
@@ -415,7 +421,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="*", default=None,
                     choices=["threads", "hf_vision", "cpu_features", "one_thread", "eager_vision",
                              "compiled_vision", "unfused_text", "masked_suffix", "rgb_handover",
-                             "repeat"],
+                             "nvdec", "repeat"],
                     help="also run the full method at the smallest length with single optimisations "
                          "undone: threads (no decoder threads, no overlap), hf_vision (transformers' "
                          "vision tower), cpu_features, one_thread (one decoder lane), eager_vision "
@@ -423,7 +429,8 @@ def main(argv=None) -> int:
                          "unfused_text (transformers' eager RMSNorm/MLP in the language model); "
                          "masked_suffix (the question suffix through transformers' sdpa: repeat_kv "
                          "and an explicit mask, models/suffix_attention.py off); "
-                         "rgb_handover (decoder lanes hand over RGB, no YUV handover); repeat (the "
+                         "rgb_handover (decoder lanes hand over RGB, no YUV handover); nvdec "
+                         "(lanes decode on NVDEC); repeat (the "
                          "same again: run-to-run spread); no names: the first four")
     ap.add_argument("--variants-frames", type=int, default=None,
                     help="length the variants run at (default: the smallest --frames)")
@@ -499,7 +506,7 @@ def main(argv=None) -> int:
             "fuse_text": args.fuse_text, "quantization": args.quantization,
             "in_memory": args.in_memory,
             "feature_device": args.feature_device, "overlap": not args.no_overlap,
-            "rgb_handover": args.rgb_handover,
+            "rgb_handover": args.rgb_handover, "nvdec": args.nvdec,
             "card_gib": args.card_gib, "card_from": args.card_from, "kv_host_gib": args.kv_host_gib,
             "kv_host_format": args.kv_host_format,
             "command": "python -m adapttoken bench gpu " + " ".join(argv if argv is not None else sys.argv[1:])}
@@ -659,7 +666,8 @@ def main(argv=None) -> int:
         if args.variants is not None:
             L = args.variants_frames or min(args.frames)
             base = dict(feature_device=args.feature_device, decode_workers=args.decode_workers,
-                        no_overlap=args.no_overlap, rgb_handover=args.rgb_handover)
+                        no_overlap=args.no_overlap, rgb_handover=args.rgb_handover,
+                        nvdec=args.nvdec)
             table = {
                 "threads": ("no threads, no overlap", dict(decode_workers=0, no_overlap=True), True),
                 "hf_vision": ("transformers vision tower", dict(compile_vision=False), False),
@@ -674,6 +682,7 @@ def main(argv=None) -> int:
                                   dict(fast_suffix=False), True),
                 "rgb_handover": ("decoder lanes hand over RGB (YUV handover off)",
                                  dict(rgb_handover=True), True),
+                "nvdec": ("decoder lanes decode on the GPU's NVDEC", dict(nvdec=True), True),
                 "repeat": ("as benchmarked above, run again (run-to-run spread)", {}, True),
             }
             names = args.variants or ["threads", "hf_vision", "cpu_features", "one_thread"]

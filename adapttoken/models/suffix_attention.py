@@ -44,6 +44,16 @@ def suffix_pass():
         _IN_SUFFIX.reset(token)
 
 
+def _lower_right(q: int, L: int):
+    """torch's lower-right causal bias, or None where its tensor subclass cannot be made (under a
+    TorchDispatchMode, e.g. a memory or FLOP counter): the caller then takes transformers' path."""
+    from torch.nn.attention.bias import causal_lower_right
+    try:
+        return causal_lower_right(q, L)
+    except RuntimeError:
+        return None
+
+
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                is_causal=None, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -51,11 +61,12 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     if (_IN_SUFFIX.get() and 1 < q < L and not dropout and getattr(module, "sliding_window", None) is None
             and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
             and query.shape[1] % key.shape[1] == 0):
-        from torch.nn.attention.bias import causal_lower_right
-        stats["lower_right_calls"] += 1
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=causal_lower_right(q, L),
-                                             scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
-        return out.transpose(1, 2).contiguous(), None
+        bias = _lower_right(q, L)
+        if bias is not None:
+            stats["lower_right_calls"] += 1
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scaling,
+                                                 enable_gqa=query.shape[1] != key.shape[1])
+            return out.transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                   scaling=scaling, is_causal=is_causal, **kwargs)
 

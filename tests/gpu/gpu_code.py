@@ -8,9 +8,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 # the library's code that runs differently on CUDA (compiled tower, fused kernels, prefix KV on the
-# device and its host tier, pinned decoding buffers, feature placement) and the GPU tests themselves
+# device and its host tier, pinned decoding buffers, NVDEC decoding, feature placement) and the GPU tests themselves
 GPU_CODE = ("adapttoken/models/*.py", "adapttoken/features.py", "adapttoken/kv_cache.py",
-            "adapttoken/decode.py", "tests/gpu/test_gpu_*.py",
+            "adapttoken/decode.py", "adapttoken/nvdec.py", "adapttoken/frame_reader.py", "tests/gpu/test_gpu_*.py",
             "tests/comfy/inprocess_memory_check.py", "tests/comfy/inprocess_pack.py")
 
 
