@@ -3,7 +3,8 @@
 The weights are counted by whoever loads them (ComfyUI's ModelPatcher); these are the bytes a step
 needs *besides* them: the temporaries of one decoder pass over a group (or over the kept tokens for
 the answer, plus its KV cache), the temporaries of the vision tower on one chunk of slices, and the
-video features kept on the device. Upper-bound style estimates (every layer's largest temporaries
+video features kept on the device, and the NVDEC decoder lanes' surfaces while they decode
+(nvdec_bytes: outside torch's allocator, so torch's peak never shows them). Upper-bound style estimates (every layer's largest temporaries
 alive at once, float32 where the code upcasts), checked against the measured peak of a real pass in
 tests/test_memory_estimate.py; nodes/runtime.py hands them to ComfyUI so it frees other models first.
 """
@@ -117,6 +118,29 @@ def stored_features_bytes(features, device: torch.device | None = None) -> int:
     return total if total <= features.gpu_feature_limit(dev) else 0
 
 
+# NVDEC (features.hw_decode): each decoder lane's FFmpeg CUDA decoder allocates its surface pool
+# with the CUDA driver, outside torch's allocator. Measured on an H200 (bench gpu, 4K H.264, 4096
+# frames, 8 lanes, docs/bench_gpu_sources/nvdec_4k_4096): 3.35 GiB outside torch with NVDEC against
+# 0.69 GiB with CPU lanes in the same run, 2.66 GiB for 8 lanes = 28.7 NV12 frames of 3840x2160
+# per lane (the H.264 reference frames, FFmpeg's extra surfaces and the frames in flight).
+NVDEC_SURFACES_PER_LANE = 29
+
+
+def nvdec_bytes(features, device: torch.device | None = None) -> int:
+    """Bytes the NVDEC decoder lanes take on the compute device outside torch's allocator: 0 unless
+    the features decode on NVDEC (hw_decode, a CUDA device, a 4:2:0 file); else lanes x
+    NVDEC_SURFACES_PER_LANE x one NV12 frame of the file's size."""
+    dev = torch.device(device) if device is not None else features.adapter.device
+    if not getattr(features, "hw_decode", False) or dev.type != "cuda":
+        return 0
+    yuv = getattr(features, "_yuv", None)
+    if yuv is None or yuv() is None:
+        return 0
+    info = features.video.info
+    frame = int(info.height) * int(info.width) * 3 // 2
+    return int(max(0, int(features.decode_workers)) * NVDEC_SURFACES_PER_LANE * frame)
+
+
 def _prompt_tokens(prompt) -> tuple[int, int]:
     return int(len(prompt.prefix_ids)), int(len(prompt.suffix_ids))
 
@@ -142,7 +166,8 @@ def group_step_bytes(ranked, device: torch.device | None = None) -> int:
     tokens = pre + largest * (f.tokens_per_slice + WRAPPER_TOKENS_PER_SLICE) + suf
     group = llm_pass_bytes(f.adapter, tokens, query_tokens=suf)
     chunk = _chunk_bytes(f, np.arange(f.num_slices))
-    return int(max(group, chunk) + stored_features_bytes(f, device))
+    decoder = nvdec_bytes(f, device) if chunk else 0
+    return int(max(group, chunk) + decoder + stored_features_bytes(f, device))
 
 
 def answer_step_bytes(selection, max_new_tokens: int, device: torch.device | None = None) -> int:
@@ -156,7 +181,8 @@ def answer_step_bytes(selection, max_new_tokens: int, device: torch.device | Non
     total = llm_pass_bytes(f.adapter, tokens, new_tokens=max_new_tokens)
     total += kept * _feature_bytes_per_slice(f.adapter, f.resized) // max(1, f.tokens_per_slice)
     if kept:
-        total = max(total, _chunk_bytes(f, slices))
+        chunk = _chunk_bytes(f, slices)
+        total = max(total, chunk + (nvdec_bytes(f, device) if chunk else 0))
     return int(total + stored_features_bytes(f, device))
 
 

@@ -199,3 +199,38 @@ def test_bad_planes_are_refused():
     yuv = Yuv420("yuv420p", 48, 64, 1, False)
     with pytest.raises(ValueError, match=r"\[N, 72, 64\]"):
         yuv420_to_rgb(torch.zeros(2, 48, 64, 3, dtype=torch.uint8), yuv)
+
+
+def test_nvdec_surfaces_are_counted_for_a_cuda_device_only(tiny_model, tmp_path):
+    """memory.nvdec_bytes: the decoder surfaces live outside torch's allocator (torch's peak never
+    shows them), so the step estimates ComfyUI is handed add them while frames remain to decode."""
+    from adapttoken import memory
+    path = write_video(tmp_path / "v.mp4", 16, width=128, height=96, codec="libx264")
+    video = at.open_video(path, 16, max_pixels=56 * 84, backend="pyav")
+    feats = F.SliceFeatures(tiny_model.adapter, video, decode_workers=3)
+    cuda = torch.device("cuda", 0)
+    assert memory.nvdec_bytes(feats, cuda) == 0                          # off by default
+    feats.configure(yuv_handover=True, hw_decode=True)
+    assert memory.nvdec_bytes(feats, torch.device("cpu")) == 0
+    per_lane = memory.NVDEC_SURFACES_PER_LANE * 96 * 128 * 3 // 2
+    assert memory.nvdec_bytes(feats, cuda) == 3 * per_lane
+    feats.configure(yuv_handover=False)                                   # RGB lanes: CPU decoding
+    assert memory.nvdec_bytes(feats, cuda) == 0
+    feats.release()
+
+
+def test_nvdec_surface_count_matches_the_measured_run():
+    """The constant against the run it was measured in: 8 lanes of 4K H.264 on an H200, memory
+    outside torch with NVDEC minus the same with CPU lanes (same process, same file)."""
+    import json
+    from pathlib import Path
+    from adapttoken import memory
+    res = json.loads((Path(__file__).resolve().parents[1] / "docs" / "bench_gpu_sources"
+                      / "nvdec_4k_4096" / "results.json").read_text())
+    cpu = res["cases"][0]["features"]
+    hw = res["variants"][0]["features"]
+    assert hw["hw_decode"] and not cpu["hw_decode"]
+    measured = (hw["outside_torch_gib"] - cpu["outside_torch_gib"]) * 2 ** 30
+    v = res["meta"]["video"]
+    estimate = res["meta"]["decode_workers"] * memory.NVDEC_SURFACES_PER_LANE * v["height"] * v["width"] * 3 // 2
+    assert measured <= estimate <= 1.05 * measured
