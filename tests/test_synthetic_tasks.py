@@ -197,6 +197,35 @@ def test_training_targets_follow_the_view():
             ("count", "none")} <= seen
 
 
+def test_sparse_final_pass_is_the_benchmarks_answer_pass():
+    """train_tiny's "sparse" situation (stage 10): a final pass over 8-64 slices of the whole video
+    that keeps every event token in view and one other token per slice, at the whole video's
+    extent; sparse_p draws it only for final passes, and sparse_p=0 draws exactly as before."""
+    from adapttoken.training import train_tiny as T
+    rng = np.random.default_rng(5)
+    with_events = 0
+    for i in range(30):
+        task = ("count", "order", "large")[i % 3]
+        ex = T.make_task_example(rng, task, situation="sparse")
+        n = len(ex.t_pos)
+        assert ex.situation == "sparse" and T.SPARSE_SLICES[0] <= n <= T.SPARSE_SLICES[1]
+        slices = ex.keep // T.TPS
+        assert set(slices.tolist()) == set(range(n))             # every slice shows a token
+        background = slices[~ex.needle]
+        assert np.bincount(background, minlength=n).max() <= 1   # one other token per slice
+        with_event = len(set(slices[ex.needle].tolist()))         # a random pick may land on an event
+        assert n - with_event <= len(background) <= n
+        assert ex.extent >= int(ex.t_pos.max())
+        with_events += bool(ex.needle.any())
+    assert with_events >= 10
+    a = [T.make_task_example(np.random.default_rng(k), "count").situation for k in range(12)]
+    b = [T.make_task_example(np.random.default_rng(k), "count", sparse_p=0.0).situation for k in range(12)]
+    assert a == b and "sparse" not in a
+    mixed = {T.make_task_example(np.random.default_rng(k), "order", sparse_p=1.0).situation
+             for k in range(20)}
+    assert mixed == {"group", "sparse"}
+
+
 def test_feature_head_labels_name_the_covering_needle():
     """train_tiny's feature-head labels: every token a needle covers with >= FEAT_MIN_PX pixels is
     labelled with that needle's colour and shape, uncovered tokens 0, slivers ignored."""

@@ -316,7 +316,13 @@ def _virtual_video(rng, cache):
     return scene, n_video, stride, S, slice_frames, t_all
 
 
+SPARSE_SLICES = (8, 64)         # the "sparse" final pass: slices spread over the whole video
+
+
 def _view(rng, S, situation, short, short_slices):
+    if situation == "sparse":
+        M = int(rng.integers(SPARSE_SLICES[0], SPARSE_SLICES[1] + 1))
+        return np.sort(rng.choice(S, size=min(M, S), replace=False))
     if situation == "group":
         K = 8 if short else int(rng.choice([8, 16, 24, 32, 48, 64, 64, 64]))
         K = min(K, S)
@@ -339,13 +345,22 @@ def _soft_over(options_or_words, probs: dict) -> tuple:
 def make_task_example(rng: np.random.Generator, task: str, situation: str | None = None,
                       present: bool | None = None, form: str | None = None, short: bool = False,
                       cache: _SceneCache | None = None, mc_share: float = 0.8,
-                      short_slices: int = 8) -> Example:
-    """One example of a task family (see the rule above); colour and shape are `make_example`'s."""
+                      short_slices: int = 8, sparse_p: float = 0.0) -> Example:
+    """One example of a task family (see the rule above); colour and shape are `make_example`'s.
+
+    situation "sparse" [ours, stage 10]: the answer pass in the benchmark's own form, a final pass
+    over 8-64 slices spread over the whole video that keeps one background token per slice (at
+    random) and every token an event covers: the few kept tokens of AdaptToken's answer pass on
+    count and order (budget 16) and large (64), where the model of stage 9 ordered at chance while
+    ordering training-sized final passes at 70%. `sparse_p`: the share of final passes drawn in
+    this form when the situation is left to chance (0: never; no extra random draw)."""
     import dataclasses
     if task in ("colour", "shape"):
         return make_example(rng, situation, present, form, short, cache, mc_share, short_slices,
                             attribute=task)
     situation = situation or ("group" if rng.random() < 0.55 else "final")
+    if situation == "final" and sparse_p > 0 and rng.random() < sparse_p:
+        situation = "sparse"
     present = bool(rng.random() < 0.6) if present is None else present
     form = form or ("mc" if rng.random() < mc_share else "open")
     scene, n_video, stride, S, slice_frames, t_all = _virtual_video(rng, cache)
@@ -421,6 +436,12 @@ def make_task_example(rng: np.random.Generator, task: str, situation: str | None
     if situation == "group":
         keep = np.arange(nv * TPS)
         extent = max(int(t_all[slices].max()), GRID - 1)
+    elif situation == "sparse":
+        keep_mask = np.zeros(nv * TPS, bool)
+        keep_mask[np.arange(nv) * TPS + rng.integers(0, TPS, size=nv)] = True
+        keep_mask[owner >= 0] = True
+        keep = np.nonzero(keep_mask)[0]
+        extent = max(int(t_all.max()), GRID - 1)
     else:
         keep_mask = np.ones(nv * TPS, bool) if rng.random() < 0.25 else rng.random(nv * TPS) < rng.uniform(0.03, 0.6)
         nd_tok = np.nonzero(owner >= 0)[0]
@@ -630,8 +651,9 @@ class BatchStream(torch.utils.data.IterableDataset):
 
     def __init__(self, processor, seed: int, batch: int, short_batch: int, short_p: float,
                  mc_share: float = 0.8, short_slices: int = 8, tasks: dict | None = None,
-                 answer_pointer: str = "evidence"):
+                 answer_pointer: str = "evidence", sparse_p: float = 0.0):
         self.processor, self.seed, self.mc_share = processor, seed, mc_share
+        self.sparse_p = sparse_p
         self.answer_pointer = answer_pointer
         self.tasks = dict(tasks or TASK_MIX)
         self.short_slices = short_slices
@@ -647,7 +669,8 @@ class BatchStream(torch.utils.data.IterableDataset):
             n = self.short_batch if short else self.batch
             names, w = list(self.tasks), np.asarray(list(self.tasks.values()), float)
             yield pack([make_task_example(rng, names[int(rng.choice(len(names), p=w / w.sum()))], short=short,
-                                          cache=cache, mc_share=self.mc_share, short_slices=self.short_slices)
+                                          cache=cache, mc_share=self.mc_share, short_slices=self.short_slices,
+                                          sparse_p=self.sparse_p)
                         for _ in range(n)], rng)
 
 
@@ -981,20 +1004,26 @@ def evaluate(adapter, n: int = 200, seed: int = 12345, situation: str = "group")
     return summarize(rows)
 
 
+SPARSE_TASKS = ("count", "order", "large")
+
+
 @torch.no_grad()
-def evaluate_tasks(adapter, n: int = 100, seed: int = 54321, tasks=tuple(TASK_MIX)) -> dict:
+def evaluate_tasks(adapter, n: int = 100, seed: int = 54321, tasks=tuple(TASK_MIX),
+                   sparse: bool = False) -> dict:
     """Per task and situation (group pass / final pass), held-out examples run through the inference
     path: accuracy of the greedy answer against the target's argmax where the target has one (the
     evidence in view), mean H / H_max with a hard target, with a soft one (partial evidence) and
     without evidence, and the probe's needle share: the share of the evidence tokens among the
     probe's top-k tokens, k = the number of evidence tokens (group passes, all tokens in view).
-    Entropies of multiple-choice questions only (H_max = ln 4)."""
+    Entropies of multiple-choice questions only (H_max = ln 4). sparse=True: also the benchmark-form
+    final pass ("sparse", see make_task_example) of count, order and large."""
     from ..entropy import response_entropy
     tok = adapter.tokenizer
     out = {}
     for task in tasks:
-        for sit in ("group", "final"):
-            rng = np.random.default_rng([seed, 11, list(TASK_MIX).index(task), sit == "final"])
+        sits = ("group", "final") + (("sparse",) if sparse and task in SPARSE_TASKS else ())
+        for sit in sits:
+            rng = np.random.default_rng([seed, 11, list(TASK_MIX).index(task), sits.index(sit)])
             acc, h_hard, h_soft, h_abs, share = [], [], [], [], []
             for i in range(n):
                 ex = make_task_example(rng, task, situation=sit, present=bool(i % 3 != 2),
@@ -1107,6 +1136,11 @@ def main(argv=None) -> int:
                     help="where the answer-position pointers look (ANSWER_POINTERS; 'evidence': the shipped model's stages 3-7, 'task': stage 8, tried)")
     ap.add_argument("--tasks", default=None,
                     help="task mix as name=weight,... (default: TASK_MIX, the five benchmark tasks)")
+    ap.add_argument("--sparse-p", type=float, default=0.0,
+                    help="share of the final passes of count / order / large drawn in the benchmark's "
+                         "answer-pass form (situation 'sparse', stage 10; 0: off, the shipped model's stages)")
+    ap.add_argument("--eval-sparse", action="store_true",
+                    help="held-out evaluation also on the 'sparse' final pass (count, order, large)")
     args = ap.parse_args(argv)
 
     from ..models.qwen2_5_vl import Qwen25VLAdapter
@@ -1144,7 +1178,7 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     loader = torch.utils.data.DataLoader(
         BatchStream(proc, args.seed, args.batch, args.short_batch, args.short_p, args.mc_share,
-                    args.short_slices, tasks, args.answer_pointer), batch_size=None,
+                    args.short_slices, tasks, args.answer_pointer, args.sparse_p), batch_size=None,
         num_workers=args.workers, pin_memory=dev.type == "cuda",
         prefetch_factor=4 if args.workers else None, persistent_workers=bool(args.workers))
     t0 = time.perf_counter()
@@ -1154,7 +1188,7 @@ def main(argv=None) -> int:
     step, window = 0, []
     while True:
         el = (time.perf_counter() - t0) / 60
-        frac = el / args.minutes if args.minutes else step / args.steps
+        frac = el / args.minutes if args.minutes else step / max(args.steps, 1)
         if frac >= 1 or step >= args.steps:
             break
         # warmup, hold the peak for 60% of the run, then cosine down to 5%
@@ -1196,11 +1230,12 @@ def main(argv=None) -> int:
     metrics = {"steps": step, "train_seconds": round(train_s, 1), "batch": args.batch,
                "short_batch": args.short_batch, "short_p": args.short_p, "lr": args.lr,
                "aux": args.aux, "opt_aux": args.opt_aux, "feat": args.feat, "mc_share": args.mc_share, "freeze_vision": args.freeze_vision,
-               "short_slices": args.short_slices, "answer_pointer": args.answer_pointer, "init": args.init, "tasks": tasks, "device": dev_name, "params": n_params,
+               "short_slices": args.short_slices, "answer_pointer": args.answer_pointer, "sparse_p": args.sparse_p, "init": args.init, "tasks": tasks, "device": dev_name, "params": n_params,
                "transformers": __import__("transformers").__version__, "torch": torch.__version__}
     if args.eval:
         adapter = Qwen25VLAdapter(model, proc)
-        metrics["eval_tasks"] = evaluate_tasks(adapter, args.eval, tasks=tuple(tasks))
+        metrics["eval_tasks"] = evaluate_tasks(adapter, args.eval, tasks=tuple(tasks),
+                                                sparse=args.eval_sparse or args.sparse_p > 0)
         print(f"eval tasks: {json.dumps(metrics['eval_tasks'])}", flush=True)
     (out / "training.json").write_text(json.dumps(metrics, indent=1) + "\n")
     if args.log:
