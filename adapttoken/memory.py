@@ -4,9 +4,10 @@ The weights are counted by whoever loads them (ComfyUI's ModelPatcher); these ar
 needs *besides* them: the temporaries of one decoder pass over a group (or over the kept tokens for
 the answer, plus its KV cache), the temporaries of the vision tower on one chunk of slices, and the
 video features kept on the device, and the NVDEC decoder lanes' surfaces while they decode
-(nvdec_bytes: outside torch's allocator, so torch's peak never shows them). Upper-bound style estimates (every layer's largest temporaries
-alive at once, float32 where the code upcasts), checked against the measured peak of a real pass in
-tests/test_memory_estimate.py; nodes/runtime.py hands them to ComfyUI so it frees other models first.
+(nvdec_bytes: outside torch's allocator, so torch's peak never shows them). Upper-bound style
+estimates (every layer's largest temporaries alive at once, float32 where the code upcasts),
+checked against the measured peak of a real pass in tests/test_memory_estimate.py; nodes/runtime.py
+hands them to ComfyUI so it frees other models first.
 """
 from __future__ import annotations
 
