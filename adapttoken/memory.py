@@ -128,14 +128,14 @@ NVDEC_SURFACES_PER_LANE = 29
 
 
 def nvdec_bytes(features, device: torch.device | None = None) -> int:
-    """Bytes the NVDEC decoder lanes take on the compute device outside torch's allocator: 0 unless
-    the features decode on NVDEC (hw_decode, a CUDA device, a 4:2:0 file); else lanes x
-    NVDEC_SURFACES_PER_LANE x one NV12 frame of the file's size."""
+    """Bytes the NVDEC decoder lanes take on the compute device `device` outside torch's allocator:
+    0 unless the features would decode on NVDEC there (hw_decode, a CUDA device, 4:2:0 planes
+    handed over: SliceFeatures._yuv's rule judged for `device`, since ComfyUI asks before it loads
+    the model onto it); else lanes x NVDEC_SURFACES_PER_LANE x one NV12 frame of the file's size."""
     dev = torch.device(device) if device is not None else features.adapter.device
     if not getattr(features, "hw_decode", False) or dev.type != "cuda":
         return 0
-    yuv = getattr(features, "_yuv", None)
-    if yuv is None or yuv() is None:
+    if features.yuv_handover is False or getattr(features.video, "yuv420", None) is None:
         return 0
     info = features.video.info
     frame = int(info.height) * int(info.width) * 3 // 2

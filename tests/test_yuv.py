@@ -210,9 +210,11 @@ def test_nvdec_surfaces_are_counted_for_a_cuda_device_only(tiny_model, tmp_path)
     feats = F.SliceFeatures(tiny_model.adapter, video, decode_workers=3)
     cuda = torch.device("cuda", 0)
     assert memory.nvdec_bytes(feats, cuda) == 0                          # off by default
-    feats.configure(yuv_handover=True, hw_decode=True)
+    feats.configure(hw_decode=True)             # handover left to the device: the model is on the
+    per_lane = memory.NVDEC_SURFACES_PER_LANE * 96 * 128 * 3 // 2  # CPU now, counted for the GPU
+    assert feats._yuv() is None and memory.nvdec_bytes(feats, cuda) == 3 * per_lane
+    feats.configure(yuv_handover=True)
     assert memory.nvdec_bytes(feats, torch.device("cpu")) == 0
-    per_lane = memory.NVDEC_SURFACES_PER_LANE * 96 * 128 * 3 // 2
     assert memory.nvdec_bytes(feats, cuda) == 3 * per_lane
     feats.configure(yuv_handover=False)                                   # RGB lanes: CPU decoding
     assert memory.nvdec_bytes(feats, cuda) == 0
