@@ -375,22 +375,32 @@ def allocate(scored, budget: int = 7040, relevance_mode: str = "linear", tau: fl
     if redundancy_threshold is not None and not -1.0 <= redundancy_threshold <= 1.0:
         raise InputError(f"redundancy threshold={redundancy_threshold} must be within -1..1 "
                          f"(cosine similarity), or None to keep every selected token")
-    done, skipped = scored.evaluate(hooks)
     ranked = scored.ranked
     features = ranked.features
+
+    def choose(done):
+        hn = [d.normalized for d in done]
+        rel = relevance(hn, relevance_mode, tau)
+        order = []
+        for d in done:
+            p = d.pass_
+            order.append(p.gids[torch.argsort(p.scores.cpu(), descending=True, stable=True)])
+        caps = [len(o) for o in order]
+        budgets = split_budget(rel, caps, int(budget), floor)
+        if redundancy_threshold is not None:
+            kept, n_red = remove_redundancy(order, budgets, features, float(redundancy_threshold), rel)
+        else:
+            kept, n_red = [o[:b] for o, b in zip(order, budgets)], 0
+        return rel, budgets, kept, n_red
+
+    def verify(done):                 # Lite's answer check (entropy.StopRule.check_answer)
+        kept = choose(done)[2]
+        gids = torch.cat(kept)
+        return scored.answer_top(torch.sort(gids).values, hooks)
+
+    done, skipped = scored.evaluate(hooks, verify=verify if scored.stop is not None else None)
     t0 = time.perf_counter()
-    hn = [d.normalized for d in done]
-    rel = relevance(hn, relevance_mode, tau)
-    order = []
-    for d in done:
-        p = d.pass_
-        order.append(p.gids[torch.argsort(p.scores.cpu(), descending=True, stable=True)])
-    caps = [len(o) for o in order]
-    budgets = split_budget(rel, caps, int(budget), floor)
-    if redundancy_threshold is not None:
-        kept, n_red = remove_redundancy(order, budgets, features, float(redundancy_threshold), rel)
-    else:
-        kept, n_red = [o[:b] for o, b in zip(order, budgets)], 0
+    rel, budgets, kept, n_red = choose(done)
     reports = []
     for d, r, b, k in zip(done, rel, budgets, kept):
         rep = _group_report(features, d.group, ranked.groups.slices[d.group])

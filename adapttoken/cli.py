@@ -34,6 +34,9 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-confirm", type=int, default=2,
                    help="Lite: confident groups that must agree on the answer before it stops "
                         "(1: the paper's first confident group)")
+    p.add_argument("--no-stop-check", dest="stop_check_answer", action="store_false",
+                   help="Lite: stop on the confident groups alone, without checking that the answer "
+                        "over the tokens chosen so far agrees (entropy.StopRule.check_answer)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -130,6 +133,7 @@ def config_from_args(args):
     c.redundancy_threshold = None if args.redundancy < 0 else args.redundancy
     c.stop_threshold, c.max_new_tokens = args.stop_threshold, args.max_new_tokens
     c.stop_confirm = args.stop_confirm
+    c.stop_check_answer = getattr(args, "stop_check_answer", True)
     c.do_sample, c.temperature, c.seed = args.sample, args.temperature, args.seed
     c.cache_dir = getattr(args, "cache_dir", None)
     c.feature_device = getattr(args, "feature_device", "auto")

@@ -71,10 +71,23 @@ class StopRule:
     (about 0.5-0.9) in those groups, while still below the ~1.0 of groups without evidence, which
     is what the budget split reads. Lite then reads on, and stops only where one group settles the
     answer. The rule is a pure function of the processed groups in temporal order, so replaying it
-    over an ordered list gives the same stop point."""
+    over an ordered list gives the same stop point.
+
+    check_answer [ours]: a model that answers from what it sees (asked "how many times did X
+    appear?", a group with one event says "1", confidently) makes the rule above stop after two
+    such groups although the answer needs them all. So before stopping, the answer pass is run
+    over the tokens the allocation would keep from the groups processed so far (the same budget
+    split, redundancy removal and answer prompt as the final answer), and Lite stops only if that
+    answer favours the same option as the confirming groups (`answer_top`): on a question one group
+    settles (the colour of an object seen twice) they agree; where the answer needs several groups
+    (two events seen -> "2", not the groups' "1") they do not and Lite reads on. The model's own
+    signals decide, without being told the task; the check costs one answer-sized pass per would-be
+    stop. Under torchrun (distributed.py) only the group rule applies: the tokens of groups that
+    other replicas ran are not at hand mid-read."""
     threshold: float = 0.2
     min_groups: int = 1
     confirm: int = 2
+    check_answer: bool = True
 
     def __post_init__(self):
         if not 0.0 <= self.threshold <= 1.0:
@@ -113,6 +126,7 @@ class ScoredGroups:
                              "or use first_token / greedy_mean")
         self.ranked, self.mode, self.tokens, self.stop = ranked, mode, tokens, stop
         self._evaluated: tuple[list[GroupScore], list[int]] | None = None
+        self.answer_checks: list[dict] = []   # Lite's answer checks (StopRule.check_answer)
 
     def with_stop(self, stop: StopRule | None) -> "ScoredGroups":
         return ScoredGroups(self.ranked, self.mode, self.tokens, stop)
@@ -120,6 +134,28 @@ class ScoredGroups:
     @property
     def question(self):
         return self.ranked.question
+
+    def _top(self, logits: torch.Tensor) -> int:
+        """The answer favoured by last-position logits: the most likely option (multiple choice,
+        mode 'options'), else the most likely first token."""
+        if self.mode == "options":
+            return int(np.argmax(response_entropy(logits, self.ranked.prompt.option_token_ids)[2]))
+        return int(logits.argmax())
+
+    def answer_top(self, gids: torch.Tensor, hooks=None) -> int:
+        """One answer pass over the tokens `gids` (sorted global ids) at their full-video positions,
+        the final answer's form: the answer it favours, as GroupScore.top (StopRule.check_answer)."""
+        import time
+
+        from .question import NO_HOOKS
+        hooks = hooks or NO_HOOKS
+        feats = self.ranked.features
+        embeds, coords = feats.tokens(gids, hooks)
+        t0 = time.perf_counter()
+        adapter = self.ranked.model.adapter
+        out = adapter.forward(self.ranked.prompt, embeds, coords, feats.extent_of(None), hooks=hooks)
+        feats.timer.add("stop_check", time.perf_counter() - t0, sync=adapter.device)
+        return self._top(out.logits)
 
     def score(self, g: int, hooks=None) -> GroupScore:
         m = self.tokens if self.mode == "greedy_mean" else 1
@@ -137,11 +173,14 @@ class ScoredGroups:
         evaluation: `done` in temporal order, `skipped` the groups never processed."""
         self._evaluated = (list(done), list(skipped))
 
-    def evaluate(self, hooks=None) -> tuple[list[GroupScore], list[int]]:
+    def evaluate(self, hooks=None, verify=None) -> tuple[list[GroupScore], list[int]]:
         """(processed groups in order, skipped group indices). Without a stop rule every slice is
-        decoded and encoded first in temporal order (sequential reading is faster)."""
+        decoded and encoded first in temporal order (sequential reading is faster). `verify`
+        (StopRule.check_answer): done -> the answer the tokens chosen so far favour (answer_top);
+        Lite stops only where it equals the last group's favoured answer."""
         if self._evaluated is not None:
             return self._evaluated
+        self.answer_checks = []
         n = len(self.ranked)
         if self.stop is None:
             self.ranked.features.prefetch(hooks)
@@ -164,7 +203,12 @@ class ScoredGroups:
                     feats.ride_along(np.concatenate(nxt) if nxt else None)
                 done.append(self.score(g, hooks))
                 if self.stop is not None and self.stop.should_stop(done):
-                    break
+                    if verify is None or not getattr(self.stop, "check_answer", False):
+                        break
+                    top = verify(done)
+                    self.answer_checks.append({"group": g, "group_top": done[-1].top, "answer_top": top})
+                    if top == done[-1].top:
+                        break
         finally:
             if self.stop is not None:
                 feats.drop_lookahead()
@@ -183,7 +227,8 @@ def score_groups(ranked, mode: str = "auto", tokens: int = 1) -> ScoredGroups:
 
 
 def early_stop(scored: ScoredGroups, threshold: float = 0.2, min_groups: int = 1,
-               confirm: int = 2) -> ScoredGroups:
+               confirm: int = 2, check_answer: bool = True) -> ScoredGroups:
     """Attach Lite's stop rule: the consumer then processes groups in order and stops early
-    (StopRule: `confirm`=1 is the paper's first confident group)."""
-    return scored.with_stop(StopRule(threshold, min_groups, confirm))
+    (StopRule: `confirm`=1 is the paper's first confident group; `check_answer` asks the answer
+    over the tokens chosen so far to agree before a stop)."""
+    return scored.with_stop(StopRule(threshold, min_groups, confirm, check_answer))

@@ -54,6 +54,7 @@ class AdaptTokenConfig:
     min_groups: int = 1
     stop_confirm: int = 2           # confident groups that must agree on the answer (1: the paper's
                                     # first confident group; entropy.StopRule)
+    stop_check_answer: bool = True  # and the answer over the tokens chosen so far (StopRule.check_answer)
     # answer
     max_new_tokens: int = 64
     do_sample: bool = False
@@ -168,7 +169,8 @@ def _scored(model: Model, video, question: Question, config: AdaptTokenConfig, m
     ranked = RankedGroups(model, groups, question, config.layer, config.aggregation)
     scored = score_groups(ranked, config.entropy_mode, config.entropy_tokens)
     if method == "lite":
-        scored = early_stop(scored, config.stop_threshold, config.min_groups, config.stop_confirm)
+        scored = early_stop(scored, config.stop_threshold, config.min_groups, config.stop_confirm,
+                            config.stop_check_answer)
     return scored
 
 

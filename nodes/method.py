@@ -95,9 +95,9 @@ class EarlyStop(io.ComfyNode):
         return schema("AdaptToken_EarlyStop")
 
     @classmethod
-    def execute(cls, scored, threshold, min_groups, confirm=2) -> io.NodeOutput:
+    def execute(cls, scored, threshold, min_groups, confirm=2, check_answer=True) -> io.NodeOutput:
         with runtime.comfy_errors():
-            return io.NodeOutput(at.early_stop(scored, threshold, min_groups, confirm))
+            return io.NodeOutput(at.early_stop(scored, threshold, min_groups, confirm, check_answer))
 
 
 class BudgetAllocate(io.ComfyNode):

@@ -180,7 +180,11 @@ SPECS: tuple[NodeSpec, ...] = (
          In("min_groups", "INT", 1, 1, 100_000, 1, tooltip="Process at least this many groups."),
          In("confirm", "INT", 2, 1, 100, 1, optional=True,
             tooltip="Stop only once this many groups were under the threshold and favoured the "
-                    "same answer (1: the paper's rule, stop at the first confident group).")),
+                    "same answer (1: the paper's rule, stop at the first confident group)."),
+         In("check_answer", "BOOLEAN", True, optional=True,
+            tooltip="Before stopping, answer over the tokens chosen so far and stop only if that "
+                    "answer agrees with the confident groups (questions that need several groups, "
+                    "such as counting, then read on).")),
         (Out("scored", AT_SCORED),)),
     NodeSpec(
         "AdaptToken_BudgetAllocate", "Budget Allocate (AdaptToken)",

@@ -65,7 +65,7 @@ WIDGETS = {
     "AdaptToken_GroupSplit": [64, "strided"],
     "AdaptToken_AttentionRank": [QUESTION, OPTIONS, -1, "max"],
     "AdaptToken_EntropyScore": ["auto", 1],
-    "AdaptToken_EarlyStop": [0.2, 1, 2],
+    "AdaptToken_EarlyStop": [0.2, 1, 2, True],
     "AdaptToken_BudgetAllocate": [BUDGET, "linear", 0.1, 0, 0.9],
     "AdaptToken_UniformFrames": [QUESTION, OPTIONS, BUDGET],
     "AdaptToken_MLLMAnswer": [64, False, 1.0, 1.0, 0, "fixed"],

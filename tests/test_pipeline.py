@@ -63,6 +63,7 @@ def test_lite_runs_exactly_the_groups_up_to_the_stop(tiny_model, video_file):
     assert sum(h == hn[k] for h in hn) == 1
     cfg.stop_threshold = hn[k] + 1e-6          # the first group under the threshold is group k
     cfg.stop_confirm = 1                       # the paper's rule: stop at the first confident group
+    cfg.stop_check_answer = False              # on the group rule alone (the check: test below)
     # count the language-model passes for real: a hook on the decoder's forward
     calls = []
     h = tiny_model.adapter.text_model.register_forward_pre_hook(lambda *a: calls.append(1))
@@ -96,12 +97,50 @@ def test_lite_with_confirm_stops_where_a_second_confident_group_agrees(tiny_mode
     tops = [int(np.argmax(g.option_probs)) for g in full.groups]
     assert [g.top for g in full.groups] == tops                 # reported with each group
     cfg.stop_threshold = 1.0                    # every group is confident: only agreement decides
+    cfg.stop_check_answer = False
     want = next((g for g in range(1, len(tops)) if tops[g] in tops[:g]), len(tops) - 1)
     for confirm, stop_at in ((1, 0), (2, want)):
         cfg.stop_confirm = confirm
         lite = at.ask(tiny_model, video_file, Q, config=cfg, method="lite")
         assert lite.group_passes == stop_at + 1, (confirm, tops)
         assert lite.skipped_groups == list(range(stop_at + 1, len(tops)))
+
+
+def test_lite_answer_check_stops_where_the_answer_so_far_agrees(tiny_model, video_file):
+    """StopRule.check_answer: with every group confident and confirm=1, Lite stops at the first
+    group whose favoured answer the answer pass over the tokens chosen so far shares. Each check is
+    recomputed here: the selection those groups give (allocate without a stop rule over the same
+    groups) answered by the answer pass, whose most likely option must be the check's. The
+    question is one where the random model's first check disagrees (its answer over group 0's
+    tokens is not group 0's favourite), so Lite reads on past the paper's stop point."""
+    from adapttoken.pipeline import prepare
+    Q = at.Question("Where?", ("left", "right", "up", "down"))
+    cfg = _config(stop_threshold=1.0, stop_confirm=1)
+    video = prepare(tiny_model, video_file, cfg, fresh_features=True)
+    full = at.score_groups(at.RankedGroups(tiny_model, at.split_groups(video, 4), Q))
+    ref = at.allocate(full, 24)
+    tops = [g.top for g in ref.groups]
+    lite = at.early_stop(at.score_groups(at.RankedGroups(tiny_model, at.split_groups(video, 4), Q)),
+                         1.0, 1, 1)
+    sel = at.allocate(lite, 24)
+    checks = lite.answer_checks
+    stop = len(sel.groups) - len(sel.skipped_groups) - 1
+    assert [c["group"] for c in checks] == list(range(len(checks)))   # every group is a would-be stop
+    assert [c["group_top"] for c in checks] == tops[:len(checks)]
+    agreed = [c["answer_top"] == c["group_top"] for c in checks]
+    assert len(checks) >= 2 and not any(agreed[:-1]) and agreed[-1]
+    assert stop == checks[-1]["group"] and sel.method == "lite"
+    for c in checks:                           # the check's answer, recomputed
+        upto = at.ScoredGroups(full.ranked)
+        done, _ = full.evaluate()
+        upto.adopt(done[:c["group"] + 1], list(range(c["group"] + 1, len(tops))))
+        part = at.allocate(upto, 24)
+        res = at.answer(part, max_new_tokens=1)
+        assert int(np.argmax([res.option_probs[L] for L in "ABCD"])) == c["answer_top"], c
+    # the pipeline's flag turns the check off: the paper's first confident group
+    off = at.ask(tiny_model, video_file, Q, config=_config(stop_threshold=1.0, stop_confirm=1,
+                                                           stop_check_answer=False), method="lite")
+    assert off.group_passes == 1
 
 
 def test_second_question_reuses_vision_features(tiny_model, video_file):

@@ -197,6 +197,34 @@ def test_training_targets_follow_the_view():
             ("count", "none")} <= seen
 
 
+def test_count_in_view_p_one_answers_what_is_in_view():
+    """count_p=1.0 (train_tiny --count-in-view-p 1, stage 11): with some count events in view the
+    target is the count in view itself, a hard target; where that count is not among the options
+    the rule of the soft target (spread over the larger options) still holds."""
+    from adapttoken.training import train_tiny as T
+    rng = np.random.default_rng(5)
+    hard = soft = 0
+    for i in range(120):
+        ex = T.make_task_example(rng, "count", situation="group", present=True, short=True,
+                                 form=("mc", "open")[i % 2], count_p=1.0)
+        q = ex.question
+        c = ex.n_shown                                   # count events with a token in view
+        opts = [int(o) for o in (q.options or T.syn.NUMBERS[:5])]
+        if c and c in opts:
+            assert ex.present and not ex.soft and int(q.answer_text) == c
+            hard += 1
+        elif c:                                          # the answer lies among the larger ones
+            higher = sorted(o for o in opts if o > c)
+            if len(higher) == 1:
+                assert ex.present and int(q.answer_text) == higher[0]
+            else:
+                words = dict(ex.soft)
+                assert not ex.present and sorted(int(q.options[T.syn.LETTERS.index(w)] if q.options else w)
+                                                 for w in words) == higher
+            soft += 1
+    assert hard > 50 and soft > 0
+
+
 def test_sparse_final_pass_is_the_benchmarks_answer_pass():
     """train_tiny's "sparse" situation (stage 10): a final pass over 8-64 slices of the whole video
     that keeps every event token in view and one other token per slice, at the whole video's

@@ -345,7 +345,8 @@ def _soft_over(options_or_words, probs: dict) -> tuple:
 def make_task_example(rng: np.random.Generator, task: str, situation: str | None = None,
                       present: bool | None = None, form: str | None = None, short: bool = False,
                       cache: _SceneCache | None = None, mc_share: float = 0.8,
-                      short_slices: int = 8, sparse_p: float = 0.0) -> Example:
+                      short_slices: int = 8, sparse_p: float = 0.0,
+                      count_p: float = COUNT_IN_VIEW_P) -> Example:
     """One example of a task family (see the rule above); colour and shape are `make_example`'s.
 
     situation "sparse" [ours, stage 10]: the answer pass in the benchmark's own form, a final pass
@@ -353,7 +354,11 @@ def make_task_example(rng: np.random.Generator, task: str, situation: str | None
     random) and every token an event covers: the few kept tokens of AdaptToken's answer pass on
     count and order (budget 16) and large (64), where the model of stage 9 ordered at chance while
     ordering training-sized final passes at 70%. `sparse_p`: the share of final passes drawn in
-    this form when the situation is left to chance (0: never; no extra random draw)."""
+    this form when the situation is left to chance (0: never; no extra random draw).
+
+    count_p: the target's weight on the count in view when some count events are in view (the rest
+    is spread over the larger options); 1.0 [ours, stage 11, tried]: answer what is in view, as an
+    MLLM that sees only the group would."""
     import dataclasses
     if task in ("colour", "shape"):
         return make_example(rng, situation, present, form, short, cache, mc_share, short_slices,
@@ -462,8 +467,9 @@ def make_task_example(rng: np.random.Generator, task: str, situation: str | None
     if task == "count" and shown:
         c = len(shown)
         higher = [o for o in opts if int(o) > c]
-        probs = {str(c): COUNT_IN_VIEW_P if higher else 1.0}
-        probs.update({o: (1 - COUNT_IN_VIEW_P) / len(higher) for o in higher})
+        probs = {str(c): count_p if higher else 1.0}
+        if count_p < 1.0:
+            probs.update({o: (1 - count_p) / len(higher) for o in higher})
         if str(c) not in opts:
             probs = {o: 1 / len(higher) for o in higher} if higher else {}
         if len(probs) == 1:
@@ -651,9 +657,10 @@ class BatchStream(torch.utils.data.IterableDataset):
 
     def __init__(self, processor, seed: int, batch: int, short_batch: int, short_p: float,
                  mc_share: float = 0.8, short_slices: int = 8, tasks: dict | None = None,
-                 answer_pointer: str = "evidence", sparse_p: float = 0.0):
+                 answer_pointer: str = "evidence", sparse_p: float = 0.0,
+                 count_p: float = COUNT_IN_VIEW_P):
         self.processor, self.seed, self.mc_share = processor, seed, mc_share
-        self.sparse_p = sparse_p
+        self.sparse_p, self.count_p = sparse_p, count_p
         self.answer_pointer = answer_pointer
         self.tasks = dict(tasks or TASK_MIX)
         self.short_slices = short_slices
@@ -670,7 +677,7 @@ class BatchStream(torch.utils.data.IterableDataset):
             names, w = list(self.tasks), np.asarray(list(self.tasks.values()), float)
             yield pack([make_task_example(rng, names[int(rng.choice(len(names), p=w / w.sum()))], short=short,
                                           cache=cache, mc_share=self.mc_share, short_slices=self.short_slices,
-                                          sparse_p=self.sparse_p)
+                                          sparse_p=self.sparse_p, count_p=self.count_p)
                         for _ in range(n)], rng)
 
 
@@ -1141,7 +1148,12 @@ def main(argv=None) -> int:
                          "answer-pass form (situation 'sparse', stage 10; 0: off, the shipped model's stages)")
     ap.add_argument("--eval-sparse", action="store_true",
                     help="held-out evaluation also on the 'sparse' final pass (count, order, large)")
+    ap.add_argument("--count-in-view-p", type=float, default=COUNT_IN_VIEW_P,
+                    help="count: the target's weight on the count in view (the rest on larger counts; "
+                         "1.0: answer what is in view, stage 11)")
     args = ap.parse_args(argv)
+    if not 0.0 < args.count_in_view_p <= 1.0:
+        raise SystemExit(f"--count-in-view-p {args.count_in_view_p}: use a weight in (0, 1]")
 
     from ..models.qwen2_5_vl import Qwen25VLAdapter
     from .tiny import save_model_folder
@@ -1178,7 +1190,8 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     loader = torch.utils.data.DataLoader(
         BatchStream(proc, args.seed, args.batch, args.short_batch, args.short_p, args.mc_share,
-                    args.short_slices, tasks, args.answer_pointer, args.sparse_p), batch_size=None,
+                    args.short_slices, tasks, args.answer_pointer, args.sparse_p,
+                    args.count_in_view_p), batch_size=None,
         num_workers=args.workers, pin_memory=dev.type == "cuda",
         prefetch_factor=4 if args.workers else None, persistent_workers=bool(args.workers))
     t0 = time.perf_counter()
@@ -1230,7 +1243,7 @@ def main(argv=None) -> int:
     metrics = {"steps": step, "train_seconds": round(train_s, 1), "batch": args.batch,
                "short_batch": args.short_batch, "short_p": args.short_p, "lr": args.lr,
                "aux": args.aux, "opt_aux": args.opt_aux, "feat": args.feat, "mc_share": args.mc_share, "freeze_vision": args.freeze_vision,
-               "short_slices": args.short_slices, "answer_pointer": args.answer_pointer, "sparse_p": args.sparse_p, "init": args.init, "tasks": tasks, "device": dev_name, "params": n_params,
+               "short_slices": args.short_slices, "answer_pointer": args.answer_pointer, "sparse_p": args.sparse_p, "count_in_view_p": args.count_in_view_p, "init": args.init, "tasks": tasks, "device": dev_name, "params": n_params,
                "transformers": __import__("transformers").__version__, "torch": torch.__version__}
     if args.eval:
         adapter = Qwen25VLAdapter(model, proc)
