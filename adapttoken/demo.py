@@ -23,12 +23,17 @@ def _stop_story(res, cfg, question, tokenizer) -> str:
     run = [g for g in res.groups if g.entropy_norm is not None]
     last = run[-1]
     agree = [g.group for g in run if g.entropy_norm < cfg.stop_threshold and g.top == last.top]
-    if last.entropy_norm >= cfg.stop_threshold or len(agree) < cfg.stop_confirm:
-        return (f"Lite read every group: no {cfg.stop_confirm} groups under H/H_max "
-                f"{cfg.stop_threshold} agreed on the answer")
+    if not res.skipped_groups:
+        if last.entropy_norm >= cfg.stop_threshold or len(agree) < cfg.stop_confirm:
+            return (f"Lite read every group: no {cfg.stop_confirm} groups under H/H_max "
+                    f"{cfg.stop_threshold} agreed on the answer")
+        return ("Lite read every group: where confident groups agreed, the answer over the tokens "
+                "chosen so far favoured another answer (the answer check)")
     name = question.letters[last.top] if question.options else tokenizer.decode([last.top]).strip()
+    check = (", and the answer over the tokens chosen so far favours it too"
+             if cfg.stop_check_answer else "")
     return (f"Lite stopped after group {last.group}: groups {', '.join(map(str, agree))} were under "
-            f"H/H_max {cfg.stop_threshold} and favour {name!r} "
+            f"H/H_max {cfg.stop_threshold} and favour {name!r}{check} "
             f"(confirm={cfg.stop_confirm}: that many confident groups must agree)")
 
 

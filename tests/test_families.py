@@ -357,6 +357,7 @@ def test_lite_from_a_cold_cache_encodes_only_the_groups_it_runs(ad, video_file):
     assert n_groups >= 3 and full.encoded_slices == full.num_slices
     cfg.stop_threshold = full.groups[0].entropy_norm + 1e-6     # group 0 is under it: stop there
     cfg.stop_confirm = 1                                        # (the first confident group)
+    cfg.stop_check_answer = False                               # the group rule alone
     calls = []
     hook = ad.text_model.register_forward_pre_hook(lambda *a: calls.append(1))
     try:

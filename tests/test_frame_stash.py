@@ -96,8 +96,8 @@ def test_stash_is_bounded_and_emptied_when_lite_stops(tiny_model, tmp_path):
     # a stop after the first group: the frames taken for later groups are dropped, not kept
     full = at.ask(tiny_model, path, "What is shown?", config=at.AdaptTokenConfig(
         num_frames=256, group_size=8, budget=32, max_pixels=56 * 56, min_pixels=56 * 56,
-        stop_threshold=1.0, stop_confirm=1, decode_workers=0, max_new_tokens=2), method="lite",
-        fresh_features=True)
+        stop_threshold=1.0, stop_confirm=1, stop_check_answer=False, decode_workers=0,
+        max_new_tokens=2), method="lite", fresh_features=True)
     assert full.group_passes == 1
     st = full.extra["features"]
     assert st["ride_along_frames"] > 0 and st["ride_along_used_frames"] == 0

@@ -360,9 +360,10 @@ def test_keep_loaded_off_offloads_after_the_answer(comfy_server, api, model_name
 
 def test_lite_never_touches_the_groups_after_the_stop(comfy_server, api, model_name):
     comfy_server.free()              # start from an empty feature cache (waits for the unload)
-    # threshold 1.0: stop after the first group whatever its entropy
+    # threshold 1.0: stop after the first group whatever its entropy (the group rule alone: the
+    # answer check, Early Stop's appended input, off)
     p = make(api, "adapttoken_lite", model_name, EarlyStop__threshold=1.0, EarlyStop__confirm=1,
-             AttentionRank__question="What colour was it?")
+             EarlyStop__check_answer=False, AttentionRank__question="What colour was it?")
     run = comfy_server.run(p, timeout=300)
     assert run.status == "success", run.error
     st = stats(run, p)
