@@ -21,7 +21,8 @@ the same model and the same token budget:
 
 * adapttoken: group passes over every group, entropy budget split, redundancy removal;
 * lite: groups in order, stop once --stop-confirm groups (default 2) had H / H_max < stop threshold
-  and the same favoured answer (entropy.StopRule; 1 = the paper's first confident group);
+  and the same favoured answer (entropy.StopRule; 1 = the paper's first confident group), and the
+  answer over the tokens chosen so far favours it too (the answer check; --no-stop-check: off);
 * uniform: as many evenly spaced slices as the budget holds, no group pass;
 * even_split: attention ranking with budget / G tokens per group (FlexSelect-style).
 
@@ -89,11 +90,13 @@ def generate(jobs: list, n_proc: int) -> list[dict]:
         return pool.map(_make, jobs, chunksize=1)
 
 
-def bench_config(length: int, budget: int, group_size: int, stop: float, confirm: int = 2):
+def bench_config(length: int, budget: int, group_size: int, stop: float, confirm: int = 2,
+                 check_answer: bool = True):
     from adapttoken.pipeline import AdaptTokenConfig
     return AdaptTokenConfig(num_frames=length, max_pixels=112 * 112, min_pixels=112 * 112,
                             group_size=min(group_size, length // 2), budget=budget,
-                            stop_threshold=stop, stop_confirm=confirm, max_new_tokens=4)
+                            stop_threshold=stop, stop_confirm=confirm,
+                            stop_check_answer=check_answer, max_new_tokens=4)
 
 
 def parse_letter(text: str) -> str:
@@ -177,6 +180,7 @@ def _worker(args):
     ablation_lengths = args[11] if len(args) > 11 else ()
     quantization = args[12] if len(args) > 12 else None
     confirm = args[13] if len(args) > 13 else 2
+    check_answer = args[14] if len(args) > 14 else True
     import torch
     torch.set_num_threads(threads)
     from adapttoken.models.loading import load_model
@@ -184,7 +188,7 @@ def _worker(args):
     out = []
     for sample, length in items:
         ms = [m for m in methods if m not in ABLATIONS or length in ablation_lengths]
-        rows = run_one(model, sample, length, ms, bench_config(length, budget, group_size, stop, confirm), form,
+        rows = run_one(model, sample, length, ms, bench_config(length, budget, group_size, stop, confirm, check_answer), form,
                        task)
         out.extend(rows)
         print(f"{length} frames, seed {sample['seed']}: " + "  ".join(
@@ -429,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--stop-confirm", type=int, default=2,
                     help="Lite: confident groups that must agree on the answer before it stops "
                          "(1: the paper's first confident group)")
+    ap.add_argument("--no-stop-check", dest="stop_check", action="store_false",
+                    help="Lite: stop on the confident groups alone, without the answer check")
     ap.add_argument("--model", default=None, help="model folder (default: the bundled tiny model)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
@@ -484,7 +490,7 @@ def main(argv=None) -> int:
     if args.jobs <= 1:
         rows = _worker((model_dir, args.device, args.dtype, items, methods, budget,
                         group_size, args.stop_threshold, max(1, min(2, os.cpu_count() or 1)), args.form,
-                        args.task, abl, args.quantization, args.stop_confirm))
+                        args.task, abl, args.quantization, args.stop_confirm, args.stop_check))
     else:
         import multiprocessing as mp
         n = min(args.jobs, len(items))
@@ -493,7 +499,7 @@ def main(argv=None) -> int:
         with mp.get_context("spawn").Pool(n) as pool:
             res = pool.map(_worker, [(model_dir, args.device, args.dtype, p, methods, budget,
                                       group_size, args.stop_threshold, threads, args.form, args.task, abl,
-                                      args.quantization, args.stop_confirm)
+                                      args.quantization, args.stop_confirm, args.stop_check)
                                      for p in parts])
         rows = [r for part in res for r in part]
     eval_s = time.perf_counter() - t1
@@ -504,7 +510,8 @@ def main(argv=None) -> int:
             "device": (torch.cuda.get_device_name(0) if args.device in ("auto", "cuda") and torch.cuda.is_available()
                        else f"cpu x{os.cpu_count()}"), "jobs": args.jobs,
             "generation_s": round(gen_s, 1), "evaluation_s": round(eval_s, 1),
-            "stop_threshold": args.stop_threshold, "stop_confirm": args.stop_confirm}
+            "stop_threshold": args.stop_threshold, "stop_confirm": args.stop_confirm,
+            "stop_check_answer": args.stop_check}
     try:
         import transformers
         meta["transformers"] = transformers.__version__
@@ -518,6 +525,7 @@ def main(argv=None) -> int:
            (f" --group-size {group_size}" if args.group_size or not args.task else "") +
            (" --ablation-lengths " + " ".join(map(str, abl)) if abl != (4096,) else "") +
            (f" --stop-confirm {args.stop_confirm}" if args.stop_confirm != 2 else "")
+           + ("" if args.stop_check else " --no-stop-check")
            + (" --methods " + " ".join(methods) if set(methods) != set(ALL_METHODS) else "")
            + (f" --model {args.model}" if args.model else "") + f" --out {args.out}"
            + (" --no-plots" if args.no_plots else ""))
