@@ -154,6 +154,23 @@ def test_bench_task_grid_with_ablations(tmp_path):
     md = (out / "README.md").read_text()
     assert "Task **order**" in md and "budget 16 tokens" in md and "softmax relevance" in md
     assert "--task order" in md and "--group-size 16" in md
+    assert res["meta"]["stop_check_answer"] is True and "--no-stop-check" not in res["command"]
+
+
+def test_bench_lite_without_the_answer_check(tmp_path):
+    """--no-stop-check reaches Lite's config (recorded in the meta and the command); with every
+    group confident and confirm=1 the group rule alone stops Lite after the first group."""
+    pytest.importorskip("av")
+    from adapttoken.bench.synthetic import main
+    out = tmp_path / "bench"
+    assert main(["--task", "colour", "--lengths", "256", "--count", "1", "--group-size", "16",
+                 "--methods", "lite", "--ablation-lengths", "--stop-threshold", "1.0",
+                 "--stop-confirm", "1", "--no-stop-check", "--out", str(out), "--no-plots",
+                 "--videos", str(tmp_path / "v")]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["meta"]["stop_check_answer"] is False and "--no-stop-check" in res["command"]
+    (row,) = res["rows"]
+    assert row["method"] == "lite" and row["group_passes"] == 1
 
 
 def test_training_targets_follow_the_view():
