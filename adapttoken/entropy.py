@@ -8,12 +8,14 @@ mean over the first m greedy tokens. Low entropy = this group holds evidence.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .errors import InputError
+from .question import NO_HOOKS
 
 # Lite: frames of at most this many groups after the current one are taken on the way when a read
 # passes them (decode.FrameStash); a stop wastes at most their decoding.
@@ -145,9 +147,6 @@ class ScoredGroups:
     def answer_top(self, gids: torch.Tensor, hooks=None) -> int:
         """One answer pass over the tokens `gids` (sorted global ids) at their full-video positions,
         the final answer's form: the answer it favours, as GroupScore.top (StopRule.check_answer)."""
-        import time
-
-        from .question import NO_HOOKS
         hooks = hooks or NO_HOOKS
         feats = self.ranked.features
         embeds, coords = feats.tokens(gids, hooks)
