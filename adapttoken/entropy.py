@@ -137,12 +137,11 @@ class ScoredGroups:
     def question(self):
         return self.ranked.question
 
-    def _top(self, logits: torch.Tensor) -> int:
-        """The answer favoured by last-position logits: the most likely option (multiple choice,
-        mode 'options'), else the most likely first token."""
-        if self.mode == "options":
-            return int(np.argmax(response_entropy(logits, self.ranked.prompt.option_token_ids)[2]))
-        return int(logits.argmax())
+    @staticmethod
+    def _favoured(logits: torch.Tensor, probs) -> int:
+        """The answer a pass favours: the most likely option (`probs`, mode 'options'), else the
+        most likely first token of its last-position logits."""
+        return int(np.argmax(probs)) if probs is not None else int(logits.argmax())
 
     def answer_top(self, gids: torch.Tensor, hooks=None) -> int:
         """One answer pass over the tokens `gids` (sorted global ids) at their full-video positions,
@@ -154,7 +153,9 @@ class ScoredGroups:
         adapter = self.ranked.model.adapter
         out = adapter.forward(self.ranked.prompt, embeds, coords, feats.extent_of(None), hooks=hooks)
         feats.timer.add("stop_check", time.perf_counter() - t0, sync=adapter.device)
-        return self._top(out.logits)
+        probs = (response_entropy(out.logits, self.ranked.prompt.option_token_ids)[2]
+                 if self.mode == "options" else None)
+        return self._favoured(out.logits, probs)
 
     def score(self, g: int, hooks=None) -> GroupScore:
         m = self.tokens if self.mode == "greedy_mean" else 1
@@ -164,8 +165,7 @@ class ScoredGroups:
         else:
             hs = [response_entropy(lg)[0] for lg in [p.logits, *p.greedy_logits]]
             h, hmax, probs = sum(hs) / len(hs), math.log(p.logits.shape[-1]), None
-        top = int(np.argmax(probs)) if probs is not None else int(p.logits.argmax())
-        return GroupScore(g, h, hmax, probs, p, top)
+        return GroupScore(g, h, hmax, probs, p, self._favoured(p.logits, probs))
 
     def adopt(self, done: list[GroupScore], skipped: list[int]) -> None:
         """Take results computed elsewhere (other processes: distributed.py) as this object's
