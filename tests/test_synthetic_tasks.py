@@ -319,6 +319,33 @@ def test_feature_heads_loss_is_class_balanced_and_ignores_slivers():
     assert 0.0 <= float(acc) <= 1.0
 
 
+
+def test_pooled_shape_head_reads_each_needle_from_the_mean_of_its_tokens():
+    """--shape-pool: one example per (slice, shape) shown, from the mean of those tokens (slivers
+    and background left out), recomputed here by hand; gradients reach the tokens; no needle: 0."""
+    import torch
+    import torch.nn.functional as F
+    from adapttoken.training.train_tiny import FeatureHeads
+    torch.manual_seed(0)
+    heads = FeatureHeads(8)
+    feats = torch.randn(48, 8, requires_grad=True)            # 3 slices of 16 tokens
+    cls = torch.zeros(48, 2, dtype=torch.long)
+    cls[[1, 2, 5], 1] = 3                                     # slice 0: a triangle on 3 tokens
+    cls[6, 1] = -100                                          # ... and a sliver of it
+    cls[[20, 21], 1] = 1                                      # slice 1: a circle
+    cls[[22, 23], 1] = 4                                      # ... and a cross
+    cls[[33, 47], 1] = 3                                      # slice 2: a triangle
+    loss, acc = heads.pooled_loss(feats, cls)
+    groups = [([1, 2, 5], 2), ([20, 21], 0), ([22, 23], 3), ([33, 47], 2)]
+    x = torch.stack([feats[i].mean(0) for i, _ in groups])
+    want = F.cross_entropy(heads.pooled_shape(F.layer_norm(x, (8,))), torch.tensor([y for _, y in groups]))
+    assert torch.allclose(loss, want)
+    assert 0.0 <= float(acc) <= 1.0
+    loss.backward()
+    assert feats.grad[[1, 20, 33]].abs().sum() > 0 and feats.grad[[0, 6, 40]].abs().sum() == 0
+    none, none_acc = heads.pooled_loss(feats.detach(), torch.zeros(48, 2, dtype=torch.long))
+    assert float(none) == 0.0 and float(none_acc) == 0.0
+
 def test_evidence_kept_counts_the_needles_own_tokens():
     from adapttoken.bench.synthetic import evidence_kept
     nd = {"frame_start": 10, "frame_end": 12, "colour": "red", "shape": "square", "x": 42, "y": 14,

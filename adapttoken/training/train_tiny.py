@@ -794,6 +794,7 @@ class FeatureHeads(torch.nn.Module):
         super().__init__()
         self.colour = torch.nn.Linear(dim, 1 + len(syn.COLOURS))
         self.shape = torch.nn.Linear(dim, 1 + len(syn.SHAPES))
+        self.pooled_shape = torch.nn.Linear(dim, len(syn.SHAPES))
 
     def loss(self, feats: torch.Tensor, cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Class-balanced CE (half the weight on needle tokens, half on the rest) summed over the two
@@ -811,10 +812,33 @@ class FeatureHeads(torch.nn.Module):
         acc = (right[0] & right[1]).float().mean() if right[0].numel() else feats.new_zeros(())
         return total, acc.detach()
 
+    def pooled_loss(self, feats: torch.Tensor, cls: torch.Tensor, tokens_per_slice: int = TPS
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shape of each needle from the mean of its tokens (`--shape-pool`) [ours, stage 13]:
+        CE of `pooled_shape` on the layer-normed mean of the tokens of one slice that show one
+        shape (label > 0: slivers excluded), and its accuracy. A token holding part of a shape
+        cannot always tell the whole shape (the per-token heads above ask it to); the pooled
+        tokens can (docs/bench_synthetic_tasks/shape_learn.py). (0, 0) when no needle is shown."""
+        lab = cls[:, 1]
+        m = lab > 0
+        if not bool(m.any()):
+            z = feats.new_zeros((), dtype=torch.float32)
+            return z, z
+        idx = torch.nonzero(m).squeeze(1)
+        key = (idx // tokens_per_slice) * (1 + len(syn.SHAPES)) + lab[idx]
+        groups, inv = torch.unique(key, return_inverse=True)
+        x = feats[idx].float()
+        pooled = x.new_zeros(len(groups), x.shape[1]).index_add_(0, inv, x)
+        pooled = pooled / torch.bincount(inv, minlength=len(groups)).unsqueeze(1).to(x.dtype)
+        target = groups % (1 + len(syn.SHAPES)) - 1
+        logits = self.pooled_shape(F.layer_norm(pooled, pooled.shape[-1:]))
+        loss = F.cross_entropy(logits, target)
+        return loss, (logits.argmax(-1) == target).float().mean().detach()
+
 
 def forward_batch(model, vision, processor, batch: dict, device, probe_layer: int = 3,
                   aux_weight: float = 0.5, opt_weight: float = 1.0, feat_heads: FeatureHeads | None = None,
-                  feat_weight: float = 0.0):
+                  feat_weight: float = 0.0, pool_weight: float = 0.0):
     """Loss of one packed batch: answer CE (hard targets with the needle in view, the uniform soft
     target without) + aux_weight * probe loss + opt_weight * option pointers + feat_weight *
     feature heads. Returns (loss, stats as device tensors)."""
@@ -930,11 +954,17 @@ def forward_batch(model, vision, processor, batch: dict, device, probe_layer: in
             p2 = rows_attention(attn_mod, hp, cos, sin, bi, soft_pos[bi], head=0)   # [n, L]
             opt = opt - torch.log((p2 * line[bi]).sum(-1) + 1e-6).mean()
     feat, feat_acc = ce.new_zeros(()), ce.new_zeros(())
-    if feat_heads is not None and feat_weight > 0:
-        feat, feat_acc = feat_heads.loss(feats, batch["tok_cls"].to(device, non_blocking=True))
+    pool, pool_acc = ce.new_zeros(()), ce.new_zeros(())
+    if feat_heads is not None and (feat_weight > 0 or pool_weight > 0):
+        tok_cls = batch["tok_cls"].to(device, non_blocking=True)
+        if feat_weight > 0:
+            feat, feat_acc = feat_heads.loss(feats, tok_cls)
+        if pool_weight > 0:
+            pool, pool_acc = feat_heads.pooled_loss(feats, tok_cls)
     st = {"ce": ce.detach(), "aux": aux.detach(), "opt": opt.detach(), "feat": feat.detach(),
-          "feat_acc": feat_acc, "correct": correct, "present": present.sum()}
-    return ce + aux_weight * aux + opt_weight * opt + feat_weight * feat, st
+          "feat_acc": feat_acc, "pool": pool.detach(), "pool_acc": pool_acc, "correct": correct,
+          "present": present.sum()}
+    return ce + aux_weight * aux + opt_weight * opt + feat_weight * feat + pool_weight * pool, st
 
 
 def rows_attention(attn, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bi: torch.Tensor,
@@ -1125,6 +1155,9 @@ def main(argv=None) -> int:
     ap.add_argument("--aux", type=float, default=0.5, help="weight of the probe loss (0: off)")
     ap.add_argument("--feat", type=float, default=0.0,
                     help="weight of the feature heads' loss (colour and shape per visual token; 0: off)")
+    ap.add_argument("--shape-pool", type=float, default=0.0,
+                    help="weight of the pooled shape head's loss (each needle's shape from the mean of its "
+                         "visual tokens, training only; 0: off)")
     ap.add_argument("--opt-aux", type=float, default=1.0,
                     help="weight of the option-pointer loss for multiple choice (0: off)")
     ap.add_argument("--mc-share", type=float, default=0.8, help="share of multiple-choice questions")
@@ -1184,7 +1217,7 @@ def main(argv=None) -> int:
         for prm in model.model.visual.parameters():
             prm.requires_grad_(False)
     bf16 = (dev.type == "cuda") if args.bf16 is None else args.bf16
-    feat_heads = FeatureHeads(vision.dim).to(dev) if args.feat > 0 else None
+    feat_heads = FeatureHeads(vision.dim).to(dev) if args.feat > 0 or args.shape_pool > 0 else None
     params = [prm for prm in model.parameters() if prm.requires_grad]
     params += list(feat_heads.parameters()) if feat_heads is not None else []
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -1213,7 +1246,7 @@ def main(argv=None) -> int:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             loss, st = forward_batch(model, vision, proc, batch, dev, probe_layer=adapter.default_layer,
                                      aux_weight=args.aux, opt_weight=args.opt_aux,
-                                     feat_heads=feat_heads, feat_weight=args.feat)
+                                     feat_heads=feat_heads, feat_weight=args.feat, pool_weight=args.shape_pool)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -1224,7 +1257,8 @@ def main(argv=None) -> int:
             w = {k: float(sum(x[k] for x in window)) for k in window[0]}
             line = (f"step {step:5d}  {el * 60:6.1f}s  lr {lr:.2e}  ce {w['ce'] / len(window):.4f}  "
                     f"aux {w['aux'] / len(window):.4f}  opt {w['opt'] / len(window):.4f}  "
-                    f"feat {w['feat'] / len(window):.4f} ({w['feat_acc'] / len(window):.3f})  acc(first token, in view) "
+                    f"feat {w['feat'] / len(window):.4f} ({w['feat_acc'] / len(window):.3f})  "
+                    f"pool {w['pool'] / len(window):.4f} ({w['pool_acc'] / len(window):.3f})  acc(first token, in view) "
                     f"{w['correct'] / max(1.0, w['present']):.3f}")
             print(line, flush=True)
             log.append(line)
@@ -1242,7 +1276,7 @@ def main(argv=None) -> int:
     model.to(dev)
     metrics = {"steps": step, "train_seconds": round(train_s, 1), "batch": args.batch,
                "short_batch": args.short_batch, "short_p": args.short_p, "lr": args.lr,
-               "aux": args.aux, "opt_aux": args.opt_aux, "feat": args.feat, "mc_share": args.mc_share, "freeze_vision": args.freeze_vision,
+               "aux": args.aux, "opt_aux": args.opt_aux, "feat": args.feat, "shape_pool": args.shape_pool, "mc_share": args.mc_share, "freeze_vision": args.freeze_vision,
                "short_slices": args.short_slices, "answer_pointer": args.answer_pointer, "sparse_p": args.sparse_p, "count_in_view_p": args.count_in_view_p, "init": args.init, "tasks": tasks, "device": dev_name, "params": n_params,
                "transformers": __import__("transformers").__version__, "torch": torch.__version__}
     if args.eval:
