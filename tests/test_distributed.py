@@ -59,7 +59,8 @@ def _worker(tmp_path: Path, n: int, **spec) -> dict:
 
 
 def _reference(model_dir, video, methods, **over) -> dict:
-    """The same questions in this one process."""
+    """The same questions in this one process, under the same stop rule: Lite's answer check does
+    not run under torchrun (docs/DISTRIBUTED.md), so the reference runs the group rule alone."""
     torch.set_num_threads(1)
     model = at.load_model(model_dir, dtype="fp32", device="cpu")
     spec = {**BASE, **over}
@@ -67,7 +68,7 @@ def _reference(model_dir, video, methods, **over) -> dict:
                               budget=spec["budget"], max_new_tokens=spec["max_new_tokens"],
                               max_pixels=spec.get("max_pixels", 308 * 560), decode_workers=0,
                               stop_threshold=spec.get("stop_threshold", 0.2),
-                              stop_confirm=spec.get("stop_confirm", 2))
+                              stop_confirm=spec.get("stop_confirm", 2), stop_check_answer=False)
     out = {}
     for m in methods:
         model.clear_cache()
