@@ -319,7 +319,6 @@ def test_feature_heads_loss_is_class_balanced_and_ignores_slivers():
     assert 0.0 <= float(acc) <= 1.0
 
 
-
 def test_pooled_shape_head_reads_each_needle_from_the_mean_of_its_tokens():
     """--shape-pool: one example per (slice, shape) shown, from the mean of those tokens (slivers
     and background left out), recomputed here by hand; gradients reach the tokens; no needle: 0."""

@@ -814,7 +814,7 @@ class FeatureHeads(torch.nn.Module):
 
     def pooled_loss(self, feats: torch.Tensor, cls: torch.Tensor, tokens_per_slice: int = TPS
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The shape of each needle from the mean of its tokens (`--shape-pool`) [ours, stage 13]:
+        """The shape of each needle from the mean of its tokens (`--shape-pool`) [ours]:
         CE of `pooled_shape` on the layer-normed mean of the tokens of one slice that show one
         shape (label > 0: slivers excluded), and its accuracy. A token holding part of a shape
         cannot always tell the whole shape (the per-token heads above ask it to); the pooled
@@ -841,7 +841,7 @@ def forward_batch(model, vision, processor, batch: dict, device, probe_layer: in
                   feat_weight: float = 0.0, pool_weight: float = 0.0):
     """Loss of one packed batch: answer CE (hard targets with the needle in view, the uniform soft
     target without) + aux_weight * probe loss + opt_weight * option pointers + feat_weight *
-    feature heads. Returns (loss, stats as device tensors)."""
+    feature heads + pool_weight * pooled shape head. Returns (loss, stats as device tensors)."""
     from ..models.probe import probe_attention
     fr = batch["frames"].to(device, non_blocking=True)
     x = fr.permute(0, 3, 1, 2).float()
